@@ -1,0 +1,117 @@
+//! Who is calling: bearer keys checked against an in-memory copy of the key
+//! table, so the hot path never waits on the database. The copy is refreshed
+//! when the table changes (CLI, admin API, another replica) and on a miss.
+
+use crate::error::Error;
+use http::HeaderMap;
+use http::header::AUTHORIZATION;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tollgate_store::keys::KeysVersion;
+use tollgate_store::{Database, KeyRecord, SecretHash};
+
+/// The key table, in memory.
+#[derive(Debug)]
+pub struct KeyCache {
+    db: Database,
+    keys: RwLock<Arc<Snapshot>>,
+}
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    version: KeysVersion,
+    by_hash: HashMap<SecretHash, Arc<KeyRecord>>,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The bearer token of a request, if it has one.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+impl KeyCache {
+    /// Loads every key from `db`.
+    pub async fn load(db: Database) -> Result<Self, Error> {
+        let cache = Self {
+            db,
+            keys: RwLock::new(Arc::default()),
+        };
+        cache.reload().await?;
+        Ok(cache)
+    }
+
+    /// Re-reads the whole table.
+    pub async fn reload(&self) -> Result<(), Error> {
+        let version = self.db.keys_version().await?;
+        let by_hash = self
+            .db
+            .list_keys()
+            .await?
+            .into_iter()
+            .map(|k| (k.secret_hash, Arc::new(k)))
+            .collect();
+        let snapshot = Arc::new(Snapshot { version, by_hash });
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
+        Ok(())
+    }
+
+    /// Re-reads the table if it changed since the last read.
+    pub async fn refresh_if_changed(&self) -> Result<bool, Error> {
+        let version = self.db.keys_version().await?;
+        if version == self.snapshot().version {
+            return Ok(false);
+        }
+        self.reload().await?;
+        Ok(true)
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The live, unexpired key the request presents.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<KeyRecord>, Error> {
+        let token = bearer(headers).ok_or(Error::MissingKey)?;
+        let hash = SecretHash::of(token);
+        let cached = self.snapshot().by_hash.get(&hash).cloned();
+        let key = match cached {
+            Some(k) => k,
+            // A key created a moment ago by another process: look it up once.
+            None => match self.db.find_key_by_hash(&hash).await? {
+                Some(k) => {
+                    let k = Arc::new(k);
+                    let mut guard = self.keys.write().unwrap_or_else(|e| e.into_inner());
+                    let mut next = Snapshot {
+                        version: guard.version,
+                        by_hash: guard.by_hash.clone(),
+                    };
+                    next.by_hash.insert(hash, k.clone());
+                    *guard = Arc::new(next);
+                    k
+                }
+                None => return Err(Error::InvalidKey),
+            },
+        };
+        // The map lookup matched on the hash; compare again in constant time
+        // so no timing difference depends on how much of it matched.
+        if !key.secret_hash.ct_eq(&hash) {
+            return Err(Error::InvalidKey);
+        }
+        if key.revoked_at.is_some() {
+            return Err(Error::KeyRevoked(key.name.clone()));
+        }
+        if key.expired_at(unix_now()) {
+            return Err(Error::KeyExpired(key.name.clone()));
+        }
+        Ok(key)
+    }
+}

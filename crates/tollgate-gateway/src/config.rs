@@ -1,0 +1,395 @@
+//! `tollgate.toml`, with every field overridable by a `TOLLGATE_*` variable.
+//!
+//! The file is parsed straight into [`Config`] first, so a mistake in it is
+//! reported with its line, column and field. Environment overrides
+//! (`TOLLGATE_SECTION__FIELD`, `__` between levels, a number to index an
+//! array) are then laid over it and the result is parsed again, naming the
+//! path of any field that does not fit. Unknown fields are refused, so a
+//! typo never silently falls back to a default. Secrets are never in the
+//! file: a deployment names the environment variable holding its key.
+
+use serde::{Deserialize, Deserializer};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The HTTP server.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where keys and the ledger live.
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    /// Upstream endpoints; empty means the embedded default.
+    #[serde(default)]
+    pub deployments: Vec<DeploymentConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listening address.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests and streams may run on after a shutdown signal.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Environment variable holding the admin API key; unset disables `/admin`.
+    pub admin_key_env: String,
+    /// How often the key table is checked for changes made elsewhere (CLI, other replicas).
+    #[serde(deserialize_with = "duration")]
+    pub key_refresh: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 8 << 20,
+            shutdown_grace: Duration::from_secs(30),
+            admin_key_env: "TOLLGATE_ADMIN_KEY".into(),
+            key_refresh: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (created if missing).
+    pub url: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://tollgate.db".into(),
+        }
+    }
+}
+
+/// What kind of endpoint a deployment is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// api.openai.com.
+    Openai,
+    /// Any server speaking OpenAI's API (vLLM, llama.cpp, …).
+    OpenaiCompatible,
+    /// The simulated provider, run inside the gateway's process.
+    Mock,
+}
+
+/// `[[deployments]]`: one upstream endpoint and credential.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentConfig {
+    /// Unique name; appears in headers, logs and metrics.
+    pub name: String,
+    /// Endpoint kind.
+    pub provider: Provider,
+    /// Base URL including `/v1` (default for `openai`: `https://api.openai.com/v1`).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Environment variable holding the provider key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Model names this deployment serves.
+    pub models: Vec<String>,
+    /// TCP + TLS connect timeout.
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Whole-request timeout, streams included.
+    #[serde(default = "default_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Settings of an in-process mock (`provider = "mock"` only).
+    #[serde(default)]
+    pub mock: Option<MockSettings>,
+}
+
+/// Behaviour of an in-process mock deployment.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MockSettings {
+    /// Requests per minute per provider key.
+    pub rpm: Option<u64>,
+    /// Tokens per minute per provider key.
+    pub tpm: Option<u64>,
+    /// Time to first token.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub ttft: Option<Duration>,
+    /// Output speed.
+    pub tokens_per_second: Option<u32>,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{s}` is not a duration like \"30s\" or \"5m\": {e}"
+        ))
+    })
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or a field has the wrong shape.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// toml's message, with line, column and the offending field.
+        message: String,
+    },
+    /// An environment override does not fit.
+    #[error("environment override {var}: {message}")]
+    Env {
+        /// The variable, or the path of the field it set.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The values parse but do not make sense together.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads `path` (if given) and applies `TOLLGATE_*__*` overrides from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (source, text) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                (p.display().to_string(), text)
+            }
+            None => ("(defaults)".to_owned(), String::new()),
+        };
+        let parsed: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: source.clone(),
+            message: e.to_string(),
+        })?;
+        let overrides: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("TOLLGATE_") && k.contains("__"))
+            .collect();
+        let config = if overrides.is_empty() {
+            parsed
+        } else {
+            let mut tree: toml::Value = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: source,
+                message: e.to_string(),
+            })?;
+            for (var, raw) in &overrides {
+                apply_override(&mut tree, var, raw)?;
+            }
+            serde_path_to_error::deserialize(tree).map_err(|e| ConfigError::Env {
+                var: e.path().to_string(),
+                message: e.inner().to_string(),
+            })?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for d in &self.deployments {
+            if !names.insert(d.name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "two deployments are named `{}`",
+                    d.name
+                )));
+            }
+            if d.models.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "deployment `{}` serves no models",
+                    d.name
+                )));
+            }
+            if d.provider == Provider::OpenaiCompatible && d.base_url.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "deployment `{}` (openai_compatible) needs a base_url",
+                    d.name
+                )));
+            }
+            if d.mock.is_some() && d.provider != Provider::Mock {
+                return Err(ConfigError::Invalid(format!(
+                    "deployment `{}` has mock settings but is not a mock",
+                    d.name
+                )));
+            }
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "server.max_body_bytes must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Sets the field named by `TOLLGATE_A__B__0__C` in `tree`.
+fn apply_override(tree: &mut toml::Value, var: &str, raw: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = var["TOLLGATE_".len()..]
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let err = |message: &str| ConfigError::Env {
+        var: var.to_owned(),
+        message: message.to_owned(),
+    };
+    // A value that reads as TOML (number, bool, array) is taken as such;
+    // anything else is a string, so `TOLLGATE_SERVER__LISTEN=0.0.0.0:80` works unquoted.
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let mut node = tree;
+    for (i, part) in path.iter().enumerate() {
+        let last = i + 1 == path.len();
+        node = match node {
+            toml::Value::Table(t) => {
+                if last {
+                    t.insert(part.clone(), value);
+                    return Ok(());
+                }
+                let next_is_index = path[i + 1].parse::<usize>().is_ok();
+                t.entry(part.clone()).or_insert_with(|| {
+                    if next_is_index {
+                        toml::Value::Array(Vec::new())
+                    } else {
+                        toml::Value::Table(toml::Table::new())
+                    }
+                })
+            }
+            toml::Value::Array(a) => {
+                let idx: usize = part.parse().map_err(|_| err("expected an array index"))?;
+                if idx > a.len() {
+                    return Err(err("array index skips entries"));
+                }
+                if idx == a.len() {
+                    a.push(toml::Value::Table(toml::Table::new()));
+                }
+                if last {
+                    a[idx] = value;
+                    return Ok(());
+                }
+                &mut a[idx]
+            }
+            _ => return Err(err("sets a field inside a value that is not a table")),
+        };
+    }
+    Err(err("names no field"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(text.as_bytes()).expect("write");
+        f
+    }
+
+    #[test]
+    fn defaults_without_a_file() -> Result<(), ConfigError> {
+        let c = Config::load(None, [])?;
+        assert_eq!(c.server.listen.port(), 8080);
+        assert!(c.deployments.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn a_typo_names_line_and_field() {
+        let f = write("[server]\nlisten = \"127.0.0.1:1\"\nshutdown_grase = \"5s\"\n");
+        let e = Config::load(Some(f.path()), [])
+            .expect_err("typo refused")
+            .to_string();
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("shutdown_grase"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_duration_names_the_field() {
+        let f = write("[server]\nshutdown_grace = \"soon\"\n");
+        let e = Config::load(Some(f.path()), [])
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("soon") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_file_values() -> Result<(), ConfigError> {
+        let f = write(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[[deployments]]\nname = \"a\"\nprovider = \"mock\"\nmodels = [\"gpt-4o\"]\n",
+        );
+        let env = [
+            (
+                "TOLLGATE_SERVER__LISTEN".to_owned(),
+                "0.0.0.0:9000".to_owned(),
+            ),
+            (
+                "TOLLGATE_SERVER__MAX_BODY_BYTES".to_owned(),
+                "1024".to_owned(),
+            ),
+            (
+                "TOLLGATE_DEPLOYMENTS__0__TIMEOUT".to_owned(),
+                "7s".to_owned(),
+            ),
+            (
+                "TOLLGATE_ADMIN_KEY".to_owned(),
+                "not-an-override".to_owned(),
+            ),
+        ];
+        let c = Config::load(Some(f.path()), env)?;
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.server.max_body_bytes, 1024);
+        assert_eq!(c.deployments[0].timeout, Duration::from_secs(7));
+        Ok(())
+    }
+
+    #[test]
+    fn a_bad_override_names_its_path() {
+        let env = [(
+            "TOLLGATE_SERVER__MAX_BODY_BYTES".to_owned(),
+            "lots".to_owned(),
+        )];
+        let e = Config::load(None, env).expect_err("refused").to_string();
+        assert!(e.contains("server.max_body_bytes"), "{e}");
+    }
+}

@@ -1,0 +1,304 @@
+//! The gateway's errors, and the one place where each becomes a row of the
+//! decision tree (DESIGN §1): [`Error::to_api_error`] is an exhaustive match,
+//! so a new variant cannot ship without a decided status.
+
+use crate::config::ConfigError;
+use axum::response::{IntoResponse, Response};
+use http::HeaderValue;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use std::time::Duration;
+use tollgate_core::{ApiError, ErrorType};
+
+/// Everything that can go wrong in the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The state layer failed.
+    #[error(transparent)]
+    Store(#[from] tollgate_store::Error),
+    /// The listening socket could not be opened.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+    /// The HTTP client for upstreams could not be built.
+    #[error("cannot build the upstream client for deployment `{deployment}`: {detail}")]
+    UpstreamClient {
+        /// Deployment.
+        deployment: String,
+        /// Cause.
+        detail: String,
+    },
+
+    /// No `Authorization: Bearer` header.
+    #[error("no API key")]
+    MissingKey,
+    /// A key that matches no stored key.
+    #[error("invalid API key")]
+    InvalidKey,
+    /// A revoked key.
+    #[error("key `{0}` is revoked")]
+    KeyRevoked(String),
+    /// An expired key.
+    #[error("key `{0}` has expired")]
+    KeyExpired(String),
+    /// A key that may not use the model.
+    #[error("key `{key}` may not use model `{model}`")]
+    ModelNotAllowed {
+        /// Key name.
+        key: String,
+        /// Model.
+        model: String,
+    },
+
+    /// A `Content-Type` other than JSON.
+    #[error("unsupported content type `{0}`")]
+    UnsupportedMediaType(String),
+    /// A body over the configured limit.
+    #[error("body larger than {limit} bytes")]
+    BodyTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The client's body could not be read (it hung up or sent garbage framing).
+    #[error("cannot read request body: {0}")]
+    BodyRead(String),
+    /// A body that is not UTF-8.
+    #[error("body is not valid UTF-8 (first bad byte at offset {0})")]
+    InvalidUtf8(usize),
+    /// A body that is not valid JSON.
+    #[error("invalid JSON: {0}")]
+    InvalidJson(serde_json::Error),
+    /// Valid JSON with a field of the wrong type.
+    #[error("invalid request: {0}")]
+    InvalidField(serde_json::Error),
+    /// A required field is absent.
+    #[error("missing required parameter `{0}`")]
+    MissingField(&'static str),
+    /// No deployment serves this model.
+    #[error("model `{0}` not found")]
+    ModelNotFound(String),
+    /// No such route.
+    #[error("unknown URL {method} {path}")]
+    UnknownUrl {
+        /// Method.
+        method: String,
+        /// Path.
+        path: String,
+    },
+    /// A route that exists, with another method.
+    #[error("method {0} not allowed here")]
+    MethodNotAllowed(String),
+
+    /// The upstream could not be reached.
+    #[error("deployment `{deployment}` is unreachable: {detail}")]
+    UpstreamUnreachable {
+        /// Deployment.
+        deployment: String,
+        /// Cause, without secrets.
+        detail: String,
+    },
+    /// The upstream did not answer in time.
+    #[error("deployment `{deployment}` timed out")]
+    UpstreamTimeout {
+        /// Deployment.
+        deployment: String,
+    },
+    /// The upstream answered something that is not a valid response.
+    #[error("deployment `{deployment}` sent an invalid response: {detail}")]
+    UpstreamInvalid {
+        /// Deployment.
+        deployment: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The provider refused the deployment's credential.
+    #[error("deployment `{deployment}` refused the gateway's credential ({status})")]
+    UpstreamAuth {
+        /// Deployment.
+        deployment: String,
+        /// 401 or 403.
+        status: u16,
+    },
+    /// The upstream answered with a server error.
+    #[error("deployment `{deployment}` answered {status}")]
+    UpstreamStatus {
+        /// Deployment.
+        deployment: String,
+        /// Its HTTP status.
+        status: u16,
+        /// Its `error.code` or `error.type`, when it sent one.
+        code: Option<String>,
+        /// Its message, when it sent one.
+        message: Option<String>,
+        /// Its `Retry-After`, when it sent one.
+        retry_after: Option<Duration>,
+    },
+
+    /// The admin API is off (no admin key configured).
+    #[error("admin API disabled")]
+    AdminDisabled,
+    /// A wrong or missing admin key.
+    #[error("invalid admin key")]
+    AdminUnauthorized,
+    /// An admin request that makes no sense.
+    #[error("{0}")]
+    AdminBadRequest(String),
+    /// An admin request naming something that does not exist.
+    #[error("{0}")]
+    AdminNotFound(String),
+    /// An admin request that clashes with what exists.
+    #[error("{0}")]
+    AdminConflict(String),
+}
+
+impl Error {
+    /// The decision-tree row for this error.
+    pub fn to_api_error(&self) -> ApiError {
+        let invalid = ApiError::invalid_request;
+        match self {
+            Error::Config(_) | Error::Store(_) | Error::Bind { .. } | Error::Serve(_) | Error::UpstreamClient { .. } => {
+                // The detail may name files or hosts; it goes to the log, not the client.
+                ApiError::new(500, ErrorType::Server, "internal_error", "The gateway hit an internal error; it has been logged.")
+            }
+            Error::MissingKey => ApiError::authentication(
+                "invalid_api_key",
+                "You didn't provide an API key. Send it in an Authorization header using Bearer auth (Authorization: Bearer tg-...).",
+            ),
+            Error::InvalidKey => ApiError::authentication("invalid_api_key", "Incorrect API key provided."),
+            Error::KeyRevoked(name) => ApiError::authentication("key_revoked", format!("The API key '{name}' has been revoked.")),
+            Error::KeyExpired(name) => ApiError::authentication("key_expired", format!("The API key '{name}' has expired.")),
+            Error::ModelNotAllowed { key, model } => {
+                ApiError::permission("model_not_allowed", format!("The API key '{key}' is not allowed to use the model `{model}`."))
+                    .with_param("model")
+            }
+            Error::UnsupportedMediaType(ct) => invalid(
+                415,
+                "unsupported_media_type",
+                format!("Unsupported Content-Type `{ct}`: send the body as JSON with Content-Type: application/json."),
+            ),
+            Error::BodyTooLarge { limit } => {
+                invalid(413, "request_too_large", format!("The request body exceeds the gateway's limit of {limit} bytes."))
+            }
+            Error::BodyRead(detail) => invalid(400, "invalid_body", format!("The request body could not be read: {detail}.")),
+            Error::InvalidUtf8(at) => {
+                invalid(400, "invalid_encoding", format!("The request body is not valid UTF-8 (invalid byte at offset {at})."))
+            }
+            Error::InvalidJson(e) => invalid(400, "invalid_json", format!("We could not parse the JSON body of your request: {e}.")),
+            Error::InvalidField(e) => invalid(400, "invalid_value", format!("Invalid request body: {e}.")),
+            Error::MissingField(field) => {
+                invalid(400, "missing_required_parameter", format!("Missing required parameter: '{field}'.")).with_param(*field)
+            }
+            Error::ModelNotFound(model) => invalid(
+                404,
+                "model_not_found",
+                format!("The model `{model}` does not exist or you do not have access to it."),
+            )
+            .with_param("model"),
+            Error::UnknownUrl { method, path } => invalid(404, "unknown_url", format!("Invalid URL ({method} {path}).")),
+            Error::MethodNotAllowed(method) => invalid(405, "method_not_allowed", format!("Method {method} is not allowed on this URL.")),
+            Error::UpstreamUnreachable { deployment, .. } => ApiError::new(
+                502,
+                ErrorType::Upstream,
+                "upstream_unreachable",
+                format!("The connection to the upstream deployment '{deployment}' failed."),
+            ),
+            Error::UpstreamTimeout { deployment } => ApiError::new(
+                504,
+                ErrorType::UpstreamTimeout,
+                "upstream_timeout",
+                format!("The upstream deployment '{deployment}' did not answer in time."),
+            ),
+            Error::UpstreamInvalid { deployment, detail } => ApiError::new(
+                502,
+                ErrorType::Upstream,
+                "upstream_invalid_response",
+                format!("The upstream deployment '{deployment}' sent an invalid response ({detail})."),
+            ),
+            Error::UpstreamAuth { deployment, status } => ApiError::new(
+                502,
+                ErrorType::Upstream,
+                "upstream_auth_failed",
+                format!("The upstream deployment '{deployment}' refused the gateway's provider credential ({status}); an operator must fix the deployment's key."),
+            )
+            .with_should_retry(false),
+            Error::UpstreamStatus { deployment, status, code, message, retry_after } => {
+                let http_status = if matches!(status, 503 | 529) { 503 } else { 502 };
+                let code = code.clone().unwrap_or_else(|| "upstream_error".into());
+                let detail = message.as_deref().map_or(String::new(), |m| format!(": {m}"));
+                let e = ApiError::new(
+                    http_status,
+                    ErrorType::Upstream,
+                    code,
+                    format!("The upstream deployment '{deployment}' answered {status}{detail}"),
+                );
+                match retry_after {
+                    Some(d) => e.with_retry_after(*d),
+                    None => e,
+                }
+            }
+            Error::AdminDisabled => ApiError::permission(
+                "admin_disabled",
+                "The admin API is disabled: set the admin key environment variable (TOLLGATE_ADMIN_KEY by default) and restart.",
+            ),
+            Error::AdminUnauthorized => ApiError::authentication("invalid_admin_key", "Incorrect or missing admin key."),
+            Error::AdminBadRequest(message) => invalid(400, "invalid_request", message.clone()),
+            Error::AdminNotFound(message) => invalid(404, "not_found", message.clone()),
+            Error::AdminConflict(message) => invalid(409, "conflict", message.clone()),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        e.to_api_error()
+    }
+}
+
+/// Renders an [`ApiError`] as an HTTP response with DESIGN §1's headers.
+pub fn api_error_response(e: &ApiError) -> Response {
+    let body = serde_json::to_vec(&e.to_body()).unwrap_or_default();
+    let status =
+        http::StatusCode::from_u16(e.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        "x-should-retry",
+        HeaderValue::from_static(if e.should_retry { "true" } else { "false" }),
+    );
+    if let Some(after) = e.retry_after {
+        let secs = after.as_nanos().div_ceil(1_000_000_000);
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            h.insert(RETRY_AFTER, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&after.as_millis().to_string()) {
+            h.insert("retry-after-ms", v);
+        }
+    }
+    resp
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        if matches!(
+            self,
+            Error::Config(_)
+                | Error::Store(_)
+                | Error::Bind { .. }
+                | Error::Serve(_)
+                | Error::UpstreamClient { .. }
+        ) {
+            tracing::error!(error = %self, "internal error while serving a request");
+        }
+        api_error_response(&self.to_api_error())
+    }
+}

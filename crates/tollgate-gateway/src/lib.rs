@@ -1,0 +1,187 @@
+//! The Tollgate gateway: an OpenAI-compatible HTTP server that authenticates
+//! virtual keys, routes each model to its deployment and relays the answer,
+//! turning every unhappy path into an exact, OpenAI-shaped decision.
+//!
+//! [`pipeline`] holds a request's life from top to bottom; [`error`] is the
+//! one place where a failure becomes a status, type and code.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod pipeline;
+pub mod server;
+pub mod upstream;
+
+pub use config::Config;
+pub use error::Error;
+
+use auth::KeyCache;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tollgate_store::{Database, SecretHash};
+use upstream::Deployment;
+
+/// A gateway ready to serve: configuration, key table, deployments.
+#[derive(Debug)]
+pub struct Gateway {
+    /// The configuration it was built from.
+    pub config: Config,
+    /// Keys, budgets, ledger.
+    pub db: Database,
+    /// The key table in memory.
+    pub keys: KeyCache,
+    /// Model name → the deployment that serves it.
+    pub routes: HashMap<String, Arc<Deployment>>,
+    /// Every model name served, in configuration order.
+    pub model_names: Vec<String>,
+    admin_key: Option<SecretHash>,
+    refresher: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Gateway {
+    /// Builds a gateway. `secret` reads a secret by environment-variable
+    /// name (the process environment in production, a map in tests); every
+    /// deployment must have a base URL by now (mock deployments are started
+    /// by the caller and given theirs).
+    pub async fn build(
+        config: Config,
+        secret: impl Fn(&str) -> Option<String>,
+    ) -> Result<Arc<Self>, Error> {
+        // reqwest is built without a default crypto provider; ring is ours.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let db = Database::open(&config.database.url).await?;
+        let keys = KeyCache::load(db.clone()).await?;
+        let mut routes = HashMap::new();
+        let mut model_names = Vec::new();
+        for d in &config.deployments {
+            let base_url = d
+                .base_url
+                .as_deref()
+                .or_else(|| Deployment::default_base_url(d.provider))
+                .ok_or_else(|| Error::UpstreamClient {
+                    deployment: d.name.clone(),
+                    detail: "no base_url".into(),
+                })?;
+            let key = match (d.api_key_env.as_deref(), d.provider) {
+                (Some(env), _) => secret(env),
+                // The simulated provider wants some bearer key, like the real one.
+                (None, config::Provider::Mock) => Some("tollgate-mock".to_owned()),
+                (None, _) => None,
+            };
+            if d.api_key_env.is_some() && key.is_none() {
+                tracing::warn!(deployment = %d.name, env = d.api_key_env.as_deref(), "the deployment's key variable is not set; calling it without a key");
+            }
+            let deployment = Arc::new(Deployment::new(d, base_url, key)?);
+            for m in &d.models {
+                // With one route per model, the first deployment that lists it serves it.
+                if !routes.contains_key(m) {
+                    routes.insert(m.clone(), deployment.clone());
+                    model_names.push(m.clone());
+                }
+            }
+        }
+        let admin_key = secret(&config.server.admin_key_env)
+            .filter(|k| !k.is_empty())
+            .map(|k| SecretHash::of(&k));
+        let gw = Arc::new(Self {
+            config,
+            db,
+            keys,
+            routes,
+            model_names,
+            admin_key,
+            refresher: Default::default(),
+        });
+        gw.start_key_refresh();
+        Ok(gw)
+    }
+
+    /// Whether `/admin` is enabled.
+    pub fn admin_enabled(&self) -> bool {
+        self.admin_key.is_some()
+    }
+
+    fn start_key_refresh(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let every = self.config.server.key_refresh;
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(gw) = weak.upgrade() else { return };
+                if let Err(e) = gw.keys.refresh_if_changed().await {
+                    tracing::warn!(error = %e, "could not refresh the key table");
+                }
+            }
+        });
+        *self.refresher.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(task) = self.refresher.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
+    }
+}
+
+/// A gateway serving on a socket, for tests and embedding.
+#[derive(Debug)]
+pub struct RunningGateway {
+    addr: SocketAddr,
+    gateway: Arc<Gateway>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl RunningGateway {
+    /// Binds `addr` (port 0 for an ephemeral port) and serves `gateway` on it.
+    pub async fn start(gateway: Arc<Gateway>, addr: SocketAddr) -> Result<Self, Error> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| Error::Bind { addr, source })?;
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(server::serve(gateway.clone(), listener, async {
+            let _ = rx.await;
+        }));
+        Ok(Self {
+            addr,
+            gateway,
+            shutdown: Some(tx),
+            task,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The gateway it serves.
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Stops accepting, waits for in-flight requests within the grace period.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.unwrap_or(Ok(()))
+    }
+}

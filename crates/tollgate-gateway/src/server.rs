@@ -1,0 +1,143 @@
+//! The HTTP server: routes, the request-id and access-log layer, health
+//! checks, and a graceful shutdown that lets in-flight streams finish within
+//! the grace period. HTTP/1.1 keep-alive and HTTP/2 (h2c) on one port.
+
+use crate::error::{Error, api_error_response};
+use crate::pipeline::{self, RequestLog};
+use crate::{Gateway, admin};
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::HeaderValue;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpListener;
+
+/// The id of the request being served (the client's `x-request-id` if it
+/// sent a sane one).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub HeaderValue);
+
+/// The gateway's routes.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    let method_not_allowed =
+        || async { api_error_response(&Error::MethodNotAllowed("this".into()).to_api_error()) };
+    Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(pipeline::chat_completions).fallback(method_not_allowed),
+        )
+        .route(
+            "/v1/completions",
+            post(pipeline::completions).fallback(method_not_allowed),
+        )
+        .route(
+            "/v1/embeddings",
+            post(pipeline::embeddings).fallback(method_not_allowed),
+        )
+        .route("/v1/models", get(pipeline::list_models))
+        .route("/v1/models/{model}", get(pipeline::get_model))
+        .route("/admin/keys", post(admin::create_key).get(admin::list_keys))
+        .route("/admin/keys/{id}/revoke", post(admin::revoke_key))
+        .route("/admin/keys/{id}/rotate", post(admin::rotate_key))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(pipeline::unknown_url)
+        .layer(middleware::from_fn(request_id_and_access_log))
+        .with_state(gw)
+}
+
+fn sane_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+}
+
+async fn request_id_and_access_log(mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .filter(|v| sane_request_id(v))
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&format!("req_{:032x}", fastrand::u128(..)))
+                .unwrap_or(HeaderValue::from_static("req_unknown"))
+        });
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut resp = next.run(req).await;
+    let log = resp
+        .extensions()
+        .get::<RequestLog>()
+        .cloned()
+        .unwrap_or_default();
+    tracing::info!(
+        target: "tollgate::access",
+        request_id = id.to_str().unwrap_or_default(),
+        %method,
+        path,
+        status = resp.status().as_u16(),
+        key = log.key.as_deref(),
+        model = log.model.as_deref(),
+        deployment = log.deployment.as_deref(),
+        stream = log.stream,
+        latency_us = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    resp.headers_mut().insert("x-request-id", id);
+    resp
+}
+
+async fn healthz() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    match gw.db.ping().await {
+        Ok(()) => {
+            axum::Json(serde_json::json!({"status": "ready", "database": "ok"})).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check: database not answering");
+            (
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(serde_json::json!({"status": "not_ready", "database": "unavailable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then lets in-flight requests (streams
+/// included) finish for at most the configured grace period.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let grace = gw.config.server.shutdown_grace;
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = router(gw);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = started_tx.send(());
+    });
+    let server = server.into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => return r.map_err(Error::Serve),
+        _ = started_rx => {}
+    }
+    tracing::info!(grace = ?grace, "shutting down: waiting for in-flight requests");
+    match tokio::time::timeout(grace, server).await {
+        Ok(r) => r.map_err(Error::Serve),
+        Err(_) => {
+            tracing::warn!("grace period over: closing the remaining connections");
+            Ok(())
+        }
+    }
+}

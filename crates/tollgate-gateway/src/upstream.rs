@@ -1,0 +1,255 @@
+//! Calling a deployment: one pooled HTTP client per deployment, the request
+//! forwarded as the client sent it (original bytes), and the answer sorted
+//! into success, a caller error to pass through, or an upstream failure.
+
+use crate::config::{DeploymentConfig, Provider};
+use crate::error::Error;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{HeaderMap, StatusCode};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The OpenAI endpoints the gateway forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/chat/completions`.
+    ChatCompletions,
+    /// `/completions`.
+    Completions,
+    /// `/embeddings`.
+    Embeddings,
+}
+
+impl Endpoint {
+    /// Path below the base URL.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+}
+
+/// A provider key; never printed.
+#[derive(Clone)]
+pub struct ProviderKey(HeaderValue);
+
+impl std::fmt::Debug for ProviderKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProviderKey(<redacted>)")
+    }
+}
+
+/// One upstream endpoint with its credential and connection pool.
+#[derive(Debug)]
+pub struct Deployment {
+    /// Its configured name.
+    pub name: Arc<str>,
+    /// Models it serves.
+    pub models: Vec<String>,
+    urls: [String; 3],
+    key: Option<ProviderKey>,
+    client: reqwest::Client,
+}
+
+/// What an upstream call produced.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A 2xx; the body is still to be read or streamed.
+    Success(reqwest::Response),
+    /// A 4xx other than 429: the caller's fault, passed through unchanged.
+    CallerError {
+        /// Status.
+        status: StatusCode,
+        /// Content type.
+        content_type: Option<HeaderValue>,
+        /// Body, as sent.
+        body: Bytes,
+    },
+    /// A 429 from the provider: passed through with its retry advice.
+    Throttled {
+        /// Body, as sent.
+        body: Bytes,
+        /// `Retry-After` / `retry-after-ms`, when sent.
+        retry_after: Option<Duration>,
+        /// `insufficient_quota`: a billing problem that never clears with time.
+        quota_exhausted: bool,
+    },
+}
+
+/// The `retry-after-ms` or `Retry-After` (seconds) of a response.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let ms = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok()?.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+    ms.or_else(|| {
+        headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64)
+    })
+}
+
+/// `error.code` (or `error.type`) and `error.message` of an OpenAI- or
+/// Anthropic-shaped error body.
+fn error_fields(body: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (None, None);
+    };
+    let e = &v["error"];
+    let code = e["code"]
+        .as_str()
+        .or_else(|| e["type"].as_str())
+        .map(str::to_owned);
+    let message = e["message"].as_str().map(|m| m.chars().take(300).collect());
+    (code, message)
+}
+
+impl Deployment {
+    /// Builds the deployment's client; the key comes from `api_key`, read
+    /// from the environment by the caller.
+    pub fn new(
+        config: &DeploymentConfig,
+        base_url: &str,
+        api_key: Option<String>,
+    ) -> Result<Self, Error> {
+        let client_err = |detail: String| Error::UpstreamClient {
+            deployment: config.name.clone(),
+            detail,
+        };
+        let key = api_key
+            .map(|k| {
+                let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                    client_err("the API key has characters not allowed in a header".into())
+                })?;
+                v.set_sensitive(true);
+                Ok::<_, Error>(ProviderKey(v))
+            })
+            .transpose()?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.timeout)
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| client_err(e.to_string()))?;
+        let base = base_url.trim_end_matches('/');
+        let url = |e: Endpoint| format!("{base}{}", e.path());
+        Ok(Self {
+            name: config.name.as_str().into(),
+            models: config.models.clone(),
+            urls: [
+                url(Endpoint::ChatCompletions),
+                url(Endpoint::Completions),
+                url(Endpoint::Embeddings),
+            ],
+            key,
+            client,
+        })
+    }
+
+    /// The default base URL of a provider.
+    pub fn default_base_url(provider: Provider) -> Option<&'static str> {
+        match provider {
+            Provider::Openai => Some("https://api.openai.com/v1"),
+            Provider::OpenaiCompatible | Provider::Mock => None,
+        }
+    }
+
+    /// Sends `body` to `endpoint`; `passthrough` are client headers meant for
+    /// the provider (`x-mock-*`).
+    pub async fn send(
+        &self,
+        endpoint: Endpoint,
+        body: Bytes,
+        passthrough: &HeaderMap,
+    ) -> Result<Outcome, Error> {
+        let url = &self.urls[endpoint as usize];
+        let mut req = self
+            .client
+            .post(url.as_str())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(body);
+        if let Some(key) = &self.key {
+            req = req.header(AUTHORIZATION, key.0.clone());
+        }
+        for (name, value) in passthrough {
+            req = req.header(name, value);
+        }
+        let resp = req.send().await.map_err(|e| self.transport_error(e))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(Outcome::Success(resp));
+        }
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.map_err(|e| self.transport_error(e))?;
+        let (code, message) = error_fields(&body);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Ok(Outcome::Throttled {
+                quota_exhausted: code.as_deref() == Some("insufficient_quota"),
+                retry_after: retry_after(&headers),
+                body,
+            });
+        }
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            // The provider refused the gateway's own credential: the client's
+            // key is fine, so this must not reach it as a 401 of its own.
+            return Err(Error::UpstreamAuth {
+                deployment: self.name.to_string(),
+                status: status.as_u16(),
+            });
+        }
+        if status.is_client_error() {
+            return Ok(Outcome::CallerError {
+                status,
+                content_type: headers.get(CONTENT_TYPE).cloned(),
+                body,
+            });
+        }
+        Err(Error::UpstreamStatus {
+            deployment: self.name.to_string(),
+            status: status.as_u16(),
+            code,
+            message,
+            retry_after: retry_after(&headers),
+        })
+    }
+
+    /// Sorts a transport failure into timeout, unreachable or invalid.
+    /// The URL is left out: clients need not learn where upstreams live.
+    pub fn transport_error(&self, e: reqwest::Error) -> Error {
+        let e = &e.without_url();
+        let deployment = self.name.to_string();
+        if e.is_timeout() {
+            Error::UpstreamTimeout { deployment }
+        } else if e.is_connect() || (e.is_request() && !e.is_body()) {
+            Error::UpstreamUnreachable {
+                deployment,
+                detail: error_chain(e),
+            }
+        } else {
+            Error::UpstreamInvalid {
+                deployment,
+                detail: error_chain(e),
+            }
+        }
+    }
+}
+
+/// An error with its causes, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,168 @@
+//! A gateway in front of a mock provider, both on ephemeral ports, with a
+//! fresh SQLite file and one key.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tollgate_gateway::config::{DeploymentConfig, Provider};
+use tollgate_gateway::{Config, Gateway, RunningGateway};
+use tollgate_mock::{MockConfig, MockServer};
+use tollgate_store::NewKey;
+
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+pub const PROVIDER_KEY: &str = "sk-provider-secret-abcdef0123456789";
+
+pub fn localhost() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+pub struct Harness {
+    pub mock: MockServer,
+    pub gateway: RunningGateway,
+    pub key: String,
+    pub http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+pub fn deployment(name: &str, base_url: String, models: &[&str]) -> DeploymentConfig {
+    DeploymentConfig {
+        name: name.into(),
+        provider: Provider::OpenaiCompatible,
+        base_url: Some(base_url),
+        api_key_env: Some("PROVIDER_KEY".into()),
+        models: models.iter().map(|m| (*m).to_owned()).collect(),
+        connect_timeout: Duration::from_secs(2),
+        timeout: Duration::from_secs(30),
+        mock: None,
+    }
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::with(MockConfig::default(), |_| {}).await
+    }
+
+    /// A gateway over a mock configured by `mock`; `tweak` edits the gateway config.
+    pub async fn with(mock: MockConfig, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mock = MockServer::start(mock, localhost())
+            .await
+            .expect("mock starts");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::default();
+        config.database.url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+        config.server.shutdown_grace = Duration::from_secs(10);
+        config.deployments.push(deployment(
+            "mock-a",
+            mock.base_url(),
+            &[
+                "gpt-4o",
+                "gpt-4o-mini",
+                "gpt-3.5-turbo-instruct",
+                "text-embedding-3-small",
+            ],
+        ));
+        tweak(&mut config);
+        let gw = Gateway::build(config, secrets)
+            .await
+            .expect("gateway builds");
+        let (_, secret) = gw
+            .db
+            .create_key(NewKey {
+                name: "test".into(),
+                ..NewKey::default()
+            })
+            .await
+            .expect("key");
+        gw.keys.reload().await.expect("reload");
+        let gateway = RunningGateway::start(gw, localhost())
+            .await
+            .expect("gateway starts");
+        Self {
+            mock,
+            gateway,
+            key: secret.expose().to_owned(),
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    pub fn gw(&self) -> &Arc<Gateway> {
+        self.gateway.gateway()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.gateway.url())
+    }
+
+    /// POSTs `body` as JSON text with the harness key.
+    pub async fn post(&self, path: &str, body: &str) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(&self.key)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("request sent")
+    }
+}
+
+pub fn secrets(name: &str) -> Option<String> {
+    match name {
+        "PROVIDER_KEY" => Some(PROVIDER_KEY.to_owned()),
+        "TOLLGATE_ADMIN_KEY" => Some(ADMIN_KEY.to_owned()),
+        _ => None,
+    }
+}
+
+/// The `error` object of an OpenAI-shaped body.
+pub async fn error_of(resp: reqwest::Response) -> (u16, String, String, serde_json::Value) {
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("x-should-retry")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body: serde_json::Value = resp.json().await.expect("error body is JSON");
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (status, code, retry, body)
+}
+
+/// Content and usage of an SSE chat stream.
+pub fn parse_sse(
+    text: &str,
+) -> (
+    String,
+    Option<serde_json::Value>,
+    bool,
+    Vec<serde_json::Value>,
+) {
+    let mut content = String::new();
+    let mut usage = None;
+    let mut done = false;
+    let mut events = Vec::new();
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(data).expect("each event is JSON");
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            content.push_str(c);
+        }
+        if v["usage"].is_object() {
+            usage = Some(v["usage"].clone());
+        }
+        events.push(v);
+    }
+    (content, usage, done, events)
+}

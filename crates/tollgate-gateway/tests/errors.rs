@@ -1,0 +1,368 @@
+//! Every bad input and every upstream failure gets its exact OpenAI-shaped
+//! answer (DESIGN §1): status, `error.type`, `error.code`, `x-should-retry`.
+
+mod common;
+
+use common::{Harness, error_of, parse_sse};
+use tollgate_mock::MockConfig;
+
+const CHAT: &str =
+    r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#;
+
+async fn send(h: &Harness, content_type: Option<&str>, body: Vec<u8>) -> reqwest::Response {
+    let mut req = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(&h.key)
+        .body(body);
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    req.send().await.expect("sent")
+}
+
+#[tokio::test]
+async fn bad_bodies_get_exact_caller_errors() {
+    let h = Harness::with(MockConfig::default(), |c| c.server.max_body_bytes = 4096).await;
+    let json = Some("application/json");
+    // (case, content type, body, status, code)
+    type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "malformed JSON",
+            json,
+            b"{\"model\": \"gpt-4o\", ".to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "not an object",
+            json,
+            b"[1,2]".to_vec(),
+            400,
+            "invalid_value",
+        ),
+        (
+            "wrong field type",
+            json,
+            br#"{"model": 5, "messages": []}"#.to_vec(),
+            400,
+            "invalid_value",
+        ),
+        (
+            "missing messages",
+            json,
+            br#"{"model": "gpt-4o"}"#.to_vec(),
+            400,
+            "missing_required_parameter",
+        ),
+        (
+            "missing model",
+            json,
+            br#"{"messages": []}"#.to_vec(),
+            400,
+            "missing_required_parameter",
+        ),
+        (
+            "unknown model",
+            json,
+            br#"{"model": "gpt-9", "messages": []}"#.to_vec(),
+            404,
+            "model_not_found",
+        ),
+        (
+            "oversized",
+            json,
+            format!(
+                r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{}"}}]}}"#,
+                "x".repeat(5000)
+            )
+            .into_bytes(),
+            413,
+            "request_too_large",
+        ),
+        (
+            "not UTF-8",
+            json,
+            b"{\"model\": \"gpt-4o\xff\xfe\", \"messages\": []}".to_vec(),
+            400,
+            "invalid_encoding",
+        ),
+        (
+            "wrong content type",
+            Some("text/plain"),
+            CHAT.as_bytes().to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+    ];
+    for (name, ct, body, status, code) in cases {
+        let (s, c, retry, body) = error_of(send(&h, ct, body).await).await;
+        assert_eq!((s, c.as_str()), (status, code), "{name}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{name}");
+        assert_eq!(retry, "false", "{name}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        h.mock.stats().snapshot().received,
+        0,
+        "no bad request reached the provider"
+    );
+}
+
+#[tokio::test]
+async fn a_body_without_content_type_is_read_as_json() {
+    let h = Harness::start().await;
+    assert_eq!(send(&h, None, CHAT.as_bytes().to_vec()).await.status(), 200);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_openai_shaped() {
+    let h = Harness::start().await;
+    let (s, c, _, _) = error_of(h.http.post(h.url("/v1/nope")).send().await.expect("sent")).await;
+    assert_eq!((s, c.as_str()), (404, "unknown_url"));
+    let (s, c, _, _) = error_of(
+        h.http
+            .get(h.url("/v1/chat/completions"))
+            .send()
+            .await
+            .expect("sent"),
+    )
+    .await;
+    assert_eq!((s, c.as_str()), (405, "method_not_allowed"));
+}
+
+#[tokio::test]
+async fn credential_problems_are_401_and_403() {
+    let h = Harness::start().await;
+    let gw = h.gw();
+    let (_, revoked) = gw
+        .db
+        .create_key(tollgate_store::NewKey {
+            name: "old".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("key");
+    gw.db.revoke_key("old").await.expect("revoked");
+    let (_, expired) = gw
+        .db
+        .create_key(tollgate_store::NewKey {
+            name: "short".into(),
+            expires_at: Some(1),
+            ..Default::default()
+        })
+        .await
+        .expect("key");
+    let (_, narrow) = gw
+        .db
+        .create_key(tollgate_store::NewKey {
+            name: "narrow".into(),
+            models: Some(vec!["gpt-4o-mini".into()]),
+            ..Default::default()
+        })
+        .await
+        .expect("key");
+    gw.keys.reload().await.expect("reload");
+    let call = |key: Option<String>| {
+        let mut req = h
+            .http
+            .post(h.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(CHAT);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send()
+    };
+    for (name, key, status, kind, code) in [
+        (
+            "no key",
+            None,
+            401,
+            "authentication_error",
+            "invalid_api_key",
+        ),
+        (
+            "unknown key",
+            Some(format!("tg-{}", "0".repeat(64))),
+            401,
+            "authentication_error",
+            "invalid_api_key",
+        ),
+        (
+            "revoked",
+            Some(revoked.expose().to_owned()),
+            401,
+            "authentication_error",
+            "key_revoked",
+        ),
+        (
+            "expired",
+            Some(expired.expose().to_owned()),
+            401,
+            "authentication_error",
+            "key_expired",
+        ),
+        (
+            "model not allowed",
+            Some(narrow.expose().to_owned()),
+            403,
+            "permission_error",
+            "model_not_allowed",
+        ),
+    ] {
+        let (s, c, retry, body) = error_of(call(key).await.expect("sent")).await;
+        assert_eq!((s, c.as_str()), (status, code), "{name}: {body}");
+        assert_eq!(body["error"]["type"], kind, "{name}");
+        assert_eq!(retry, "false", "{name}");
+    }
+}
+
+#[tokio::test]
+async fn upstream_failures_are_upstream_errors_that_may_be_retried() {
+    let h = Harness::start().await;
+    for (fault, status, code) in [
+        ("503", 503, "server_error"),
+        ("500", 502, "server_error"),
+        ("overload", 503, "overloaded_error"),
+        ("reset", 502, "upstream_unreachable"),
+        ("truncated", 502, "upstream_invalid_response"),
+        ("malformed", 502, "upstream_invalid_response"),
+    ] {
+        let resp = h
+            .http
+            .post(h.url("/v1/chat/completions"))
+            .bearer_auth(&h.key)
+            .header("content-type", "application/json")
+            .header("x-mock-fault", fault)
+            .body(CHAT)
+            .send()
+            .await
+            .expect("sent");
+        let (s, c, retry, body) = error_of(resp).await;
+        assert_eq!((s, c.as_str()), (status, code), "{fault}: {body}");
+        assert_eq!(body["error"]["type"], "upstream_error", "{fault}");
+        assert_eq!(retry, "true", "{fault}");
+        assert!(
+            !body.to_string().contains("127.0.0.1"),
+            "{fault}: upstream address leaked: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502() {
+    // A port that was free a moment ago: nothing listens there.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let h = Harness::with(MockConfig::default(), |c| {
+        c.deployments[0].base_url = Some(format!("http://{free}/v1"));
+    })
+    .await;
+    let (s, c, retry, _) = error_of(h.post("/v1/chat/completions", CHAT).await).await;
+    assert_eq!(
+        (s, c.as_str(), retry.as_str()),
+        (502, "upstream_unreachable", "true")
+    );
+}
+
+#[tokio::test]
+async fn provider_rate_limits_pass_through_with_their_retry_advice() {
+    let h = Harness::with(
+        MockConfig {
+            rpm: Some(1),
+            ..MockConfig::default()
+        },
+        |_| {},
+    )
+    .await;
+    assert_eq!(h.post("/v1/chat/completions", CHAT).await.status(), 200);
+    let resp = h.post("/v1/chat/completions", CHAT).await;
+    assert!(resp.headers().contains_key("retry-after"));
+    let (s, c, retry, body) = error_of(resp).await;
+    assert_eq!(
+        (s, c.as_str(), retry.as_str()),
+        (429, "rate_limit_exceeded", "true")
+    );
+    assert_eq!(body["error"]["type"], "requests");
+
+    let h = Harness::with(
+        MockConfig {
+            insufficient_quota: true,
+            ..MockConfig::default()
+        },
+        |_| {},
+    )
+    .await;
+    let (s, c, retry, _) = error_of(h.post("/v1/chat/completions", CHAT).await).await;
+    assert_eq!(
+        (s, c.as_str(), retry.as_str()),
+        (429, "insufficient_quota", "false"),
+        "quota never clears with time"
+    );
+}
+
+#[tokio::test]
+async fn provider_caller_errors_pass_through_unchanged() {
+    // The gateway knows the model, the provider does not: its 404 is relayed as is.
+    let mock = MockConfig {
+        models: vec!["gpt-4o".into()],
+        ..MockConfig::default()
+    };
+    let h = Harness::with(mock, |_| {}).await;
+    let (s, c, retry, body) = error_of(
+        h.post(
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (s, c.as_str(), retry.as_str()),
+        (404, "model_not_found", "false")
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("does not exist")
+    );
+}
+
+#[tokio::test]
+async fn a_stream_cut_by_the_upstream_ends_with_an_error_event() {
+    let h = Harness::start().await;
+    let resp = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(&h.key)
+        .header("content-type", "application/json")
+        .header("x-mock-fault", "cut:3")
+        .body(r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":10,"stream":true}"#)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 200);
+    let (content, _, done, events) = parse_sse(
+        &resp
+            .text()
+            .await
+            .expect("the gateway ends the stream cleanly"),
+    );
+    assert!(!done);
+    assert_eq!(
+        content, "the quick brown",
+        "the three chunks before the cut arrive"
+    );
+    let last = events.last().expect("events");
+    assert_eq!(last["error"]["code"], "upstream_stream_interrupted");
+}

@@ -1,0 +1,305 @@
+//! Virtual API keys: create, list, revoke, rotate, look up by hash.
+
+use crate::secret::{SecretHash, SecretKey};
+use crate::{Database, Error};
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A stored key, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyRecord {
+    /// Stable id (`key_…`).
+    pub id: String,
+    /// Human name, unique among live keys; appears in logs and metrics.
+    pub name: String,
+    /// SHA-256 of the secret.
+    #[serde(skip)]
+    pub secret_hash: SecretHash,
+    /// First characters of the secret, for display.
+    pub prefix: String,
+    /// Models this key may use; `None` means all.
+    pub models: Option<Vec<String>>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds after which the key is refused.
+    pub expires_at: Option<i64>,
+    /// Unix seconds at which the key was revoked.
+    pub revoked_at: Option<i64>,
+}
+
+impl KeyRecord {
+    /// Whether the key may call `model`.
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|x| x == model))
+    }
+
+    /// Whether the key has expired at `now` (unix seconds).
+    pub fn expired_at(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|t| now >= t)
+    }
+}
+
+/// What a new key is made of.
+#[derive(Debug, Clone, Default)]
+pub struct NewKey {
+    /// Human name.
+    pub name: String,
+    /// Allowed models (`None`: all).
+    pub models: Option<Vec<String>>,
+    /// Unix seconds of expiry.
+    pub expires_at: Option<i64>,
+}
+
+/// A marker that changes whenever any key changes; cheap to poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KeysVersion {
+    count: i64,
+    last_update_ms: i64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn random_id() -> Result<String, Error> {
+    let mut b = [0u8; 12];
+    getrandom::fill(&mut b).map_err(|e| Error::Random(e.to_string()))?;
+    Ok(format!("key_{}", hex::encode(b)))
+}
+
+/// `SELECT <every key column> FROM api_keys <tail>`, as a static string.
+macro_rules! select_keys {
+    ($tail:literal) => {
+        concat!(
+            "SELECT id, name, secret_hash, prefix, models, created_at, expires_at, revoked_at FROM api_keys ",
+            $tail
+        )
+    };
+}
+
+fn from_row(row: &SqliteRow) -> Result<KeyRecord, Error> {
+    let hash: String = row.try_get("secret_hash")?;
+    let models: Option<String> = row.try_get("models")?;
+    Ok(KeyRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        secret_hash: SecretHash::from_hex(&hash).ok_or_else(|| {
+            Error::Query(sqlx::Error::Decode(
+                "secret_hash is not 64 hex digits".into(),
+            ))
+        })?,
+        prefix: row.try_get("prefix")?,
+        models: models.and_then(|m| serde_json::from_str(&m).ok()),
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+impl Database {
+    /// Creates a key; the secret is returned once and never stored.
+    pub async fn create_key(&self, new: NewKey) -> Result<(KeyRecord, SecretKey), Error> {
+        let secret = SecretKey::generate()?;
+        let now = now_ms();
+        let record = KeyRecord {
+            id: random_id()?,
+            name: new.name,
+            secret_hash: secret.hash(),
+            prefix: secret.display_prefix(),
+            models: new.models,
+            created_at: now / 1000,
+            expires_at: new.expires_at,
+            revoked_at: None,
+        };
+        let models = record
+            .models
+            .as_ref()
+            .and_then(|m| serde_json::to_string(m).ok());
+        let result = sqlx::query(
+            "INSERT INTO api_keys (id, name, secret_hash, prefix, models, created_at, expires_at, revoked_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+        )
+        .bind(&record.id)
+        .bind(&record.name)
+        .bind(record.secret_hash.to_hex())
+        .bind(&record.prefix)
+        .bind(models)
+        .bind(record.created_at)
+        .bind(record.expires_at)
+        .bind(now)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok((record, secret)),
+            Err(e) if is_unique_violation(&e) => Err(Error::DuplicateName(record.name)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every key, newest first, revoked ones included.
+    pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, Error> {
+        let rows = sqlx::query(select_keys!("ORDER BY created_at DESC, name"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(from_row).collect()
+    }
+
+    /// The key whose secret hashes to `hash`, revoked or not.
+    pub async fn find_key_by_hash(&self, hash: &SecretHash) -> Result<Option<KeyRecord>, Error> {
+        let row = sqlx::query(select_keys!("WHERE secret_hash = ?"))
+            .bind(hash.to_hex())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// The live key with this id or name (a revoked one only by id).
+    pub async fn find_key(&self, id_or_name: &str) -> Result<KeyRecord, Error> {
+        let row = sqlx::query(select_keys!(
+            "WHERE id = ? OR (name = ? AND revoked_at IS NULL)"
+        ))
+        .bind(id_or_name)
+        .bind(id_or_name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref()
+            .map(from_row)
+            .transpose()?
+            .ok_or_else(|| Error::KeyNotFound(id_or_name.to_owned()))
+    }
+
+    /// Revokes a key; it is refused from then on.
+    pub async fn revoke_key(&self, id_or_name: &str) -> Result<KeyRecord, Error> {
+        let mut key = self.find_key(id_or_name).await?;
+        if key.revoked_at.is_some() {
+            return Ok(key);
+        }
+        let now = now_ms();
+        sqlx::query("UPDATE api_keys SET revoked_at = ?, updated_at = ? WHERE id = ?")
+            .bind(now / 1000)
+            .bind(now)
+            .bind(&key.id)
+            .execute(&self.pool)
+            .await?;
+        key.revoked_at = Some(now / 1000);
+        Ok(key)
+    }
+
+    /// Gives a key a new secret; the old secret stops working at once.
+    pub async fn rotate_key(&self, id_or_name: &str) -> Result<(KeyRecord, SecretKey), Error> {
+        let mut key = self.find_key(id_or_name).await?;
+        if key.revoked_at.is_some() {
+            return Err(Error::KeyNotFound(id_or_name.to_owned()));
+        }
+        let secret = SecretKey::generate()?;
+        sqlx::query("UPDATE api_keys SET secret_hash = ?, prefix = ?, updated_at = ? WHERE id = ?")
+            .bind(secret.hash().to_hex())
+            .bind(secret.display_prefix())
+            .bind(now_ms())
+            .bind(&key.id)
+            .execute(&self.pool)
+            .await?;
+        key.secret_hash = secret.hash();
+        key.prefix = secret.display_prefix();
+        Ok((key, secret))
+    }
+
+    /// A marker that moves whenever a key is created, revoked or rotated.
+    pub async fn keys_version(&self) -> Result<KeysVersion, Error> {
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n, COALESCE(MAX(updated_at), 0) AS t FROM api_keys")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(KeysVersion {
+            count: row.try_get("n")?,
+            last_update_ms: row.try_get("t")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn db() -> Result<(tempfile::TempDir, Database), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Random(e.to_string()))?;
+        let path = dir.path().join("t.db");
+        let db = Database::open(&path.to_string_lossy()).await?;
+        Ok((dir, db))
+    }
+
+    #[tokio::test]
+    async fn created_key_is_found_by_its_secret_hash_only() -> Result<(), Error> {
+        let (_dir, db) = db().await?;
+        let (rec, secret) = db
+            .create_key(NewKey {
+                name: "web".into(),
+                models: Some(vec!["gpt-4o".into()]),
+                expires_at: None,
+            })
+            .await?;
+        let found = db
+            .find_key_by_hash(&SecretHash::of(secret.expose()))
+            .await?;
+        assert_eq!(found.as_ref(), Some(&rec));
+        assert!(
+            db.find_key_by_hash(&SecretHash::of("tg-wrong"))
+                .await?
+                .is_none()
+        );
+        assert!(rec.allows_model("gpt-4o") && !rec.allows_model("gpt-4.1"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn revoke_and_rotate_change_the_version() -> Result<(), Error> {
+        let (_dir, db) = db().await?;
+        let v0 = db.keys_version().await?;
+        let (_, old) = db
+            .create_key(NewKey {
+                name: "a".into(),
+                ..NewKey::default()
+            })
+            .await?;
+        let v1 = db.keys_version().await?;
+        assert_ne!(v0, v1);
+        let (rotated, new) = db.rotate_key("a").await?;
+        assert!(
+            db.find_key_by_hash(&old.hash()).await?.is_none(),
+            "old secret is gone"
+        );
+        assert_eq!(
+            db.find_key_by_hash(&new.hash()).await?.map(|k| k.id),
+            Some(rotated.id.clone())
+        );
+        let revoked = db.revoke_key("a").await?;
+        assert!(revoked.revoked_at.is_some());
+        assert!(matches!(db.find_key("a").await, Err(Error::KeyNotFound(_))));
+        // The name is free again once its key is revoked.
+        db.create_key(NewKey {
+            name: "a".into(),
+            ..NewKey::default()
+        })
+        .await?;
+        assert!(matches!(
+            db.create_key(NewKey {
+                name: "a".into(),
+                ..NewKey::default()
+            })
+            .await,
+            Err(Error::DuplicateName(_))
+        ));
+        Ok(())
+    }
+}

@@ -1,0 +1,39 @@
+//! Tollgate's durable state: virtual keys today; budgets, credits and the
+//! usage ledger as they arrive. The embedded backend is one SQLite file in
+//! WAL mode; the gateway never sees which database it runs on.
+
+mod database;
+pub mod keys;
+pub mod secret;
+
+pub use database::Database;
+pub use keys::{KeyRecord, NewKey};
+pub use secret::{SecretHash, SecretKey};
+
+/// Errors of the state layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database could not be opened or migrated.
+    #[error("cannot open database {url}: {source}")]
+    Open {
+        /// The URL, without credentials.
+        url: String,
+        /// Cause.
+        source: sqlx::Error,
+    },
+    /// A schema migration failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+    /// No key has that id or name.
+    #[error("no key named or with id `{0}`")]
+    KeyNotFound(String),
+    /// A live key already has that name.
+    #[error("a live key named `{0}` already exists")]
+    DuplicateName(String),
+    /// The operating system's random source failed.
+    #[error("no randomness available: {0}")]
+    Random(String),
+}

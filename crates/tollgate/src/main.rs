@@ -1,0 +1,87 @@
+//! The `tollgate` command: thin wiring of the library crates.
+
+mod keys;
+mod mock;
+mod serve;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Tollgate: an OpenAI-compatible LLM gateway that turns rate limits, spend
+/// caps and empty balances into exact, explainable decisions.
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about)]
+struct Cli {
+    /// Config file (default: ./tollgate.toml when it exists, else built-in defaults).
+    #[arg(long, global = true, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// For a terminal.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve(serve::ServeArgs),
+    /// Run the simulated OpenAI-compatible provider.
+    Mock(mock::MockArgs),
+    /// Manage virtual API keys.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve::run(cli.config.as_deref(), args).await,
+            Command::Mock(args) => mock::run(args).await,
+            Command::Keys(cmd) => keys::run(cli.config.as_deref(), cmd).await,
+        }
+    })
+}
+
+/// The config file to use: the one named, else `./tollgate.toml` if present.
+fn config_path(explicit: Option<&std::path::Path>) -> Option<PathBuf> {
+    explicit.map(PathBuf::from).or_else(|| {
+        let default = PathBuf::from("tollgate.toml");
+        default.exists().then_some(default)
+    })
+}
+
+/// Loads the configuration with environment overrides.
+fn load_config(explicit: Option<&std::path::Path>) -> anyhow::Result<tollgate_gateway::Config> {
+    let path = config_path(explicit);
+    Ok(tollgate_gateway::Config::load(
+        path.as_deref(),
+        std::env::vars(),
+    )?)
+}
