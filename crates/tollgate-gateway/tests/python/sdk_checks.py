@@ -1,0 +1,94 @@
+"""Drives a Tollgate gateway with the official `openai` Python SDK.
+
+Usage: sdk_checks.py SCENARIO, with TOLLGATE_URL and TOLLGATE_KEY in the
+environment. Exits non-zero (with the failed assertion) if the SDK sees
+anything other than what an OpenAI endpoint would give it.
+"""
+
+import os
+import sys
+
+import openai
+from openai import OpenAI
+
+BASE = os.environ["TOLLGATE_URL"] + "/v1"
+KEY = os.environ["TOLLGATE_KEY"]
+MSGS = [{"role": "user", "content": "Say hello"}]
+
+
+def basic():
+    client = OpenAI(base_url=BASE, api_key=KEY, max_retries=0)
+
+    reply = client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=5)
+    assert reply.choices[0].message.content == "the quick brown fox jumps", reply
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5, reply.usage
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 5
+
+    raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSGS, max_tokens=1)
+    assert raw.headers["x-tollgate-deployment"] == "mock-a"
+    assert raw.headers["x-request-id"]
+
+    text, usage = "", None
+    stream = client.chat.completions.create(
+        model="gpt-4o", messages=MSGS, max_tokens=9, stream=True, stream_options={"include_usage": True}
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage:
+            usage = chunk.usage
+    assert text == "the quick brown fox jumps over the lazy dog", text
+    assert usage is not None and usage.completion_tokens == 9, usage
+
+    # The SDK asks for base64 embeddings by default and decodes them itself.
+    emb = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 1536
+    norm = sum(x * x for x in emb.data[0].embedding)
+    assert abs(norm - 1.0) < 1e-3, norm
+
+    comp = client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Once", max_tokens=3)
+    assert comp.choices[0].text == "the quick brown", comp
+
+    models = [m.id for m in client.models.list()]
+    assert "gpt-4o" in models, models
+    print("basic: ok")
+
+
+def errors():
+    bad = OpenAI(base_url=BASE, api_key="tg-" + "0" * 64, max_retries=2)
+    try:
+        bad.chat.completions.create(model="gpt-4o", messages=MSGS)
+        raise AssertionError("a bad key was accepted")
+    except openai.AuthenticationError as e:
+        assert e.status_code == 401 and e.code == "invalid_api_key", (e.status_code, e.code)
+
+    client = OpenAI(base_url=BASE, api_key=KEY, max_retries=2)
+    try:
+        client.chat.completions.create(model="gpt-unknown", messages=MSGS)
+        raise AssertionError("an unknown model was served")
+    except openai.NotFoundError as e:
+        assert e.status_code == 404 and e.code == "model_not_found", (e.status_code, e.code)
+
+    try:
+        client.chat.completions.create(model="gpt-4o", messages="not a list")
+        raise AssertionError("a malformed request was served")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400 and e.code == "invalid_value", (e.status_code, e.code)
+        assert e.type == "invalid_request_error"
+
+    # A stream the upstream breaks off raises in the SDK instead of ending quietly.
+    try:
+        stream = client.chat.completions.create(
+            model="gpt-4o", messages=MSGS, max_tokens=10, stream=True, extra_headers={"x-mock-fault": "cut:3"}
+        )
+        for _ in stream:
+            pass
+        raise AssertionError("a broken stream looked complete")
+    except openai.APIError as e:
+        assert "broke off" in str(e), e
+    print("errors: ok")
+
+
+if __name__ == "__main__":
+    {"basic": basic, "errors": errors}[sys.argv[1]]()
