@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Overhead benchmark: the simulated provider alone, then the gateway in front
+# of it (auth on, access log on), at fixed rates and at full speed, in one
+# run on this machine. Prints one JSON line per run and a Markdown table.
+#
+#   bench/overhead.sh [DURATION_SECONDS]      (default 10)
+#
+# Everything runs on loopback; the load generator, gateway and mock share the
+# machine's cores, which is stated next to the numbers in BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+CONNS=${CONNS:-32}
+RATES=${RATES:-"1000 5000 0"}
+
+cargo build --release -q -p tollgate -p tollgate-loadgen
+BIN=$PWD/target/release
+work=$(mktemp -d)
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+MOCK_PORT=$(free_port)
+GW_PORT=$(free_port)
+
+"$BIN/tollgate" mock --listen "127.0.0.1:$MOCK_PORT" >"$work/mock.out" 2>&1 &
+cat >"$work/tollgate.toml" <<TOML
+[server]
+listen = "127.0.0.1:$GW_PORT"
+
+[[deployments]]
+name = "mock"
+provider = "openai_compatible"
+base_url = "http://127.0.0.1:$MOCK_PORT/v1"
+api_key_env = "BENCH_UPSTREAM_KEY"
+models = ["gpt-4o-mini"]
+TOML
+(cd "$work" && BENCH_UPSTREAM_KEY=sk-bench-upstream RUST_LOG=${GATEWAY_LOG:-info} "$BIN/tollgate" serve >"$work/serve.out" 2>"$work/serve.log") &
+for _ in $(seq 1 100); do grep -q "listening on" "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
+KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/serve.out" | head -1)
+[ -n "$KEY" ] || { echo "gateway did not start"; cat "$work/serve.out" "$work/serve.log"; exit 1; }
+
+results="$work/results.jsonl"
+for rate in $RATES; do
+  "$BIN/tollgate-loadgen" --label mock --url "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" \
+    --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
+  "$BIN/tollgate-loadgen" --label gateway --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --key "$KEY" \
+    --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
+done
+
+python3 - "$results" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print()
+print("| rate (req/s) | target | achieved req/s | errors | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs |")
+print("|---|---|---|---|---|---|---|---|---|")
+for i in range(0, len(rows), 2):
+    m, g = rows[i], rows[i + 1]
+    rate = m["target_rate"] or "full speed"
+    for r, added in ((m, None), (g, (g["p50_us"] - m["p50_us"], g["p99_us"] - m["p99_us"]))):
+        a = ("", "") if added is None else added
+        print(f"| {rate} | {r['label']} | {r['rps']:.0f} | {r['errors']} | {r['p50_us']} | {r['p99_us']} | {r['p999_us']} | {a[0]} | {a[1]} |")
+PY
