@@ -95,10 +95,9 @@ async fn worker(
     };
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
-        let due = if args.rate > 0 {
-            start + Duration::from_nanos(i * 1_000_000_000 / args.rate)
-        } else {
-            Instant::now()
+        let due = match (i * 1_000_000_000).checked_div(args.rate) {
+            Some(offset_ns) => start + Duration::from_nanos(offset_ns),
+            None => Instant::now(),
         };
         if due >= end {
             break;
