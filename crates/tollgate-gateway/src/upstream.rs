@@ -49,7 +49,8 @@ pub struct Deployment {
     pub name: Arc<str>,
     /// Models it serves.
     pub models: Vec<String>,
-    urls: [String; 3],
+    /// Endpoint URLs, parsed once: a request never re-parses its URL.
+    urls: [reqwest::Url; 3],
     key: Option<ProviderKey>,
     client: reqwest::Client,
 }
@@ -140,14 +141,17 @@ impl Deployment {
             .build()
             .map_err(|e| client_err(e.to_string()))?;
         let base = base_url.trim_end_matches('/');
-        let url = |e: Endpoint| format!("{base}{}", e.path());
+        let url = |e: Endpoint| {
+            reqwest::Url::parse(&format!("{base}{}", e.path()))
+                .map_err(|err| client_err(format!("base_url `{base_url}` is not a URL: {err}")))
+        };
         Ok(Self {
             name: config.name.as_str().into(),
             models: config.models.clone(),
             urls: [
-                url(Endpoint::ChatCompletions),
-                url(Endpoint::Completions),
-                url(Endpoint::Embeddings),
+                url(Endpoint::ChatCompletions)?,
+                url(Endpoint::Completions)?,
+                url(Endpoint::Embeddings)?,
             ],
             key,
             client,
@@ -170,10 +174,10 @@ impl Deployment {
         body: Bytes,
         passthrough: &HeaderMap,
     ) -> Result<Outcome, Error> {
-        let url = &self.urls[endpoint as usize];
+        let url = self.urls[endpoint as usize].clone();
         let mut req = self
             .client
-            .post(url.as_str())
+            .post(url)
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body);
         if let Some(key) = &self.key {
