@@ -269,13 +269,24 @@ pub fn api_error_response(e: &ApiError) -> Response {
     let status =
         http::StatusCode::from_u16(e.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (status, body).into_response();
-    let h = resp.headers_mut();
+    write_retry_advice(resp.headers_mut(), e.should_retry, e.retry_after);
+    resp
+}
+
+/// A JSON content type, `x-should-retry`, and, when known, `Retry-After`
+/// (whole seconds, rounded up) with `retry-after-ms`: what the OpenAI SDKs
+/// read to decide whether and when to retry.
+pub fn write_retry_advice(
+    h: &mut http::HeaderMap,
+    should_retry: bool,
+    retry_after: Option<Duration>,
+) {
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(
         "x-should-retry",
-        HeaderValue::from_static(if e.should_retry { "true" } else { "false" }),
+        HeaderValue::from_static(if should_retry { "true" } else { "false" }),
     );
-    if let Some(after) = e.retry_after {
+    if let Some(after) = retry_after {
         let secs = after.as_nanos().div_ceil(1_000_000_000);
         if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
             h.insert(RETRY_AFTER, v);
@@ -284,7 +295,6 @@ pub fn api_error_response(e: &ApiError) -> Response {
             h.insert("retry-after-ms", v);
         }
     }
-    resp
 }
 
 impl IntoResponse for Error {

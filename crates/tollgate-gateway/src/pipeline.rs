@@ -9,7 +9,7 @@
 //!    arrives; a client that hangs up drops the upstream call with it.
 
 use crate::Gateway;
-use crate::error::{Error, api_error_response};
+use crate::error::{Error, api_error_response, write_retry_advice};
 use crate::upstream::{Deployment, Endpoint, Outcome};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -130,22 +130,8 @@ async fn run(
             quota_exhausted,
         } => {
             let mut resp = (StatusCode::TOO_MANY_REQUESTS, body).into_response();
-            let h = resp.headers_mut();
-            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            h.insert(
-                "x-should-retry",
-                HeaderValue::from_static(if quota_exhausted { "false" } else { "true" }),
-            );
-            if let Some(after) = retry_after {
-                if let Ok(v) =
-                    HeaderValue::from_str(&after.as_nanos().div_ceil(1_000_000_000).to_string())
-                {
-                    h.insert(http::header::RETRY_AFTER, v);
-                }
-                if let Ok(v) = HeaderValue::from_str(&after.as_millis().to_string()) {
-                    h.insert("retry-after-ms", v);
-                }
-            }
+            // insufficient_quota is billing: it never clears with time.
+            write_retry_advice(resp.headers_mut(), !quota_exhausted, retry_after);
             resp
         }
     };
