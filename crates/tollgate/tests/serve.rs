@@ -184,26 +184,14 @@ async fn no_secret_reaches_a_log_line_or_an_error_body() {
         .await
         .expect("json");
     let web = created["secret"].as_str().expect("secret").to_owned();
-    bodies.push(
-        http.get(format!("{}/admin/keys", s.url))
-            .bearer_auth(ADMIN_KEY)
+    for admin_key in [ADMIN_KEY, wrong.as_str()] {
+        let resp = http
+            .get(format!("{}/admin/keys", s.url))
+            .bearer_auth(admin_key)
             .send()
-            .await
-            .expect("sent")
-            .text()
-            .await
-            .expect("text"),
-    );
-    bodies.push(
-        http.get(format!("{}/admin/keys", s.url))
-            .bearer_auth(&wrong)
-            .send()
-            .await
-            .expect("sent")
-            .text()
-            .await
-            .expect("text"),
-    );
+            .await;
+        bodies.push(resp.expect("sent").text().await.expect("text"));
+    }
     let out = tollgate()
         .args(["keys", "create", "--name", "cli"])
         .current_dir(dir.path())
