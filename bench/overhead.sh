@@ -35,7 +35,7 @@ base_url = "http://127.0.0.1:$MOCK_PORT/v1"
 api_key_env = "BENCH_UPSTREAM_KEY"
 models = ["gpt-4o-mini"]
 TOML
-(cd "$work" && BENCH_UPSTREAM_KEY=sk-bench-upstream RUST_LOG=${GATEWAY_LOG:-info} "$BIN/tollgate" serve >"$work/serve.out" 2>"$work/serve.log") &
+(cd "$work" && BENCH_UPSTREAM_KEY=sk-bench-upstream RUST_LOG=${GATEWAY_LOG:-info} "$BIN/tollgate" --log-format json serve >"$work/serve.out" 2>"$work/serve.log") &
 for _ in $(seq 1 100); do grep -q "listening on" "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
 KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/serve.out" | head -1)
 [ -n "$KEY" ] || { echo "gateway did not start"; cat "$work/serve.out" "$work/serve.log"; exit 1; }
@@ -44,13 +44,37 @@ results="$work/results.jsonl"
 for rate in $RATES; do
   "$BIN/tollgate-loadgen" --label mock --url "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" \
     --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
+  from=$(wc -l <"$work/serve.log")
   "$BIN/tollgate-loadgen" --label gateway --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --key "$KEY" \
     --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
+  # The gateway's own time per request, from its access log (JSON lines,
+  # RUST_LOG=info only): total handler time minus the wait on the upstream.
+  tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate.log"
 done
 
 python3 - "$results" <<'PY'
 import json, sys
+import os
 rows = [json.loads(l) for l in open(sys.argv[1])]
+work = os.path.dirname(sys.argv[1])
+
+def overhead(rate):
+    """p50/p99/p99.9 of the gateway's in-process time per request (µs)."""
+    path = os.path.join(work, f"run-{rate}.log")
+    vals = []
+    for line in open(path) if os.path.exists(path) else []:
+        try:
+            f = json.loads(line)
+        except ValueError:
+            continue
+        if "overhead_us" in f:
+            vals.append(f["overhead_us"])
+    if not vals:
+        return None
+    vals.sort()
+    q = lambda p: vals[min(len(vals) - 1, int(p * len(vals)))]
+    return q(0.5), q(0.99), q(0.999)
+
 print()
 print("| rate (req/s) | target | achieved req/s | errors | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs |")
 print("|---|---|---|---|---|---|---|---|---|")
@@ -60,4 +84,14 @@ for i in range(0, len(rows), 2):
     for r, added in ((m, None), (g, (g["p50_us"] - m["p50_us"], g["p99_us"] - m["p99_us"]))):
         a = ("", "") if added is None else added
         print(f"| {rate} | {r['label']} | {r['rps']:.0f} | {r['errors']} | {r['p50_us']} | {r['p99_us']} | {r['p999_us']} | {a[0]} | {a[1]} |")
+print()
+print("Gateway's own time per request (handler time minus the wait on the upstream; from the access log):")
+print()
+print("| rate (req/s) | internal p50 µs | internal p99 µs | internal p99.9 µs |")
+print("|---|---|---|---|")
+for i in range(0, len(rows), 2):
+    rate = rows[i]["target_rate"]
+    o = overhead(rate)
+    if o:
+        print(f"| {rate or 'full speed'} | {o[0]} | {o[1]} | {o[2]} |")
 PY

@@ -21,6 +21,7 @@ use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tollgate_core::openai::{ChatRequest, CompletionRequest, EmbeddingRequest, UsageOnly};
 use tollgate_core::{ApiError, ErrorType};
 use tollgate_store::KeyRecord;
@@ -32,6 +33,10 @@ pub(crate) struct RequestLog {
     pub(crate) model: Option<Arc<str>>,
     pub(crate) deployment: Option<Arc<str>>,
     pub(crate) stream: bool,
+    /// Time spent waiting on the upstream: until its whole body arrived, or
+    /// until its response headers for a stream. The access log subtracts it
+    /// from the total to show the gateway's own overhead.
+    pub(crate) upstream: Option<Duration>,
 }
 
 /// The few fields of a request body that routing needs.
@@ -105,12 +110,25 @@ async fn run(
 
     // 5. upstream
     let passthrough = provider_headers(&parts.headers);
+    let sent = Instant::now();
     let outcome = deployment.send(endpoint, body, &passthrough).await?;
 
     // 6. relay
     let resp = match outcome {
-        Outcome::Success(upstream) if summary.stream => relay_stream(deployment, upstream),
-        Outcome::Success(upstream) => relay_body(deployment, upstream).await?,
+        Outcome::Success(upstream) if summary.stream => {
+            log.upstream = Some(sent.elapsed());
+            relay_stream(deployment, upstream)
+        }
+        Outcome::Success(upstream) => {
+            let upstream_id = upstream_request_id(&upstream);
+            let status = upstream.status();
+            let body = upstream
+                .bytes()
+                .await
+                .map_err(|e| deployment.transport_error(e))?;
+            log.upstream = Some(sent.elapsed());
+            relay_body(deployment, status, upstream_id, body)?
+        }
         Outcome::CallerError {
             status,
             content_type,
@@ -237,16 +255,12 @@ fn upstream_request_id(upstream: &reqwest::Response) -> Option<HeaderValue> {
     upstream.headers().get("x-request-id").cloned()
 }
 
-async fn relay_body(
+fn relay_body(
     deployment: &Deployment,
-    upstream: reqwest::Response,
+    status: StatusCode,
+    upstream_id: Option<HeaderValue>,
+    body: Bytes,
 ) -> Result<Response, Error> {
-    let upstream_id = upstream_request_id(&upstream);
-    let status = upstream.status();
-    let body = upstream
-        .bytes()
-        .await
-        .map_err(|e| deployment.transport_error(e))?;
     // Parsing the usage also proves the body is whole, well-formed JSON.
     if let Err(e) = serde_json::from_slice::<UsageOnly>(&body) {
         return Err(Error::UpstreamInvalid {

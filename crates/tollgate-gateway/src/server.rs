@@ -71,10 +71,10 @@ async fn request_id_and_access_log(mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(RequestId(id.clone()));
     let mut resp = next.run(req).await;
     let log = resp
-        .extensions()
-        .get::<RequestLog>()
-        .cloned()
+        .extensions_mut()
+        .remove::<RequestLog>()
         .unwrap_or_default();
+    let latency = started.elapsed();
     tracing::info!(
         target: "tollgate::access",
         request_id = id.to_str().unwrap_or_default(),
@@ -85,7 +85,9 @@ async fn request_id_and_access_log(mut req: Request, next: Next) -> Response {
         model = log.model.as_deref(),
         deployment = log.deployment.as_deref(),
         stream = log.stream,
-        latency_us = started.elapsed().as_micros() as u64,
+        latency_us = latency.as_micros() as u64,
+        upstream_us = log.upstream.map(|u| u.as_micros() as u64),
+        overhead_us = log.upstream.map(|u| latency.saturating_sub(u).as_micros() as u64),
         "request"
     );
     resp.headers_mut().insert("x-request-id", id);
