@@ -224,6 +224,65 @@ pub struct UsageOnly {
     pub usage: Option<Usage>,
 }
 
+impl Usage {
+    /// Tokens a limit counts: the total, or input plus output when a
+    /// provider leaves the total out.
+    pub fn tokens(&self) -> u64 {
+        self.total_tokens
+            .max(self.prompt_tokens.saturating_add(self.completion_tokens))
+    }
+}
+
+/// One `data:` chunk of a streamed chat or legacy completion: the text it
+/// delivers and, in the last chunk of a stream with `include_usage`, the usage.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamChunk<'a> {
+    /// The choices' deltas; empty in the usage chunk.
+    #[serde(borrow, default)]
+    pub choices: Vec<ChunkChoice<'a>>,
+    /// Present (non-null) only in the usage chunk.
+    #[serde(default)]
+    pub usage: Option<Usage>,
+}
+
+/// One choice of a [`StreamChunk`].
+#[derive(Debug, Default, Deserialize)]
+pub struct ChunkChoice<'a> {
+    /// Chat: the new piece of the message.
+    #[serde(borrow, default)]
+    pub delta: Option<ChunkDelta<'a>>,
+    /// Legacy completions: the new piece of text.
+    #[serde(borrow, default, deserialize_with = "opt_str")]
+    pub text: Option<Cow<'a, str>>,
+}
+
+/// The delta of a chat [`ChunkChoice`].
+#[derive(Debug, Default, Deserialize)]
+pub struct ChunkDelta<'a> {
+    /// Text content.
+    #[serde(borrow, default, deserialize_with = "opt_str")]
+    pub content: Option<Cow<'a, str>>,
+}
+
+impl StreamChunk<'_> {
+    /// Whether this is the usage chunk that `include_usage` adds.
+    pub fn is_usage_only(&self) -> bool {
+        self.choices.is_empty() && self.usage.is_some()
+    }
+
+    /// Appends the text this chunk delivers to `out`.
+    pub fn push_text(&self, out: &mut String) {
+        for c in &self.choices {
+            if let Some(t) = c.delta.as_ref().and_then(|d| d.content.as_deref()) {
+                out.push_str(t);
+            }
+            if let Some(t) = c.text.as_deref() {
+                out.push_str(t);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

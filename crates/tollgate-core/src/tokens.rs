@@ -1,7 +1,7 @@
 //! Token counting with the model's own tokenizer (tiktoken's BPE data is
 //! compiled in, so this works offline).
 
-use crate::openai::ChatMessage;
+use crate::openai::{ChatMessage, ChatRequest, CompletionRequest, EmbeddingRequest};
 use tiktoken_rs::CoreBPE;
 
 /// Which BPE a model uses.
@@ -72,9 +72,101 @@ pub fn count_chat_prompt(encoding: Encoding, messages: &[ChatMessage<'_>]) -> u6
     total
 }
 
+/// How a request's tokens are estimated before the call: its prompt counted
+/// with the model's tokenizer, plus its output cap or a default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimator {
+    /// The encoding of models tiktoken does not know.
+    pub fallback: Encoding,
+    /// Output tokens assumed when a request sets no cap.
+    pub default_output: u64,
+}
+
+/// A request's estimated tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    /// Prompt tokens, counted.
+    pub prompt: u64,
+    /// Output tokens: the request's cap, or the default.
+    pub output: u64,
+    /// The encoding they were counted in (delivered text is counted in it too).
+    pub encoding: Encoding,
+}
+
+impl Estimate {
+    /// Prompt plus output.
+    pub fn total(&self) -> u64 {
+        self.prompt.saturating_add(self.output)
+    }
+}
+
+impl Estimator {
+    fn output(&self, cap: Option<u64>, choices: u64) -> u64 {
+        cap.unwrap_or(self.default_output)
+            .saturating_mul(choices.max(1))
+    }
+
+    /// A chat completion: messages with OpenAI's per-message overhead.
+    pub fn chat(&self, model: &str, r: &ChatRequest<'_>) -> Estimate {
+        let encoding = Encoding::for_model(model, self.fallback);
+        let prompt = r
+            .messages
+            .as_deref()
+            .map_or(0, |m| count_chat_prompt(encoding, m));
+        Estimate {
+            prompt,
+            output: self.output(r.output_cap(), r.n.unwrap_or(1)),
+            encoding,
+        }
+    }
+
+    /// A legacy completion: one output per prompt.
+    pub fn completion(&self, model: &str, r: &CompletionRequest<'_>) -> Estimate {
+        let encoding = Encoding::for_model(model, self.fallback);
+        let (prompt, prompts) = r
+            .prompt
+            .as_ref()
+            .map_or((0, 1), |p| (p.tokens(encoding), p.len() as u64));
+        Estimate {
+            prompt,
+            output: self.output(r.max_tokens, prompts),
+            encoding,
+        }
+    }
+
+    /// Embeddings: input only.
+    pub fn embedding(&self, model: &str, r: &EmbeddingRequest<'_>) -> Estimate {
+        let encoding = Encoding::for_model(model, self.fallback);
+        Estimate {
+            prompt: r.input.as_ref().map_or(0, |i| i.tokens(encoding)),
+            output: 0,
+            encoding,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn estimates_prompt_overhead_and_output_cap() {
+        let est = Estimator {
+            fallback: Encoding::O200k,
+            default_output: 100,
+        };
+        let r: ChatRequest<'_> = serde_json::from_str(
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello world"}],"max_tokens":7,"n":2}"#,
+        )
+        .expect("valid");
+        // 3 priming + 3 per message + "user" (1) + "hello world" (2).
+        let e = est.chat("gpt-4o", &r);
+        assert_eq!((e.prompt, e.output), (9, 14));
+        let r: ChatRequest<'_> =
+            serde_json::from_str(r#"{"messages":[{"role":"user","content":"hello world"}]}"#)
+                .expect("valid");
+        assert_eq!(est.chat("gpt-4o", &r).output, 100);
+    }
 
     #[test]
     fn picks_openai_encodings() {

@@ -1,10 +1,11 @@
 //! The admin REST API under `/admin`, guarded by the admin key: virtual keys
-//! (create, list, revoke, rotate). A secret is in the response once, at
+//! (create, list, revoke, rotate, change limits). A secret is in the response once, at
 //! creation or rotation; only its hash is stored.
 
 use crate::Gateway;
 use crate::auth::bearer;
 use crate::error::Error;
+use crate::limits::check_names;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
@@ -14,7 +15,8 @@ use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tollgate_store::{KeyRecord, NewKey, SecretHash, SecretKey};
+use tollgate_core::limits::KeyLimits;
+use tollgate_store::{KeyRecord, LimitsUpdate, NewKey, SecretHash, SecretKey};
 
 fn check_admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), Error> {
     let expected = gw.admin_key.as_ref().ok_or(Error::AdminDisabled)?;
@@ -36,6 +38,33 @@ struct CreateKey {
     /// `30d`, `12h`, …
     #[serde(default)]
     expires_in: Option<String>,
+    /// A preset of the config to start from.
+    #[serde(default)]
+    preset: Option<String>,
+    /// A team of the config to belong to.
+    #[serde(default)]
+    team: Option<String>,
+    /// The key's own limits, over the preset's.
+    #[serde(default)]
+    limits: KeyLimits,
+}
+
+/// Body of `PATCH /admin/keys/{id}`: fields left out stay as they are;
+/// `null` removes a preset or team.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateKey {
+    #[serde(default, deserialize_with = "present")]
+    preset: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    team: Option<Option<String>>,
+    #[serde(default)]
+    limits: Option<KeyLimits>,
+}
+
+/// Tells a field set to `null` (`Some(None)`) from one left out (`None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 /// Parses a lifetime like `30d` into the unix second it ends at.
@@ -80,10 +109,17 @@ pub(crate) async fn create_key(
                 .map_err(Error::AdminBadRequest)?;
             let (key, secret) = gw
                 .db
-                .create_key(NewKey {
-                    name: req.name,
-                    models: req.models,
-                    expires_at,
+                .create_key({
+                    check_names(&gw.config, req.preset.as_deref(), req.team.as_deref())
+                        .map_err(Error::AdminBadRequest)?;
+                    NewKey {
+                        name: req.name,
+                        models: req.models,
+                        expires_at,
+                        preset: req.preset,
+                        team: req.team,
+                        limits: req.limits,
+                    }
                 })
                 .await
                 .map_err(admin_store_error)?;
@@ -138,6 +174,42 @@ pub(crate) async fn rotate_key(
             gw.keys.reload().await?;
             tracing::info!(key = %key.name, id = %key.id, "key rotated through the admin API");
             Ok(Json(key_with_secret(&key, &secret)).into_response())
+        }
+        .await,
+    )
+}
+
+/// `PATCH /admin/keys/{id}`: preset, team and limits.
+pub(crate) async fn update_key(
+    State(gw): State<Arc<Gateway>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    result(
+        async {
+            check_admin(&gw, &headers)?;
+            let req: UpdateKey = serde_json::from_slice(&body)
+                .map_err(|e| Error::AdminBadRequest(format!("invalid body: {e}")))?;
+            check_names(
+                &gw.config,
+                req.preset.as_ref().and_then(Option::as_deref),
+                req.team.as_ref().and_then(Option::as_deref),
+            )
+            .map_err(Error::AdminBadRequest)?;
+            let update = LimitsUpdate {
+                preset: req.preset,
+                team: req.team,
+                limits: req.limits,
+            };
+            let key = gw
+                .db
+                .update_key_limits(&id, update)
+                .await
+                .map_err(admin_store_error)?;
+            gw.keys.reload().await?;
+            tracing::info!(key = %key.name, id = %key.id, "key limits changed through the admin API");
+            Ok(Json(json!({"key": key})).into_response())
         }
         .await,
     )

@@ -2,7 +2,9 @@
 //! table, so the hot path never waits on the database. The copy is refreshed
 //! when the table changes (CLI, admin API, another replica) and on a miss.
 
+use crate::config::Config;
 use crate::error::Error;
+use crate::limits::KeyPolicy;
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
 use std::collections::HashMap;
@@ -15,13 +17,39 @@ use tollgate_store::{Database, KeyRecord, SecretHash};
 #[derive(Debug)]
 pub struct KeyCache {
     db: Database,
+    /// Presets, teams and default user limits that keys resolve against.
+    config: Config,
     keys: RwLock<Arc<Snapshot>>,
 }
 
 #[derive(Debug, Default)]
 struct Snapshot {
     version: KeysVersion,
-    by_hash: HashMap<SecretHash, Arc<KeyRecord>>,
+    by_hash: HashMap<SecretHash, Arc<Caller>>,
+}
+
+/// An authenticated key, with its limits resolved.
+#[derive(Debug)]
+pub struct Caller {
+    /// The stored key.
+    pub record: KeyRecord,
+    /// Its id, shared by the limiter's subjects.
+    pub id: Arc<str>,
+    /// Its name, shared by log lines.
+    pub name: Arc<str>,
+    /// Its limits.
+    pub policy: KeyPolicy,
+}
+
+impl Caller {
+    fn new(record: KeyRecord, config: &Config) -> Self {
+        Self {
+            id: record.id.as_str().into(),
+            name: record.name.as_str().into(),
+            policy: KeyPolicy::resolve(&record, config),
+            record,
+        }
+    }
 }
 
 fn unix_now() -> i64 {
@@ -40,9 +68,10 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 impl KeyCache {
     /// Loads every key from `db`.
-    pub async fn load(db: Database) -> Result<Self, Error> {
+    pub async fn load(db: Database, config: Config) -> Result<Self, Error> {
         let cache = Self {
             db,
+            config,
             keys: RwLock::new(Arc::default()),
         };
         cache.reload().await?;
@@ -57,7 +86,7 @@ impl KeyCache {
             .list_keys()
             .await?
             .into_iter()
-            .map(|k| (k.secret_hash, Arc::new(k)))
+            .map(|k| (k.secret_hash, Arc::new(Caller::new(k, &self.config))))
             .collect();
         let snapshot = Arc::new(Snapshot { version, by_hash });
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
@@ -79,7 +108,7 @@ impl KeyCache {
     }
 
     /// The live, unexpired key the request presents.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<KeyRecord>, Error> {
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Caller>, Error> {
         let token = bearer(headers).ok_or(Error::MissingKey)?;
         let hash = SecretHash::of(token);
         let cached = self.snapshot().by_hash.get(&hash).cloned();
@@ -88,7 +117,7 @@ impl KeyCache {
             // A key created a moment ago by another process: look it up once.
             None => match self.db.find_key_by_hash(&hash).await? {
                 Some(k) => {
-                    let k = Arc::new(k);
+                    let k = Arc::new(Caller::new(k, &self.config));
                     let mut guard = self.keys.write().unwrap_or_else(|e| e.into_inner());
                     let mut next = Snapshot {
                         version: guard.version,
@@ -103,14 +132,15 @@ impl KeyCache {
         };
         // The map lookup matched on the hash; compare again in constant time
         // so no timing difference depends on how much of it matched.
-        if !key.secret_hash.ct_eq(&hash) {
+        let record = &key.record;
+        if !record.secret_hash.ct_eq(&hash) {
             return Err(Error::InvalidKey);
         }
-        if key.revoked_at.is_some() {
-            return Err(Error::KeyRevoked(key.name.clone()));
+        if record.revoked_at.is_some() {
+            return Err(Error::KeyRevoked(record.name.clone()));
         }
-        if key.expired_at(unix_now()) {
-            return Err(Error::KeyExpired(key.name.clone()));
+        if record.expired_at(unix_now()) {
+            return Err(Error::KeyExpired(record.name.clone()));
         }
         Ok(key)
     }

@@ -9,9 +9,12 @@
 //! file: a deployment names the environment variable holding its key.
 
 use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+use tollgate_core::limits::{KeyLimits, LimitSet};
+use tollgate_core::tokens::Encoding;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -26,6 +29,65 @@ pub struct Config {
     /// Upstream endpoints; empty means the embedded default.
     #[serde(default)]
     pub deployments: Vec<DeploymentConfig>,
+    /// How limits are estimated and enforced.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Named bundles of limits that keys start from (`[presets.dev]`).
+    #[serde(default)]
+    pub presets: BTreeMap<String, KeyLimits>,
+    /// Limits shared by every key of a team (`[teams.search]`).
+    #[serde(default)]
+    pub teams: BTreeMap<String, LimitSet>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Output tokens assumed for a request that sets no `max_tokens`.
+    pub default_output_tokens: u64,
+    /// Tokenizer for models tiktoken does not know: `o200k` or `cl100k`.
+    pub fallback_encoding: EncodingName,
+    /// Limits of each end user (the request's `user` or `x-tollgate-user`)
+    /// of keys that set none themselves.
+    pub users: Option<LimitSet>,
+    /// The longest any request may queue, whatever it or its key asks for.
+    #[serde(deserialize_with = "duration")]
+    pub max_queue_wait: Duration,
+    /// How often idle limiter state is dropped from memory.
+    #[serde(deserialize_with = "duration")]
+    pub evict_every: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            default_output_tokens: 256,
+            fallback_encoding: EncodingName::O200k,
+            users: None,
+            max_queue_wait: Duration::from_secs(60),
+            evict_every: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A tokenizer, by the name people write in config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncodingName {
+    /// gpt-4o family.
+    O200k,
+    /// gpt-4 / gpt-3.5 family.
+    Cl100k,
+}
+
+impl From<EncodingName> for Encoding {
+    fn from(e: EncodingName) -> Self {
+        match e {
+            EncodingName::O200k => Encoding::O200k,
+            EncodingName::Cl100k => Encoding::Cl100k,
+        }
+    }
 }
 
 /// `[server]`.

@@ -3,10 +3,13 @@
 //! so a new variant cannot ship without a decided status.
 
 use crate::config::ConfigError;
+use crate::limits::RateLimited;
 use axum::response::{IntoResponse, Response};
 use http::HeaderValue;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use std::time::Duration;
+use tollgate_core::duration::format_reset;
+use tollgate_core::limits::{Dimension, RefusalKind};
 use tollgate_core::{ApiError, ErrorType};
 
 /// Everything that can go wrong in the gateway.
@@ -80,6 +83,14 @@ pub enum Error {
     /// Valid JSON with a field of the wrong type.
     #[error("invalid request: {0}")]
     InvalidField(serde_json::Error),
+    /// A Tollgate request header with a value it cannot use.
+    #[error("invalid header {header}")]
+    InvalidHeader {
+        /// The header.
+        header: &'static str,
+        /// What it should hold.
+        expected: &'static str,
+    },
     /// A required field is absent.
     #[error("missing required parameter `{0}`")]
     MissingField(&'static str),
@@ -143,6 +154,10 @@ pub enum Error {
         retry_after: Option<Duration>,
     },
 
+    /// A limit refused the request.
+    #[error("rate limited on {}", .0.scope)]
+    RateLimited(Box<RateLimited>),
+
     /// The admin API is off (no admin key configured).
     #[error("admin API disabled")]
     AdminDisabled,
@@ -169,6 +184,7 @@ impl Error {
                 // The detail may name files or hosts; it goes to the log, not the client.
                 ApiError::new(500, ErrorType::Server, "internal_error", "The gateway hit an internal error; it has been logged.")
             }
+            Error::RateLimited(r) => rate_limited(r),
             Error::MissingKey => ApiError::authentication(
                 "invalid_api_key",
                 "You didn't provide an API key. Send it in an Authorization header using Bearer auth (Authorization: Bearer tg-...).",
@@ -194,6 +210,9 @@ impl Error {
             }
             Error::InvalidJson(e) => invalid(400, "invalid_json", format!("We could not parse the JSON body of your request: {e}.")),
             Error::InvalidField(e) => invalid(400, "invalid_value", format!("Invalid request body: {e}.")),
+            Error::InvalidHeader { header, expected } => {
+                invalid(400, "invalid_header", format!("The header `{header}` must be {expected}."))
+            }
             Error::MissingField(field) => {
                 invalid(400, "missing_required_parameter", format!("Missing required parameter: '{field}'.")).with_param(*field)
             }
@@ -263,6 +282,59 @@ impl From<Error> for ApiError {
     }
 }
 
+/// The 429 of a limit: which scope and limit refused, what was used and
+/// asked, and when this very request would be admitted.
+fn rate_limited(r: &RateLimited) -> ApiError {
+    let f = &r.refusal;
+    let (scope, what) = (&r.scope, f.kind.describe());
+    let (limit, used, requested) = (f.limit, f.used, f.requested);
+    let e = match f.why {
+        RefusalKind::Wait(wait) => ApiError::new(
+            429,
+            ErrorType::RateLimitExceeded,
+            "rate_limit_exceeded",
+            format!(
+                "Rate limit reached for {scope} on {what}: limit {limit}, used {used}, requested {requested}. Please try again in {}.",
+                format_reset(wait)
+            ),
+        )
+        .with_retry_after(wait),
+        RefusalKind::DailyCap(until) => {
+            let cap = if f.kind.dimension() == Dimension::Tokens { "token" } else { "request" };
+            ApiError::new(
+                429,
+                ErrorType::RateLimitExceeded,
+                "daily_token_cap",
+                format!(
+                    "Daily {cap} cap reached for {scope} on {what}: limit {limit}, used {used}, requested {requested}. It resets at 00:00 UTC, in {}.",
+                    format_reset(until)
+                ),
+            )
+            .with_retry_after(until)
+            .with_should_retry(false)
+        }
+        RefusalKind::NeverFits => ApiError::new(
+            429,
+            ErrorType::RateLimitExceeded,
+            "request_too_large",
+            format!(
+                "Request too large for {scope} on {what}: limit {limit}, requested {requested}. It can never fit this limit, so waiting will not help: reduce the input or max_tokens."
+            ),
+        )
+        .with_should_retry(false),
+    };
+    let e = e
+        .with_field("scope", scope.as_str())
+        .with_field("limit", f.kind.as_str());
+    match f.retry_after() {
+        Some(after) => e.with_field(
+            "retry_after_seconds",
+            after.as_nanos().div_ceil(1_000_000) as f64 / 1000.0,
+        ),
+        None => e,
+    }
+}
+
 /// Renders an [`ApiError`] as an HTTP response with DESIGN §1's headers.
 pub fn api_error_response(e: &ApiError) -> Response {
     let body = serde_json::to_vec(&e.to_body()).unwrap_or_default();
@@ -291,7 +363,9 @@ pub fn write_retry_advice(
         if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
             h.insert(RETRY_AFTER, v);
         }
-        if let Ok(v) = HeaderValue::from_str(&after.as_millis().to_string()) {
+        // Rounded up: a client that comes back after exactly this is admitted.
+        let ms = after.as_nanos().div_ceil(1_000_000);
+        if let Ok(v) = HeaderValue::from_str(&ms.to_string()) {
             h.insert("retry-after-ms", v);
         }
     }

@@ -9,20 +9,25 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod pipeline;
 pub mod server;
+mod stream;
 pub mod upstream;
 
 pub use config::Config;
 pub use error::Error;
 
 use auth::KeyCache;
+use limits::Limits;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tollgate_core::clock::{Clock, SystemClock};
+use tollgate_core::tokens::Estimator;
 use tollgate_store::{Database, SecretHash};
 use upstream::Deployment;
 
@@ -39,8 +44,12 @@ pub struct Gateway {
     pub routes: HashMap<String, Arc<Deployment>>,
     /// Every model name served, in configuration order.
     pub model_names: Vec<String>,
+    /// Rate limits and daily caps.
+    pub limits: Arc<Limits>,
+    /// How requests' tokens are estimated before the call.
+    pub estimator: Estimator,
     admin_key: Option<SecretHash>,
-    refresher: std::sync::Mutex<Option<JoinHandle<()>>>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Gateway {
@@ -52,10 +61,25 @@ impl Gateway {
         config: Config,
         secret: impl Fn(&str) -> Option<String>,
     ) -> Result<Arc<Self>, Error> {
+        Self::build_with_clock(config, secret, Arc::new(SystemClock::new())).await
+    }
+
+    /// [`Gateway::build`] with limits decided on `clock` (tests drive a
+    /// fake one).
+    pub async fn build_with_clock(
+        config: Config,
+        secret: impl Fn(&str) -> Option<String>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, Error> {
         // reqwest is built without a default crypto provider; ring is ours.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let db = Database::open(&config.database.url).await?;
-        let keys = KeyCache::load(db.clone()).await?;
+        let keys = KeyCache::load(db.clone(), config.clone()).await?;
+        let limits = Arc::new(Limits::new(clock, &config));
+        let estimator = Estimator {
+            fallback: config.limits.fallback_encoding.into(),
+            default_output: config.limits.default_output_tokens,
+        };
         let mut routes = HashMap::new();
         let mut model_names = Vec::new();
         for d in &config.deployments {
@@ -94,10 +118,13 @@ impl Gateway {
             keys,
             routes,
             model_names,
+            limits,
+            estimator,
             admin_key,
-            refresher: Default::default(),
+            tasks: Default::default(),
         });
         gw.start_key_refresh();
+        gw.start_limit_eviction();
         Ok(gw)
     }
 
@@ -120,13 +147,47 @@ impl Gateway {
                 }
             }
         });
-        *self.refresher.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        self.keep_task(task);
+    }
+
+    /// Drops idle limiter state now and then, so that millions of distinct
+    /// end users do not grow memory without bound.
+    fn start_limit_eviction(self: &Arc<Self>) {
+        let limits = Arc::downgrade(&self.limits);
+        let every = self.config.limits.evict_every;
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(limits) = limits.upgrade() else {
+                    return;
+                };
+                let dropped = limits.evict_idle();
+                if dropped > 0 {
+                    tracing::debug!(
+                        dropped,
+                        tracked = limits.tracked(),
+                        "evicted idle limiter state"
+                    );
+                }
+            }
+        });
+        self.keep_task(task);
+    }
+
+    fn keep_task(&self, task: JoinHandle<()>) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
     }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        if let Some(task) = self.refresher.get_mut().ok().and_then(Option::take) {
+        let tasks = self.tasks.get_mut().unwrap_or_else(|e| e.into_inner());
+        for task in tasks.drain(..) {
             task.abort();
         }
     }

@@ -10,6 +10,8 @@
 
 use crate::Gateway;
 use crate::error::{Error, api_error_response, write_retry_advice};
+use crate::limits::Plan;
+use crate::stream::UsageTap;
 use crate::upstream::{Deployment, Endpoint, Outcome};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -22,7 +24,10 @@ use http_body_util::{BodyExt, Limited};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tollgate_core::duration::write_reset;
+use tollgate_core::limits::{Cost, Grant};
 use tollgate_core::openai::{ChatRequest, CompletionRequest, EmbeddingRequest, UsageOnly};
+use tollgate_core::tokens::{Estimate, Estimator};
 use tollgate_core::{ApiError, ErrorType};
 use tollgate_store::KeyRecord;
 
@@ -33,16 +38,28 @@ pub(crate) struct RequestLog {
     pub(crate) model: Option<Arc<str>>,
     pub(crate) deployment: Option<Arc<str>>,
     pub(crate) stream: bool,
+    /// Tokens charged at admission.
+    pub(crate) estimate: Option<u64>,
+    /// Time spent queued for a limit.
+    pub(crate) queued: Option<Duration>,
     /// Time spent waiting on the upstream: until its whole body arrived, or
     /// until its response headers for a stream. The access log subtracts it
     /// from the total to show the gateway's own overhead.
     pub(crate) upstream: Option<Duration>,
 }
 
-/// The few fields of a request body that routing needs.
+/// What routing and admission need from a request body.
 struct Summary {
     model: Arc<str>,
     stream: bool,
+    /// The client asked for the usage chunk at the end of its stream.
+    wants_stream_usage: bool,
+    /// `stream_options` is present (so asking for usage means rewriting it).
+    has_stream_options: bool,
+    /// The request's `user`.
+    user: Option<Box<str>>,
+    /// Token estimate, when a limit counts tokens.
+    estimate: Option<Estimate>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -62,11 +79,18 @@ pub(crate) async fn embeddings(State(gw): State<Arc<Gateway>>, req: Request) -> 
 
 async fn proxy(gw: &Gateway, endpoint: Endpoint, req: Request) -> Response {
     let mut log = RequestLog::default();
-    let mut resp = match run(gw, endpoint, req, &mut log).await {
+    let mut standing = Grant::default();
+    let mut resp = match run(gw, endpoint, req, &mut log, &mut standing).await {
         Ok(resp) => resp,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            if let Error::RateLimited(r) = &e {
+                standing = r.refusal.standing;
+            }
+            e.into_response()
+        }
     };
     let h = resp.headers_mut();
+    write_ratelimit_headers(h, &standing);
     if let Some(v) = log
         .model
         .as_deref()
@@ -86,54 +110,170 @@ async fn proxy(gw: &Gateway, endpoint: Endpoint, req: Request) -> Response {
     resp
 }
 
+/// OpenAI's `x-ratelimit-*` sextet for the tightest request and token limits.
+fn write_ratelimit_headers(h: &mut HeaderMap, standing: &Grant) {
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    let mut buf = String::with_capacity(16);
+    for (reading, [limit, remaining, reset]) in [
+        (
+            standing.requests,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+        ),
+        (
+            standing.tokens,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ),
+    ] {
+        let Some(r) = reading else { continue };
+        put(limit, itoa::Buffer::new().format(r.limit));
+        put(remaining, itoa::Buffer::new().format(r.remaining));
+        buf.clear();
+        write_reset(&mut buf, r.reset);
+        put(reset, &buf);
+    }
+}
+
+/// The end user a request names: `x-tollgate-user`, else the body's `user`.
+fn end_user<'a>(headers: &'a HeaderMap, summary: &'a Summary) -> Option<&'a str> {
+    headers
+        .get("x-tollgate-user")
+        .and_then(|v| v.to_str().ok())
+        .filter(|u| !u.is_empty())
+        .or(summary.user.as_deref())
+        .filter(|u| !u.is_empty())
+}
+
+/// `x-tollgate-max-wait: 30s`: how long this request may queue.
+fn requested_max_wait(headers: &HeaderMap) -> Result<Option<Duration>, Error> {
+    let Some(v) = headers.get("x-tollgate-max-wait") else {
+        return Ok(None);
+    };
+    let text = v.to_str().unwrap_or_default().trim();
+    humantime::parse_duration(text)
+        .map(Some)
+        .map_err(|_| Error::InvalidHeader {
+            header: "x-tollgate-max-wait",
+            expected: "a duration such as \"30s\" or \"500ms\"",
+        })
+}
+
 async fn run(
     gw: &Gateway,
     endpoint: Endpoint,
     req: Request,
     log: &mut RequestLog,
+    standing: &mut Grant,
 ) -> Result<Response, Error> {
     let (parts, body) = req.into_parts();
 
     // 1. auth
-    let key = gw.keys.authenticate(&parts.headers).await?;
-    log.key = Some(key.name.as_str().into());
+    let caller = gw.keys.authenticate(&parts.headers).await?;
+    log.key = Some(caller.name.clone());
 
     // 2. read
     let body = read_json_body(&parts.headers, body, gw.config.server.max_body_bytes).await?;
-    let summary = summarize(endpoint, &body)?;
+    let estimator = caller.policy.counts_tokens.then_some(&gw.estimator);
+    let summary = summarize(endpoint, &body, estimator)?;
     log.model = Some(summary.model.clone());
     log.stream = summary.stream;
 
     // 3. route
-    let deployment = route(gw, &key, &summary.model)?;
+    let deployment = route(gw, &caller.record, &summary.model)?;
     log.deployment = Some(deployment.name.clone());
 
-    // 5. upstream
+    // 4. admission
+    let max_wait = requested_max_wait(&parts.headers)?.or(caller.policy.max_wait);
+    let plan = Plan::new(
+        &caller.id,
+        &caller.policy,
+        &summary.model,
+        end_user(&parts.headers, &summary),
+    );
+    let estimate = summary.estimate.map_or(0, |e| e.total());
+    let cost = Cost {
+        requests: 1,
+        tokens: estimate,
+    };
+    let admission = gw
+        .limits
+        .admit(plan, cost, &caller.id, &caller.name, max_wait)
+        .await?;
+    *standing = admission.grant;
+    log.estimate = summary.estimate.map(|e| e.total());
+    log.queued = Some(admission.waited).filter(|w| !w.is_zero());
+
+    // 5. upstream. A stream is settled on its usage chunk; ask for one.
+    let ask_usage = summary.stream && summary.estimate.is_some() && !summary.wants_stream_usage;
+    let body = if ask_usage {
+        with_stream_usage(&body, summary.has_stream_options)?
+    } else {
+        body
+    };
     let passthrough = provider_headers(&parts.headers);
     let sent = Instant::now();
-    let outcome = deployment.send(endpoint, body, &passthrough).await?;
+    let outcome = match deployment.send(endpoint, body, &passthrough).await {
+        Ok(o) => o,
+        Err(e) => {
+            // Nothing was generated: give the tokens back.
+            admission.settle(0);
+            return Err(e);
+        }
+    };
 
     // 6. relay
     let resp = match outcome {
         Outcome::Success(upstream) if summary.stream => {
             log.upstream = Some(sent.elapsed());
-            relay_stream(deployment, upstream)
+            let tap = summary
+                .estimate
+                .map(|e| UsageTap::new(admission, e, ask_usage));
+            relay_stream(deployment, upstream, tap)
         }
         Outcome::Success(upstream) => {
             let upstream_id = upstream_request_id(&upstream);
             let status = upstream.status();
-            let body = upstream
-                .bytes()
-                .await
-                .map_err(|e| deployment.transport_error(e))?;
+            let body = match upstream.bytes().await {
+                Ok(b) => b,
+                Err(e) => {
+                    admission.settle(0);
+                    return Err(deployment.transport_error(e));
+                }
+            };
             log.upstream = Some(sent.elapsed());
-            relay_body(deployment, status, upstream_id, body)?
+            match serde_json::from_slice::<UsageOnly>(&body) {
+                Ok(parsed) => {
+                    // No usage block (some servers): the estimate stands.
+                    let actual = parsed.usage.map_or(admission.estimate, |u| u.tokens());
+                    admission.settle(actual);
+                    relay_body(status, upstream_id, body)
+                }
+                Err(e) => {
+                    admission.settle(0);
+                    return Err(Error::UpstreamInvalid {
+                        deployment: deployment.name.to_string(),
+                        detail: format!("body is not valid JSON: {e}"),
+                    });
+                }
+            }
         }
         Outcome::CallerError {
             status,
             content_type,
             body,
         } => {
+            admission.settle(0);
             let mut resp = (status, body).into_response();
             if let Some(ct) = content_type {
                 resp.headers_mut().insert(CONTENT_TYPE, ct);
@@ -147,6 +287,7 @@ async fn run(
             retry_after,
             quota_exhausted,
         } => {
+            admission.settle(0);
             let mut resp = (StatusCode::TOO_MANY_REQUESTS, body).into_response();
             // insufficient_quota is billing: it never clears with time.
             write_retry_advice(resp.headers_mut(), !quota_exhausted, retry_after);
@@ -154,6 +295,40 @@ async fn run(
         }
     };
     Ok(resp)
+}
+
+/// The body with `stream_options.include_usage` set: spliced in when the
+/// request has no `stream_options` (the common case, no re-encoding),
+/// otherwise rewritten.
+fn with_stream_usage(body: &Bytes, has_stream_options: bool) -> Result<Bytes, Error> {
+    if has_stream_options {
+        let mut v: serde_json::Value = serde_json::from_slice(body).map_err(json_error)?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert(
+                "stream_options".into(),
+                serde_json::json!({"include_usage": true}),
+            );
+        }
+        return serde_json::to_vec(&v).map(Bytes::from).map_err(json_error);
+    }
+    // The body is a JSON object (summarize parsed it as one): insert the
+    // field right after its opening brace.
+    let open = body
+        .iter()
+        .position(|b| *b == b'{')
+        .ok_or(Error::MissingField("model"))?;
+    const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    let rest = &body[open + 1..];
+    let empty_object = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+    let mut out = Vec::with_capacity(body.len() + FIELD.len());
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(if empty_object {
+        &FIELD[..FIELD.len() - 1]
+    } else {
+        FIELD
+    });
+    out.extend_from_slice(rest);
+    Ok(Bytes::from(out))
 }
 
 /// Reads the body under the size limit and checks it is UTF-8 JSON text.
@@ -191,38 +366,66 @@ fn json_error(e: serde_json::Error) -> Error {
     }
 }
 
-/// Reads the model and stream flag, checking the endpoint's required fields.
-fn summarize(endpoint: Endpoint, body: &[u8]) -> Result<Summary, Error> {
-    let (model, stream) = match endpoint {
+/// Reads what routing and admission need, checking the endpoint's required
+/// fields; counts tokens only when `estimator` is given (a limit needs them).
+fn summarize(
+    endpoint: Endpoint,
+    body: &[u8],
+    estimator: Option<&Estimator>,
+) -> Result<Summary, Error> {
+    let owned = |m: &Option<std::borrow::Cow<'_, str>>| m.as_deref().map(Arc::<str>::from);
+    let boxed = |u: &Option<std::borrow::Cow<'_, str>>| u.as_deref().map(Box::<str>::from);
+    let summary = match endpoint {
         Endpoint::ChatCompletions => {
             let r: ChatRequest<'_> = serde_json::from_slice(body).map_err(json_error)?;
             if r.messages.is_none() {
                 return Err(Error::MissingField("messages"));
             }
-            (r.model.as_deref().map(Arc::<str>::from), r.is_stream())
+            let model = owned(&r.model).ok_or(Error::MissingField("model"))?;
+            Summary {
+                estimate: estimator.map(|e| e.chat(&model, &r)),
+                stream: r.is_stream(),
+                wants_stream_usage: r.wants_stream_usage(),
+                has_stream_options: r.stream_options.is_some(),
+                user: boxed(&r.user),
+                model,
+            }
         }
         Endpoint::Completions => {
             let r: CompletionRequest<'_> = serde_json::from_slice(body).map_err(json_error)?;
             if r.prompt.is_none() {
                 return Err(Error::MissingField("prompt"));
             }
-            (
-                r.model.as_deref().map(Arc::<str>::from),
-                r.stream.unwrap_or(false),
-            )
+            let model = owned(&r.model).ok_or(Error::MissingField("model"))?;
+            Summary {
+                estimate: estimator.map(|e| e.completion(&model, &r)),
+                stream: r.stream.unwrap_or(false),
+                wants_stream_usage: r.stream_options.is_some_and(|o| o.include_usage),
+                has_stream_options: r.stream_options.is_some(),
+                user: boxed(&r.user),
+                model,
+            }
         }
         Endpoint::Embeddings => {
             let r: EmbeddingRequest<'_> = serde_json::from_slice(body).map_err(json_error)?;
             if r.input.is_none() {
                 return Err(Error::MissingField("input"));
             }
-            (r.model.as_deref().map(Arc::<str>::from), false)
+            let model = owned(&r.model).ok_or(Error::MissingField("model"))?;
+            Summary {
+                estimate: estimator.map(|e| e.embedding(&model, &r)),
+                stream: false,
+                wants_stream_usage: false,
+                has_stream_options: false,
+                user: boxed(&r.user),
+                model,
+            }
         }
     };
-    let model = model
-        .filter(|m| !m.is_empty())
-        .ok_or(Error::MissingField("model"))?;
-    Ok(Summary { model, stream })
+    if summary.model.is_empty() {
+        return Err(Error::MissingField("model"));
+    }
+    Ok(summary)
 }
 
 fn route<'g>(gw: &'g Gateway, key: &KeyRecord, model: &str) -> Result<&'g Arc<Deployment>, Error> {
@@ -255,26 +458,14 @@ fn upstream_request_id(upstream: &reqwest::Response) -> Option<HeaderValue> {
     upstream.headers().get("x-request-id").cloned()
 }
 
-fn relay_body(
-    deployment: &Deployment,
-    status: StatusCode,
-    upstream_id: Option<HeaderValue>,
-    body: Bytes,
-) -> Result<Response, Error> {
-    // Parsing the usage also proves the body is whole, well-formed JSON.
-    if let Err(e) = serde_json::from_slice::<UsageOnly>(&body) {
-        return Err(Error::UpstreamInvalid {
-            deployment: deployment.name.to_string(),
-            detail: format!("body is not valid JSON: {e}"),
-        });
-    }
+fn relay_body(status: StatusCode, upstream_id: Option<HeaderValue>, body: Bytes) -> Response {
     let mut resp = (status, body).into_response();
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(id) = upstream_id {
         h.insert("x-upstream-request-id", id);
     }
-    Ok(resp)
+    resp
 }
 
 /// The SSE event that ends a stream the upstream broke off; the OpenAI SDKs
@@ -287,31 +478,58 @@ fn stream_error_event(e: &ApiError) -> Bytes {
     Bytes::from(out)
 }
 
-fn relay_stream(deployment: &Arc<Deployment>, upstream: reqwest::Response) -> Response {
+/// Relays a stream chunk by chunk as it arrives; with a tap, event by event
+/// (the tap holds back a partial event until its end arrives). The tap
+/// lives in the stream's state, so a client that hangs up drops it, and
+/// with it the upstream call, and its drop settles the admission.
+fn relay_stream(
+    deployment: &Arc<Deployment>,
+    upstream: reqwest::Response,
+    tap: Option<UsageTap>,
+) -> Response {
     let upstream_id = upstream_request_id(&upstream);
     let deployment = deployment.clone();
     let chunks = upstream.bytes_stream();
-    let body = stream::unfold(Some(chunks), move |state| {
+    let body = stream::unfold(Some((chunks, tap)), move |state| {
         let deployment = deployment.clone();
         async move {
-            let mut chunks = state?;
-            match chunks.next().await {
-                Some(Ok(bytes)) => Some((Ok::<_, Infallible>(bytes), Some(chunks))),
-                Some(Err(e)) => {
-                    let err = deployment.transport_error(e);
-                    tracing::warn!(deployment = %deployment.name, error = %err, "upstream stream broke off");
-                    let api = ApiError::new(
-                        502,
-                        ErrorType::Upstream,
-                        "upstream_stream_interrupted",
-                        format!(
-                            "The upstream deployment '{}' broke off the stream.",
-                            deployment.name
-                        ),
-                    );
-                    Some((Ok(stream_error_event(&api)), None))
+            let (mut chunks, mut tap) = state?;
+            loop {
+                match chunks.next().await {
+                    Some(Ok(bytes)) => {
+                        let out = match tap.as_mut() {
+                            Some(t) => t.feed(&bytes),
+                            None => bytes,
+                        };
+                        if !out.is_empty() {
+                            return Some((Ok::<_, Infallible>(out), Some((chunks, tap))));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let err = deployment.transport_error(e);
+                        tracing::warn!(deployment = %deployment.name, error = %err, "upstream stream broke off");
+                        let api = ApiError::new(
+                            502,
+                            ErrorType::Upstream,
+                            "upstream_stream_interrupted",
+                            format!(
+                                "The upstream deployment '{}' broke off the stream.",
+                                deployment.name
+                            ),
+                        );
+                        let mut out = tap
+                            .as_mut()
+                            .map(UsageTap::finish)
+                            .unwrap_or_default()
+                            .to_vec();
+                        out.extend_from_slice(&stream_error_event(&api));
+                        return Some((Ok(Bytes::from(out)), None));
+                    }
+                    None => {
+                        let rest = tap.as_mut().map(UsageTap::finish).unwrap_or_default();
+                        return (!rest.is_empty()).then_some((Ok(rest), None));
+                    }
                 }
-                None => None,
             }
         }
     });
@@ -337,7 +555,7 @@ pub(crate) async fn list_models(State(gw): State<Arc<Gateway>>, headers: HeaderM
     let data: Vec<serde_json::Value> = gw
         .model_names
         .iter()
-        .filter(|m| key.allows_model(m))
+        .filter(|m| key.record.allows_model(m))
         .map(|m| model_object(m))
         .collect();
     axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
@@ -353,7 +571,7 @@ pub(crate) async fn get_model(
         Ok(k) => k,
         Err(e) => return e.into_response(),
     };
-    match route(&gw, &key, &model) {
+    match route(&gw, &key.record, &model) {
         Ok(_) => axum::Json(model_object(&model)).into_response(),
         Err(e) => e.into_response(),
     }

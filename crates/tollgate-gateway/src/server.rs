@@ -9,7 +9,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use http::HeaderValue;
 use std::future::Future;
 use std::sync::Arc;
@@ -41,6 +41,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/models", get(pipeline::list_models))
         .route("/v1/models/{model}", get(pipeline::get_model))
         .route("/admin/keys", post(admin::create_key).get(admin::list_keys))
+        .route("/admin/keys/{id}", patch(admin::update_key))
         .route("/admin/keys/{id}/revoke", post(admin::revoke_key))
         .route("/admin/keys/{id}/rotate", post(admin::rotate_key))
         .route("/healthz", get(healthz))
@@ -85,6 +86,8 @@ async fn request_id_and_access_log(mut req: Request, next: Next) -> Response {
         model = log.model.as_deref(),
         deployment = log.deployment.as_deref(),
         stream = log.stream,
+        estimate = log.estimate,
+        queued_ms = log.queued.map(|q| q.as_millis() as u64),
         latency_us = latency.as_micros() as u64,
         upstream_us = log.upstream.map(|u| u.as_micros() as u64),
         overhead_us = log.upstream.map(|u| latency.saturating_sub(u).as_micros() as u64),

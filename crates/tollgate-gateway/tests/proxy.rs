@@ -101,7 +101,7 @@ async fn models_lists_what_the_key_may_use() {
         .create_key(tollgate_store::NewKey {
             name: "limited".into(),
             models: Some(vec!["gpt-4o-mini".into()]),
-            expires_at: None,
+            ..Default::default()
         })
         .await
         .expect("key");

@@ -11,11 +11,18 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// The SQLite schema, versioned; embedded so the binary needs no files.
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "keys",
-    include_str!("../migrations/sqlite/0001_keys.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "keys",
+        include_str!("../migrations/sqlite/0001_keys.sql"),
+    ),
+    (
+        2,
+        "key limits",
+        include_str!("../migrations/sqlite/0002_key_limits.sql"),
+    ),
+];
 
 /// A connection pool to Tollgate's database.
 #[derive(Debug, Clone)]

@@ -6,6 +6,7 @@ use serde::Serialize;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 use std::time::{SystemTime, UNIX_EPOCH};
+use tollgate_core::limits::KeyLimits;
 
 /// A stored key, without its secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -27,6 +28,12 @@ pub struct KeyRecord {
     pub expires_at: Option<i64>,
     /// Unix seconds at which the key was revoked.
     pub revoked_at: Option<i64>,
+    /// The preset its limits start from.
+    pub preset: Option<String>,
+    /// The team it shares team limits with.
+    pub team: Option<String>,
+    /// Its own limits, over the preset's.
+    pub limits: KeyLimits,
 }
 
 impl KeyRecord {
@@ -52,6 +59,23 @@ pub struct NewKey {
     pub models: Option<Vec<String>>,
     /// Unix seconds of expiry.
     pub expires_at: Option<i64>,
+    /// Preset to start from.
+    pub preset: Option<String>,
+    /// Team to belong to.
+    pub team: Option<String>,
+    /// Its own limits.
+    pub limits: KeyLimits,
+}
+
+/// A change to a key's limits; `None` fields stay as they are.
+#[derive(Debug, Clone, Default)]
+pub struct LimitsUpdate {
+    /// New preset (`Some(None)` removes it).
+    pub preset: Option<Option<String>>,
+    /// New team (`Some(None)` removes it).
+    pub team: Option<Option<String>>,
+    /// New own limits, replacing the old ones whole.
+    pub limits: Option<KeyLimits>,
 }
 
 /// A marker that changes whenever any key changes; cheap to poll.
@@ -77,9 +101,17 @@ fn random_id() -> Result<String, Error> {
 macro_rules! select_keys {
     ($tail:literal) => {
         concat!(
-            "SELECT id, name, secret_hash, prefix, models, created_at, expires_at, revoked_at FROM api_keys ",
+            "SELECT id, name, secret_hash, prefix, models, created_at, expires_at, revoked_at, preset, team, limits FROM api_keys ",
             $tail
         )
+    };
+}
+
+/// `updated_at = ` the bound time, but always past the table's latest, so
+/// two edits within one millisecond still move [`KeysVersion`].
+macro_rules! next_version {
+    () => {
+        "updated_at = MAX(?, (SELECT COALESCE(MAX(updated_at), 0) + 1 FROM api_keys))"
     };
 }
 
@@ -99,7 +131,16 @@ fn from_row(row: &SqliteRow) -> Result<KeyRecord, Error> {
         created_at: row.try_get("created_at")?,
         expires_at: row.try_get("expires_at")?,
         revoked_at: row.try_get("revoked_at")?,
+        preset: row.try_get("preset")?,
+        team: row.try_get("team")?,
+        limits: serde_json::from_str(&row.try_get::<String, _>("limits")?)
+            .map_err(|e| Error::Query(sqlx::Error::Decode(format!("limits column: {e}").into())))?,
     })
+}
+
+fn limits_json(limits: &KeyLimits) -> String {
+    // A struct of integers, strings and maps always serializes.
+    serde_json::to_string(limits).unwrap_or_else(|_| "{}".to_owned())
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -121,14 +162,17 @@ impl Database {
             created_at: now / 1000,
             expires_at: new.expires_at,
             revoked_at: None,
+            preset: new.preset,
+            team: new.team,
+            limits: new.limits,
         };
         let models = record
             .models
             .as_ref()
             .and_then(|m| serde_json::to_string(m).ok());
         let result = sqlx::query(
-            "INSERT INTO api_keys (id, name, secret_hash, prefix, models, created_at, expires_at, revoked_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+            "INSERT INTO api_keys (id, name, secret_hash, prefix, models, created_at, expires_at, revoked_at, updated_at, preset, team, limits)
+             VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
         )
         .bind(&record.id)
         .bind(&record.name)
@@ -138,6 +182,9 @@ impl Database {
         .bind(record.created_at)
         .bind(record.expires_at)
         .bind(now)
+        .bind(&record.preset)
+        .bind(&record.team)
+        .bind(limits_json(&record.limits))
         .execute(&self.pool)
         .await;
         match result {
@@ -186,12 +233,16 @@ impl Database {
             return Ok(key);
         }
         let now = now_ms();
-        sqlx::query("UPDATE api_keys SET revoked_at = ?, updated_at = ? WHERE id = ?")
-            .bind(now / 1000)
-            .bind(now)
-            .bind(&key.id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(concat!(
+            "UPDATE api_keys SET revoked_at = ?, ",
+            next_version!(),
+            " WHERE id = ?"
+        ))
+        .bind(now / 1000)
+        .bind(now)
+        .bind(&key.id)
+        .execute(&self.pool)
+        .await?;
         key.revoked_at = Some(now / 1000);
         Ok(key)
     }
@@ -203,16 +254,51 @@ impl Database {
             return Err(Error::KeyNotFound(id_or_name.to_owned()));
         }
         let secret = SecretKey::generate()?;
-        sqlx::query("UPDATE api_keys SET secret_hash = ?, prefix = ?, updated_at = ? WHERE id = ?")
-            .bind(secret.hash().to_hex())
-            .bind(secret.display_prefix())
-            .bind(now_ms())
-            .bind(&key.id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(concat!(
+            "UPDATE api_keys SET secret_hash = ?, prefix = ?, ",
+            next_version!(),
+            " WHERE id = ?"
+        ))
+        .bind(secret.hash().to_hex())
+        .bind(secret.display_prefix())
+        .bind(now_ms())
+        .bind(&key.id)
+        .execute(&self.pool)
+        .await?;
         key.secret_hash = secret.hash();
         key.prefix = secret.display_prefix();
         Ok((key, secret))
+    }
+
+    /// Changes a key's preset, team or limits.
+    pub async fn update_key_limits(
+        &self,
+        id_or_name: &str,
+        update: LimitsUpdate,
+    ) -> Result<KeyRecord, Error> {
+        let mut key = self.find_key(id_or_name).await?;
+        if let Some(p) = update.preset {
+            key.preset = p;
+        }
+        if let Some(t) = update.team {
+            key.team = t;
+        }
+        if let Some(l) = update.limits {
+            key.limits = l;
+        }
+        sqlx::query(concat!(
+            "UPDATE api_keys SET preset = ?, team = ?, limits = ?, ",
+            next_version!(),
+            " WHERE id = ?"
+        ))
+        .bind(&key.preset)
+        .bind(&key.team)
+        .bind(limits_json(&key.limits))
+        .bind(now_ms())
+        .bind(&key.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(key)
     }
 
     /// A marker that moves whenever a key is created, revoked or rotated.
@@ -247,6 +333,12 @@ mod tests {
                 name: "web".into(),
                 models: Some(vec!["gpt-4o".into()]),
                 expires_at: None,
+                team: Some("search".into()),
+                limits: KeyLimits {
+                    tpm: Some(30_000),
+                    ..KeyLimits::default()
+                },
+                ..NewKey::default()
             })
             .await?;
         let found = db
@@ -259,6 +351,27 @@ mod tests {
                 .is_none()
         );
         assert!(rec.allows_model("gpt-4o") && !rec.allows_model("gpt-4.1"));
+        let v = db.keys_version().await?;
+        let updated = db
+            .update_key_limits(
+                "web",
+                LimitsUpdate {
+                    preset: Some(Some("dev".into())),
+                    ..LimitsUpdate::default()
+                },
+            )
+            .await?;
+        assert_ne!(v, db.keys_version().await?, "an edit moves the version");
+        let stored = db.find_key("web").await?;
+        assert_eq!(stored, updated);
+        assert_eq!(
+            (
+                stored.preset.as_deref(),
+                stored.team.as_deref(),
+                stored.limits.tpm
+            ),
+            (Some("dev"), Some("search"), Some(30_000))
+        );
         Ok(())
     }
 

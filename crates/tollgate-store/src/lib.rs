@@ -4,10 +4,12 @@
 
 mod database;
 pub mod keys;
+pub mod limiter;
 pub mod secret;
 
 pub use database::Database;
-pub use keys::{KeyRecord, NewKey};
+pub use keys::{KeyRecord, LimitsUpdate, NewKey};
+pub use limiter::MemoryLimiter;
 pub use secret::{SecretHash, SecretKey};
 
 /// Errors of the state layer.

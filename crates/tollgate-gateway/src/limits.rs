@@ -1,0 +1,321 @@
+//! Admission: which limits apply to a request, charging them all at once,
+//! queueing when the caller asked to wait, and correcting the charge with
+//! the real usage afterwards.
+//!
+//! A key's limits are resolved once, when the key table is loaded
+//! ([`KeyPolicy`]); a request then only picks the subjects it touches (the
+//! key, the key on this model, the key's end user, the key's team) and asks
+//! the limiter for one decision over all of them.
+
+use crate::config::Config;
+use crate::error::Error;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tollgate_core::clock::Clock;
+use tollgate_core::limits::{Cost, Grant, LimitSet, Refusal, Subject};
+use tollgate_store::{KeyRecord, MemoryLimiter};
+
+/// A key's limits with its preset and team resolved.
+#[derive(Debug, Clone, Default)]
+pub struct KeyPolicy {
+    /// The key's own limits (preset, then the key's settings).
+    pub own: LimitSet,
+    /// Limits per model.
+    pub models: HashMap<String, LimitSet>,
+    /// Limits of each end user of the key.
+    pub users: LimitSet,
+    /// The key's team and its limits.
+    pub team: Option<(Arc<str>, LimitSet)>,
+    /// How long the key's requests may queue by default.
+    pub max_wait: Option<Duration>,
+    /// Whether any of these counts tokens (else estimates are skipped).
+    pub counts_tokens: bool,
+}
+
+impl KeyPolicy {
+    /// Resolves `key`'s preset and team against `config`. A preset or team
+    /// the config does not define contributes nothing (and is logged).
+    pub fn resolve(key: &KeyRecord, config: &Config) -> Self {
+        let preset = key.preset.as_deref().and_then(|p| {
+            let found = config.presets.get(p);
+            if found.is_none() {
+                tracing::warn!(key = %key.name, preset = p, "the key's preset is not in the config; ignoring it");
+            }
+            found
+        });
+        let limits = preset.map_or_else(|| key.limits.clone(), |p| p.overlaid(&key.limits));
+        let team = key.team.as_deref().map(|t| {
+            let found = config.teams.get(t).copied();
+            if found.is_none() {
+                tracing::warn!(key = %key.name, team = t, "the key's team is not in the config; it has no team limits");
+            }
+            (Arc::<str>::from(t), found.unwrap_or_default())
+        });
+        let users = config
+            .limits
+            .users
+            .unwrap_or_default()
+            .overlaid(&limits.users.unwrap_or_default());
+        let models: HashMap<String, LimitSet> = limits.models.clone().into_iter().collect();
+        let counts_tokens = limits.own().counts_tokens()
+            || users.counts_tokens()
+            || models.values().any(LimitSet::counts_tokens)
+            || team.as_ref().is_some_and(|(_, l)| l.counts_tokens());
+        Self {
+            own: limits.own(),
+            models,
+            users,
+            team,
+            max_wait: limits.max_wait,
+            counts_tokens,
+        }
+    }
+}
+
+/// Checks that a preset and team a key names exist in `config`.
+pub fn check_names(
+    config: &Config,
+    preset: Option<&str>,
+    team: Option<&str>,
+) -> Result<(), String> {
+    if let Some(p) = preset.filter(|p| !config.presets.contains_key(*p)) {
+        let known: Vec<&str> = config.presets.keys().map(String::as_str).collect();
+        return Err(format!(
+            "no preset named `{p}` in the config (presets: {known:?})"
+        ));
+    }
+    if let Some(t) = team.filter(|t| !config.teams.contains_key(*t)) {
+        let known: Vec<&str> = config.teams.keys().map(String::as_str).collect();
+        return Err(format!(
+            "no team named `{t}` in the config (teams: {known:?})"
+        ));
+    }
+    Ok(())
+}
+
+/// The subjects one request is checked against, with their limits.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    entries: Vec<(Subject, LimitSet)>,
+}
+
+impl Plan {
+    /// The subjects of a request by key `key_id` for `model`, by `user` if named.
+    pub fn new(
+        key_id: &Arc<str>,
+        policy: &KeyPolicy,
+        model: &Arc<str>,
+        user: Option<&str>,
+    ) -> Self {
+        let mut entries = Vec::with_capacity(4);
+        if !policy.own.is_empty() {
+            entries.push((Subject::Key(key_id.clone()), policy.own));
+        }
+        if let Some(l) = policy.models.get(&**model).filter(|l| !l.is_empty()) {
+            entries.push((Subject::KeyModel(key_id.clone(), model.clone()), *l));
+        }
+        if let Some(u) = user.filter(|_| !policy.users.is_empty()) {
+            entries.push((Subject::KeyUser(key_id.clone(), u.into()), policy.users));
+        }
+        if let Some((team, l)) = policy.team.as_ref().filter(|(_, l)| !l.is_empty()) {
+            entries.push((Subject::Team(team.clone()), *l));
+        }
+        Self { entries }
+    }
+
+    /// No limit applies.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn subjects(&self) -> impl ExactSizeIterator<Item = (&Subject, &LimitSet)> {
+        self.entries.iter().map(|(s, l)| (s, l))
+    }
+
+    /// `key:NAME`, `key:NAME/model:M`, `key:NAME/user:U` or `team:T`: the
+    /// scope a refusal names.
+    pub fn scope(&self, index: usize, key_name: &str) -> String {
+        match self.entries.get(index).map(|(s, _)| s) {
+            Some(Subject::Key(_)) | None => format!("key:{key_name}"),
+            Some(Subject::KeyModel(_, m)) => format!("key:{key_name}/model:{m}"),
+            Some(Subject::KeyUser(_, u)) => format!("key:{key_name}/user:{u}"),
+            Some(Subject::Team(t)) => format!("team:{t}"),
+        }
+    }
+}
+
+/// A refused request, with what the client needs to hear about it.
+#[derive(Debug, Clone)]
+pub struct RateLimited {
+    /// The decision.
+    pub refusal: Refusal,
+    /// The scope that refused (`key:prod-web`).
+    pub scope: String,
+}
+
+/// Every limit decision of the gateway.
+pub struct Limits {
+    limiter: MemoryLimiter,
+    clock: Arc<dyn Clock>,
+    max_queue_wait: Duration,
+    /// One FIFO per key: a queued request holds its key's turn while it
+    /// waits, so a key's backlog is served in order and never blocks others.
+    queues: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("tracked_subjects", &self.limiter.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An admitted request's charge, to be corrected once its usage is known.
+#[derive(Debug)]
+pub struct Admission {
+    limits: Arc<Limits>,
+    plan: Plan,
+    /// Tokens charged at admission.
+    pub estimate: u64,
+    at: u64,
+    /// The tightest limits after the charge, for the response headers.
+    pub grant: Grant,
+    /// How long the request queued.
+    pub waited: Duration,
+}
+
+impl Admission {
+    /// Replaces the estimate with the real token count on every limit.
+    pub fn settle(self, actual_tokens: u64) {
+        let delta = actual_tokens as i64 - self.estimate as i64;
+        if delta != 0 && !self.plan.is_empty() {
+            let now = self.limits.clock.now_ns();
+            let subjects: Vec<_> = self.plan.subjects().collect();
+            self.limits
+                .limiter
+                .reconcile(&subjects, delta, self.at, now);
+        }
+    }
+}
+
+impl Limits {
+    /// An empty limiter on `clock`.
+    pub fn new(clock: Arc<dyn Clock>, config: &Config) -> Self {
+        Self {
+            limiter: MemoryLimiter::new(),
+            clock,
+            max_queue_wait: config.limits.max_queue_wait,
+            queues: Mutex::default(),
+        }
+    }
+
+    /// The clock decisions are made on.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Subjects with live state (for the eviction log and metrics).
+    pub fn tracked(&self) -> usize {
+        self.limiter.len()
+    }
+
+    /// Drops idle state; returns how many subjects went.
+    pub fn evict_idle(&self) -> usize {
+        let dropped = self.limiter.evict_idle(self.clock.now_ns());
+        self.queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, q| Arc::strong_count(q) > 1);
+        dropped
+    }
+
+    fn decide(&self, plan: &Plan, cost: Cost) -> (Result<Grant, Refusal>, u64) {
+        let now = self.clock.now_ns();
+        let subjects: Vec<_> = plan.subjects().collect();
+        (self.limiter.admit(&subjects, cost, now), now)
+    }
+
+    /// Charges `cost` on every limit of `plan`. With a `max_wait`, a request
+    /// refused by a rolling limit waits in its key's queue until it fits,
+    /// if it can within that time; otherwise, and for daily caps and
+    /// requests that can never fit, it is refused at once.
+    pub async fn admit(
+        self: &Arc<Self>,
+        plan: Plan,
+        cost: Cost,
+        key_id: &Arc<str>,
+        key_name: &str,
+        max_wait: Option<Duration>,
+    ) -> Result<Admission, Error> {
+        let started = self.clock.now_ns();
+        let outcome = if plan.is_empty() {
+            Ok((Grant::default(), started))
+        } else {
+            match self.decide(&plan, cost) {
+                (Ok(grant), at) => Ok((grant, at)),
+                (Err(refusal), _) => {
+                    let budget = max_wait.unwrap_or_default().min(self.max_queue_wait);
+                    self.queue(&plan, cost, key_id, refusal, budget).await
+                }
+            }
+        };
+        match outcome {
+            Ok((grant, at)) => Ok(Admission {
+                limits: self.clone(),
+                plan,
+                estimate: cost.tokens,
+                at,
+                grant,
+                waited: Duration::from_nanos(at.saturating_sub(started)),
+            }),
+            Err(refusal) => Err(Error::RateLimited(Box::new(RateLimited {
+                scope: plan.scope(refusal.subject, key_name),
+                refusal,
+            }))),
+        }
+    }
+
+    /// Waits in the key's queue for as long as the limiter says this request
+    /// needs, re-deciding after each wait, within `budget`. A refusal that
+    /// waiting cannot cure within the budget is returned at once.
+    async fn queue(
+        &self,
+        plan: &Plan,
+        cost: Cost,
+        key_id: &Arc<str>,
+        mut refusal: Refusal,
+        budget: Duration,
+    ) -> Result<(Grant, u64), Refusal> {
+        let curable = |r: &Refusal, left: Duration| {
+            r.should_retry() && r.retry_after().is_some_and(|w| w <= left)
+        };
+        if !curable(&refusal, budget) {
+            return Err(refusal);
+        }
+        let deadline = tokio::time::Instant::now() + budget;
+        let queue = self
+            .queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key_id.clone())
+            .or_default()
+            .clone();
+        // Holding the key's turn keeps its waiting requests in arrival order.
+        let _turn = tokio::time::timeout_at(deadline, queue.lock()).await;
+        loop {
+            match self.decide(plan, cost) {
+                (Ok(grant), at) => return Ok((grant, at)),
+                (Err(r), _) => refusal = r,
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if !curable(&refusal, left) {
+                return Err(refusal);
+            }
+            if let Some(wait) = refusal.retry_after() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}

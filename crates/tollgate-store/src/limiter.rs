@@ -1,0 +1,261 @@
+//! Limit state in process memory: one [`SubjectState`] per subject in a
+//! sharded map, decided under the locks of exactly the shards a request
+//! touches, taken in shard order so concurrent decisions never deadlock.
+//!
+//! No lock is held across an await: a decision is a few hundred nanoseconds
+//! of arithmetic on copies of the states, written back only when admitted.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use tollgate_core::limits::{
+    Check, Cost, Grant, LimitSet, Refusal, Subject, SubjectState, admit, reconcile,
+};
+
+/// The most subjects one decision may span (key, key × model, key × user,
+/// team, and room for the deployment limits of routing).
+pub const MAX_SUBJECTS: usize = 8;
+
+const SHARDS: usize = 64;
+
+type Shard = HashMap<Subject, SubjectState>;
+
+/// Rolling limits and daily counters of every subject, in memory.
+#[derive(Debug)]
+pub struct MemoryLimiter {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+}
+
+impl Default for MemoryLimiter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryLimiter {
+    /// An empty limiter.
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard_of(&self, subject: &Subject) -> usize {
+        (self.hasher.hash_one(subject) as usize) % SHARDS
+    }
+
+    /// Locks the shards of `subjects` in ascending order and hands `f` each
+    /// subject's state (a default one if it has none), writing back those
+    /// that `f` changed and that are not idle.
+    fn with_states<R>(
+        &self,
+        subjects: &[(&Subject, &LimitSet)],
+        now: u64,
+        f: impl FnOnce(&mut [Check]) -> R,
+    ) -> R {
+        let n = subjects.len();
+        assert!(
+            n <= MAX_SUBJECTS,
+            "a decision spans at most {MAX_SUBJECTS} subjects"
+        );
+        let mut shard = [0usize; MAX_SUBJECTS];
+        for (i, (s, _)) in subjects.iter().enumerate() {
+            shard[i] = self.shard_of(s);
+        }
+        let mut order = shard;
+        order[..n].sort_unstable();
+        let mut guards: [Option<MutexGuard<'_, Shard>>; MAX_SUBJECTS] = Default::default();
+        let mut prev = usize::MAX;
+        for (slot, &s) in order[..n].iter().enumerate() {
+            if s != prev {
+                guards[slot] = Some(
+                    self.shards[s]
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
+                prev = s;
+            }
+        }
+        let guard_of = |shard_index: usize| {
+            order[..n]
+                .iter()
+                .position(|&s| s == shard_index)
+                .unwrap_or_default()
+        };
+
+        let mut checks = [Check::default(); MAX_SUBJECTS];
+        for (i, (s, limits)) in subjects.iter().enumerate() {
+            checks[i].limits = **limits;
+            if let Some(g) = &guards[guard_of(shard[i])] {
+                checks[i].state = g.get(*s).copied().unwrap_or_default();
+            }
+        }
+        let before = checks;
+        let result = f(&mut checks[..n]);
+        for (i, (s, _)) in subjects.iter().enumerate() {
+            if checks[i].state == before[i].state {
+                continue;
+            }
+            if let Some(g) = &mut guards[guard_of(shard[i])] {
+                if checks[i].state.is_idle(now) {
+                    g.remove(*s);
+                } else {
+                    g.insert((*s).clone(), checks[i].state);
+                }
+            }
+        }
+        result
+    }
+
+    /// Charges `cost` on every limit of every subject, or on none.
+    #[allow(clippy::result_large_err)] // by value: a refusal storm allocates nothing
+    pub fn admit(
+        &self,
+        subjects: &[(&Subject, &LimitSet)],
+        cost: Cost,
+        now: u64,
+    ) -> Result<Grant, Refusal> {
+        self.with_states(subjects, now, |checks| admit(checks, cost, now))
+    }
+
+    /// Corrects the token charge of a request admitted at `admitted_at`.
+    pub fn reconcile(
+        &self,
+        subjects: &[(&Subject, &LimitSet)],
+        delta: i64,
+        admitted_at: u64,
+        now: u64,
+    ) {
+        self.with_states(subjects, now, |checks| {
+            reconcile(checks, delta, admitted_at)
+        });
+    }
+
+    /// Forgets every subject whose state is idle at `now` (full buckets, no
+    /// usage today); returns how many were dropped.
+    pub fn evict_idle(&self, now: u64) -> usize {
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut g = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let before = g.len();
+            g.retain(|_, s| !s.is_idle(now));
+            dropped += before - g.len();
+        }
+        dropped
+    }
+
+    /// Subjects currently tracked.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+
+    /// Whether no subject is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn threads_racing_on_one_key_get_exactly_its_capacity() {
+        let limiter = Arc::new(MemoryLimiter::new());
+        let key = Subject::Key("k".into());
+        let limits = LimitSet {
+            rpm: Some(1_000),
+            ..LimitSet::default()
+        };
+        let admitted = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (limiter, key, admitted) = (limiter.clone(), key.clone(), admitted.clone());
+                std::thread::spawn(move || {
+                    for i in 0..1_000u64 {
+                        let user = Subject::KeyUser("k".into(), format!("u{t}-{i}").into());
+                        let subjects = [(&key, &limits), (&user, &LimitSet::default())];
+                        let cost = Cost {
+                            requests: 1,
+                            tokens: 0,
+                        };
+                        if limiter.admit(&subjects, cost, 100 * S).is_ok() {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("no panic");
+        }
+        assert_eq!(admitted.load(Ordering::Relaxed), 1_000);
+    }
+
+    #[test]
+    fn idle_subjects_are_evicted_and_behave_as_fresh() {
+        let limiter = MemoryLimiter::new();
+        let limits = LimitSet {
+            rpm: Some(60),
+            ..LimitSet::default()
+        };
+        for u in 0..100 {
+            let s = Subject::KeyUser("k".into(), format!("{u}").into());
+            limiter
+                .admit(
+                    &[(&s, &limits)],
+                    Cost {
+                        requests: 1,
+                        tokens: 0,
+                    },
+                    10 * S,
+                )
+                .expect("fits");
+        }
+        assert_eq!(limiter.len(), 100);
+        assert_eq!(
+            limiter.evict_idle(10 * S + S / 2),
+            0,
+            "buckets still refilling"
+        );
+        assert_eq!(limiter.evict_idle(11 * S), 100);
+        assert!(limiter.is_empty());
+    }
+
+    #[test]
+    fn a_refused_request_leaves_every_subject_untouched() {
+        let limiter = MemoryLimiter::new();
+        let (a, b) = (Subject::Key("a".into()), Subject::Team("t".into()));
+        let roomy = LimitSet {
+            rpm: Some(100),
+            ..LimitSet::default()
+        };
+        let tight = LimitSet {
+            rpm: Some(1),
+            ..LimitSet::default()
+        };
+        let cost = Cost {
+            requests: 1,
+            tokens: 0,
+        };
+        limiter
+            .admit(&[(&a, &roomy), (&b, &tight)], cost, S)
+            .expect("fits");
+        let r = limiter
+            .admit(&[(&a, &roomy), (&b, &tight)], cost, S)
+            .expect_err("team is full");
+        assert_eq!(r.subject, 1);
+        // Key `a` alone still has 99 of its 100.
+        let g = limiter.admit(&[(&a, &roomy)], cost, S).expect("fits");
+        assert_eq!(g.requests.map(|r| r.remaining), Some(98));
+    }
+}
