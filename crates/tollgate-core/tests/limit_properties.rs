@@ -129,7 +129,7 @@ proptest! {
             }
             let expect = model.iter().take(n).flatten().all(|(k, b)| b.fits(cost_of(*k, tokens)));
             let before = states;
-            let mut checks = [0, 1].map(|i| Check { limits: sets[i], state: states[i] });
+            let mut checks = [0, 1].map(|i| Check::new(sets[i], states[i]));
             let got = admit(&mut checks[..n], Cost { requests: 1, tokens }, now);
             states = checks.map(|c| c.state);
             prop_assert_eq!(got.is_ok(), expect, "at {} cost {}", now, tokens);
@@ -151,7 +151,7 @@ proptest! {
         arrivals in arrivals(),
     ) {
         let limits = LimitSet { tpm: Some(tpm), ..LimitSet::default() };
-        let mut check = [Check { limits, state: SubjectState::default() }];
+        let mut check = [Check::new(limits, SubjectState::default())];
         let mut now = 1_000 * DAY_NS;
         let mut admitted: Vec<(u64, u64)> = Vec::new();
         for (gap_ms, tokens, _) in arrivals {
@@ -183,7 +183,7 @@ proptest! {
         later in proptest::collection::vec((0u64..2_000, 0u64..500), 0..10),
     ) {
         let admitted_at = 5_000 * DAY_NS + 1_000_000_000;
-        let mut est = [Check { limits, state: SubjectState::default() }];
+        let mut est = [Check::new(limits, SubjectState::default())];
         let mut real = est;
         let ok_est = admit(&mut est, Cost { requests: 1, tokens: estimate }, admitted_at).is_ok();
         let ok_real = admit(&mut real, Cost { requests: 1, tokens: actual }, admitted_at).is_ok();

@@ -6,8 +6,61 @@
 mod common;
 
 use common::Harness;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
+use tollgate_core::limits::KeyLimits;
+
+/// The gateway's access log as JSON lines, captured for this test binary.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn access_log() -> &'static LogBuffer {
+    static LOG: OnceLock<LogBuffer> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let buf = LogBuffer::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_env_filter(tracing_subscriber::EnvFilter::new("tollgate::access=info"))
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+        buf
+    })
+}
+
+/// (time, status) of every access-log line of key `name`.
+fn requests_of(log: &LogBuffer, name: &str) -> Vec<(SystemTime, u64)> {
+    let bytes = log.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["key"] == name)
+        .map(|v| {
+            let at = humantime::parse_rfc3339(v["timestamp"].as_str().expect("timestamp"))
+                .expect("RFC 3339");
+            (at, v["status"].as_u64().expect("status"))
+        })
+        .collect()
+}
 
 /// A Python with `openai` installed, in a venv under the target directory.
 fn python_with_openai() -> PathBuf {
@@ -62,7 +115,12 @@ fn python_with_openai() -> PathBuf {
     python
 }
 
-async fn run_scenario(h: &Harness, scenario: &str) {
+async fn run_scenario(h: &Harness, scenario: &str) -> String {
+    run_scenario_as(h, &h.key, scenario).await
+}
+
+/// Runs one scenario of `sdk_checks.py` with `key`; returns its stdout.
+async fn run_scenario_as(h: &Harness, key: &str, scenario: &str) -> String {
     let python = tokio::task::spawn_blocking(python_with_openai)
         .await
         .expect("venv built");
@@ -71,7 +129,7 @@ async fn run_scenario(h: &Harness, scenario: &str) {
         .arg(script)
         .arg(scenario)
         .env("TOLLGATE_URL", h.gateway.url())
-        .env("TOLLGATE_KEY", &h.key)
+        .env("TOLLGATE_KEY", key)
         .env_remove("OPENAI_API_KEY")
         .env_remove("OPENAI_BASE_URL")
         .output()
@@ -84,6 +142,7 @@ async fn run_scenario(h: &Harness, scenario: &str) {
         "scenario {scenario} failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains(&format!("{scenario}: ok")), "{stdout}");
+    stdout.into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -99,4 +158,46 @@ async fn official_sdk_raises_the_right_exceptions() {
     // 401, 404 and 400 carry x-should-retry: false, so the SDK (max_retries=2)
     // sent each once; only the cut stream reached the provider.
     assert_eq!(h.mock.stats().snapshot().received, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn official_sdk_waits_what_the_gateway_says_at_a_rate_limit() {
+    let log = access_log();
+    let h = Harness::start().await;
+    let key = h
+        .key("sdk-at-limit", |k| {
+            k.limits = KeyLimits {
+                // One slot per 10 s: still empty when Python has started.
+                rpm: Some(6),
+                ..KeyLimits::default()
+            }
+        })
+        .await;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":1}"#;
+    let burst = (0..6).map(|_| h.post_as(&key, "/v1/chat/completions", body));
+    let statuses: Vec<u16> = futures_util::future::join_all(burst)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    assert_eq!(statuses, [200; 6], "the burst uses up the key");
+
+    let stdout = run_scenario_as(&h, &key, "at_limit").await;
+    let seen: Vec<serde_json::Value> =
+        serde_json::from_str(stdout.lines().next().expect("events")).expect("JSON");
+    let advised: f64 = seen[0]["retry_after_ms"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("the 429 carried retry-after-ms");
+
+    // The gateway's own log: the SDK's 429, then its retry no earlier than advised.
+    let lines = requests_of(log, "sdk-at-limit");
+    let sdk = &lines[lines.len() - seen.len()..];
+    assert_eq!(sdk.first().map(|l| l.1), Some(429), "{lines:?}");
+    assert_eq!(sdk.last().map(|l| l.1), Some(200), "{lines:?}");
+    let gap = sdk[1].0.duration_since(sdk[0].0).expect("in order");
+    assert!(
+        gap.as_secs_f64() * 1000.0 >= advised,
+        "the SDK came back after {gap:?}, advised {advised} ms"
+    );
 }

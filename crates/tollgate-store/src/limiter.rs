@@ -5,8 +5,9 @@
 //! No lock is held across an await: a decision is a few hundred nanoseconds
 //! of arithmetic on copies of the states, written back only when admitted.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use foldhash::fast::RandomState;
+use hashbrown::HashTable;
+use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use tollgate_core::limits::{
     Check, Cost, Grant, LimitSet, Refusal, Subject, SubjectState, admit, reconcile,
@@ -18,7 +19,10 @@ pub const MAX_SUBJECTS: usize = 8;
 
 const SHARDS: usize = 64;
 
-type Shard = HashMap<Subject, SubjectState>;
+/// Subjects are hashed once per decision: the hash picks the shard and
+/// finds the entry in it. foldhash is seeded per process, so user ids
+/// chosen by clients cannot aim at one bucket.
+type Shard = HashTable<(Subject, SubjectState)>;
 
 /// Rolling limits and daily counters of every subject, in memory.
 #[derive(Debug)]
@@ -33,22 +37,28 @@ impl Default for MemoryLimiter {
     }
 }
 
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl MemoryLimiter {
     /// An empty limiter.
     pub fn new() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
+            hasher: RandomState::default(),
         }
     }
 
-    fn shard_of(&self, subject: &Subject) -> usize {
-        (self.hasher.hash_one(subject) as usize) % SHARDS
+    /// Middle bits pick the shard: the table itself uses the low bits for
+    /// the bucket and the top seven as tags.
+    fn shard_of(hash: u64) -> usize {
+        ((hash >> 32) as usize) % SHARDS
     }
 
     /// Locks the shards of `subjects` in ascending order and hands `f` each
     /// subject's state (a default one if it has none), writing back those
-    /// that `f` changed and that are not idle.
+    /// that `f` changed: removed when idle, else stored.
     fn with_states<R>(
         &self,
         subjects: &[(&Subject, &LimitSet)],
@@ -60,49 +70,58 @@ impl MemoryLimiter {
             n <= MAX_SUBJECTS,
             "a decision spans at most {MAX_SUBJECTS} subjects"
         );
-        let mut shard = [0usize; MAX_SUBJECTS];
+        let mut hash = [0u64; MAX_SUBJECTS];
+        let mut order = [usize::MAX; MAX_SUBJECTS];
         for (i, (s, _)) in subjects.iter().enumerate() {
-            shard[i] = self.shard_of(s);
+            hash[i] = self.hasher.hash_one(s);
+            order[i] = Self::shard_of(hash[i]);
         }
-        let mut order = shard;
         order[..n].sort_unstable();
         let mut guards: [Option<MutexGuard<'_, Shard>>; MAX_SUBJECTS] = Default::default();
-        let mut prev = usize::MAX;
         for (slot, &s) in order[..n].iter().enumerate() {
-            if s != prev {
-                guards[slot] = Some(
-                    self.shards[s]
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner),
-                );
-                prev = s;
+            if slot == 0 || order[slot - 1] != s {
+                guards[slot] = Some(lock(&self.shards[s]));
             }
         }
-        let guard_of = |shard_index: usize| {
-            order[..n]
-                .iter()
-                .position(|&s| s == shard_index)
-                .unwrap_or_default()
+        // The guard of a shard sits at the first slot of that shard in `order`.
+        let guard_slot = |h: u64| {
+            let s = Self::shard_of(h);
+            order[..n].iter().position(|&o| o == s).unwrap_or_default()
         };
 
         let mut checks = [Check::default(); MAX_SUBJECTS];
         for (i, (s, limits)) in subjects.iter().enumerate() {
-            checks[i].limits = **limits;
-            if let Some(g) = &guards[guard_of(shard[i])] {
-                checks[i].state = g.get(*s).copied().unwrap_or_default();
-            }
+            let state = guards[guard_slot(hash[i])]
+                .as_ref()
+                .and_then(|g| g.find(hash[i], |(k, _)| k == *s))
+                .map(|(_, state)| *state)
+                .unwrap_or_default();
+            checks[i] = Check::new(**limits, state);
         }
-        let before = checks;
+        let mut before = [SubjectState::default(); MAX_SUBJECTS];
+        for i in 0..n {
+            before[i] = checks[i].state;
+        }
         let result = f(&mut checks[..n]);
         for (i, (s, _)) in subjects.iter().enumerate() {
-            if checks[i].state == before[i].state {
+            let state = checks[i].state;
+            if state == before[i] {
                 continue;
             }
-            if let Some(g) = &mut guards[guard_of(shard[i])] {
-                if checks[i].state.is_idle(now) {
-                    g.remove(*s);
-                } else {
-                    g.insert((*s).clone(), checks[i].state);
+            let Some(g) = &mut guards[guard_slot(hash[i])] else {
+                continue;
+            };
+            let idle = state.is_idle(now);
+            match g.find_entry(hash[i], |(k, _)| k == *s) {
+                Ok(entry) if idle => {
+                    entry.remove();
+                }
+                Ok(mut entry) => entry.get_mut().1 = state,
+                Err(_) if idle => {}
+                Err(_) => {
+                    g.insert_unique(hash[i], ((*s).clone(), state), |(k, _)| {
+                        self.hasher.hash_one(k)
+                    });
                 }
             }
         }
@@ -138,9 +157,9 @@ impl MemoryLimiter {
     pub fn evict_idle(&self, now: u64) -> usize {
         let mut dropped = 0;
         for shard in self.shards.iter() {
-            let mut g = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut g = lock(shard);
             let before = g.len();
-            g.retain(|_, s| !s.is_idle(now));
+            g.retain(|(_, s)| !s.is_idle(now));
             dropped += before - g.len();
         }
         dropped
@@ -148,10 +167,7 @@ impl MemoryLimiter {
 
     /// Subjects currently tracked.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
-            .sum()
+        self.shards.iter().map(|s| lock(s).len()).sum()
     }
 
     /// Whether no subject is tracked.

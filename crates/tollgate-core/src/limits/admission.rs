@@ -32,6 +32,19 @@ pub struct Check {
     pub limits: LimitSet,
     /// Its state.
     pub state: SubjectState,
+    /// The state the charge would leave, committed only if all admit.
+    next: SubjectState,
+}
+
+impl Check {
+    /// A subject with `limits` and its stored `state`.
+    pub fn new(limits: LimitSet, state: SubjectState) -> Self {
+        Self {
+            limits,
+            state,
+            next: state,
+        }
+    }
 }
 
 /// Where one limit stands, for the `x-ratelimit-*` headers.
@@ -114,52 +127,114 @@ impl Refusal {
     }
 }
 
-/// One limit evaluated against one state.
-struct Evaluation {
-    /// Standing before this request.
-    before: Reading,
-    /// The new stored value and the standing after, or why not.
-    outcome: Result<(u64, Reading), RefusalKind>,
+/// The clock readings every limit of one decision shares (computed once:
+/// each is a 64-bit division).
+struct At {
+    now: u64,
+    today: u64,
+    until_midnight: Duration,
 }
 
-fn evaluate(
+impl At {
+    fn new(now: u64) -> Self {
+        Self {
+            now,
+            today: utc_day(now),
+            until_midnight: until_midnight(now),
+        }
+    }
+}
+
+fn reading(
+    subject: usize,
+    kind: LimitKind,
+    limit: u64,
+    remaining: u64,
+    reset: Duration,
+) -> Reading {
+    Reading {
+        kind,
+        subject,
+        limit,
+        remaining,
+        reset,
+    }
+}
+
+/// Charges one limit of `amount` into `next` (a copy of the stored state);
+/// returns the standing after the charge, or why it does not fit.
+fn charge(
+    subject: usize,
+    kind: LimitKind,
+    amount: u64,
+    next: &mut SubjectState,
+    cost: u64,
+    at: &At,
+) -> Result<Reading, RefusalKind> {
+    let s = slot(kind.dimension());
+    if kind.is_daily() {
+        if next.day != at.today {
+            next.day = at.today;
+            next.used = [0, 0];
+        }
+        let used = next.used[s];
+        if cost > amount {
+            return Err(RefusalKind::NeverFits);
+        }
+        if used + cost > amount {
+            return Err(RefusalKind::DailyCap(at.until_midnight));
+        }
+        next.used[s] = used + cost;
+        Ok(reading(
+            subject,
+            kind,
+            amount,
+            amount - used - cost,
+            at.until_midnight,
+        ))
+    } else {
+        let gcra = Gcra::new(amount, LimitKind::MINUTE);
+        let tat = next.tat_for(s, amount, at.now);
+        match gcra.charge(tat, at.now, cost) {
+            Ok(a) => {
+                next.tat[s] = a.tat;
+                next.rate[s] = amount;
+                Ok(reading(subject, kind, amount, a.remaining, a.reset))
+            }
+            Err(Refused::NotUntil { wait, .. }) => Err(RefusalKind::Wait(wait)),
+            Err(Refused::NeverFits) => Err(RefusalKind::NeverFits),
+        }
+    }
+}
+
+/// Where one limit stands in `state`, without charging.
+fn standing(
     subject: usize,
     kind: LimitKind,
     amount: u64,
     state: &SubjectState,
-    cost: u64,
-    now: u64,
-) -> Evaluation {
+    at: &At,
+) -> Reading {
     let s = slot(kind.dimension());
-    let reading = |remaining, reset| Reading {
-        kind,
-        subject,
-        limit: amount,
-        remaining,
-        reset,
-    };
     if kind.is_daily() {
-        let used = used_today(state.day, state.used[s], now);
-        let reset = until_midnight(now);
-        let before = reading(amount.saturating_sub(used), reset);
-        let outcome = if cost > amount {
-            Err(RefusalKind::NeverFits)
-        } else if used + cost > amount {
-            Err(RefusalKind::DailyCap(reset))
-        } else {
-            Ok((used + cost, reading(amount - used - cost, reset)))
-        };
-        Evaluation { before, outcome }
+        let used = used_today(state.day, state.used[s], at.now);
+        reading(
+            subject,
+            kind,
+            amount,
+            amount.saturating_sub(used),
+            at.until_midnight,
+        )
     } else {
         let gcra = Gcra::new(amount, LimitKind::MINUTE);
-        let tat = state.tat[s];
-        let before = reading(gcra.remaining(tat, now), gcra.reset(tat, now));
-        let outcome = match gcra.charge(tat, now, cost) {
-            Ok(a) => Ok((a.tat, reading(a.remaining, a.reset))),
-            Err(Refused::NotUntil { wait, .. }) => Err(RefusalKind::Wait(wait)),
-            Err(Refused::NeverFits) => Err(RefusalKind::NeverFits),
-        };
-        Evaluation { before, outcome }
+        let tat = state.tat_for(s, amount, at.now);
+        reading(
+            subject,
+            kind,
+            amount,
+            gcra.remaining(tat, at.now),
+            gcra.reset(tat, at.now),
+        )
     }
 }
 
@@ -185,70 +260,55 @@ fn note(grant: &mut Grant, r: Reading) {
 }
 
 /// Charges `cost` against every limit of every check at `now`, or against
-/// none of them: the first pass only decides, the second only writes.
+/// none of them: charges go to a scratch copy of each state, committed only
+/// when every limit admitted.
 #[allow(clippy::result_large_err)] // by value: a refusal storm allocates nothing
 pub fn admit(checks: &mut [Check], cost: Cost, now: u64) -> Result<Grant, Refusal> {
+    let at = At::new(now);
     let mut refusal: Option<Refusal> = None;
-    let mut standing = Grant::default();
-    for (i, check) in checks.iter().enumerate() {
+    let mut grant = Grant::default();
+    for (i, check) in checks.iter_mut().enumerate() {
+        check.next = check.state;
         for kind in LimitKind::ALL {
             let Some(amount) = check.limits.get(kind) else {
                 continue;
             };
             let requested = cost.of(kind.dimension());
-            let e = evaluate(i, kind, amount, &check.state, requested, now);
-            note(&mut standing, e.before);
-            if let Err(why) = e.outcome {
-                let r = Refusal {
-                    subject: i,
-                    kind,
-                    why,
-                    limit: amount,
-                    used: amount - e.before.remaining.min(amount),
-                    requested,
-                    standing: Grant::default(),
-                };
-                if refusal.is_none_or(|worst| r.severity() > worst.severity()) {
-                    refusal = Some(r);
+            match charge(i, kind, amount, &mut check.next, requested, &at) {
+                Ok(after) => note(&mut grant, after),
+                Err(why) => {
+                    let before = standing(i, kind, amount, &check.state, &at);
+                    let r = Refusal {
+                        subject: i,
+                        kind,
+                        why,
+                        limit: amount,
+                        used: amount - before.remaining.min(amount),
+                        requested,
+                        standing: Grant::default(),
+                    };
+                    if refusal.is_none_or(|worst| r.severity() > worst.severity()) {
+                        refusal = Some(r);
+                    }
                 }
             }
         }
     }
     if let Some(mut r) = refusal {
-        r.standing = standing;
+        for (i, check) in checks.iter().enumerate() {
+            for kind in LimitKind::ALL {
+                if let Some(amount) = check.limits.get(kind) {
+                    note(
+                        &mut r.standing,
+                        standing(i, kind, amount, &check.state, &at),
+                    );
+                }
+            }
+        }
         return Err(r);
     }
-
-    let today = utc_day(now);
-    let mut grant = Grant::default();
-    for (i, check) in checks.iter_mut().enumerate() {
-        for kind in LimitKind::ALL {
-            let Some(amount) = check.limits.get(kind) else {
-                continue;
-            };
-            let e = evaluate(
-                i,
-                kind,
-                amount,
-                &check.state,
-                cost.of(kind.dimension()),
-                now,
-            );
-            let Ok((value, after)) = e.outcome else {
-                unreachable!("the first pass admitted every limit at the same instant");
-            };
-            let s = slot(kind.dimension());
-            if kind.is_daily() {
-                if check.state.day != today {
-                    check.state.day = today;
-                    check.state.used = [0, 0];
-                }
-                check.state.used[s] = value;
-            } else {
-                check.state.tat[s] = value;
-            }
-            note(&mut grant, after);
-        }
+    for check in checks.iter_mut() {
+        check.state = check.next;
     }
     Ok(grant)
 }
@@ -269,14 +329,15 @@ pub fn reconcile(checks: &mut [Check], delta: i64, admitted_at: u64) {
         if let Some(amount) = check.limits.tpm {
             let interval = Gcra::new(amount, LimitKind::MINUTE).interval_ns();
             let shift = delta.unsigned_abs().saturating_mul(interval);
-            let tat = &mut check.state.tat[s];
-            *tat = if delta > 0 {
+            let tat = check.state.tat_for(s, amount, admitted_at);
+            check.state.tat[s] = if delta > 0 {
                 // A state evicted meanwhile reads 0: the extra tokens were
                 // spent at admission, so that is where they are charged.
-                (*tat).max(admitted_at).saturating_add(shift)
+                tat.max(admitted_at).saturating_add(shift)
             } else {
                 tat.saturating_sub(shift)
             };
+            check.state.rate[s] = amount;
         }
         // A counter of another day is not this request's to correct.
         if check.limits.tpd.is_some() && check.state.day == day {
@@ -304,20 +365,14 @@ mod tests {
         cost: Cost,
         now: u64,
     ) -> Result<Grant, Refusal> {
-        let mut c = [Check {
-            limits: *limits,
-            state: *state,
-        }];
+        let mut c = [Check::new(*limits, *state)];
         let r = admit(&mut c, cost, now);
         *state = c[0].state;
         r
     }
 
     fn fix(limits: &LimitSet, state: &mut SubjectState, delta: i64, at: u64) {
-        let mut c = [Check {
-            limits: *limits,
-            state: *state,
-        }];
+        let mut c = [Check::new(*limits, *state)];
         reconcile(&mut c, delta, at);
         *state = c[0].state;
     }
@@ -339,21 +394,15 @@ mod tests {
             tokens: 60,
         };
         let mut checks = [
-            Check {
-                limits: roomy,
-                ..Check::default()
-            },
-            Check {
-                limits: tight,
-                ..Check::default()
-            },
+            Check::new(roomy, SubjectState::default()),
+            Check::new(tight, SubjectState::default()),
         ];
         admit(&mut checks, cost, now).expect("first fits");
-        let before = checks;
+        let before = checks.map(|c| c.state);
         let r = admit(&mut checks, cost, now).expect_err("second does not");
         assert_eq!((r.subject, r.kind), (1, LimitKind::TokensPerMinute));
         assert_eq!((r.limit, r.used, r.requested), (100, 60, 60));
-        assert_eq!(before, checks);
+        assert_eq!(before, checks.map(|c| c.state));
         // 20 of the missing tokens refill in 12 s at 100 per minute.
         assert_eq!(r.retry_after(), Some(Duration::from_secs(12)));
     }
@@ -484,14 +533,8 @@ mod tests {
         };
         let g = admit(
             &mut [
-                Check {
-                    limits: a,
-                    ..Check::default()
-                },
-                Check {
-                    limits: b,
-                    ..Check::default()
-                },
+                Check::new(a, SubjectState::default()),
+                Check::new(b, SubjectState::default()),
             ],
             Cost {
                 requests: 1,
@@ -505,6 +548,42 @@ mod tests {
         assert_eq!(req.reset, Duration::from_secs(20));
         let tok = g.tokens.expect("a token limit");
         assert_eq!((tok.limit, tok.remaining), (1_000, 900));
+    }
+
+    #[test]
+    fn an_edited_limit_keeps_what_is_outstanding_in_units() {
+        let mut st = SubjectState::default();
+        let now = 1_000 * S;
+        let one_rpm = LimitSet {
+            rpm: Some(1),
+            ..LimitSet::default()
+        };
+        one(
+            &one_rpm,
+            &mut st,
+            Cost {
+                requests: 1,
+                tokens: 0,
+            },
+            now,
+        )
+        .expect("fits");
+        // Raised to 5 per minute: one of five is used, four remain.
+        let five = LimitSet {
+            rpm: Some(5),
+            ..LimitSet::default()
+        };
+        let g = one(
+            &five,
+            &mut st,
+            Cost {
+                requests: 1,
+                tokens: 0,
+            },
+            now,
+        )
+        .expect("fits");
+        assert_eq!(g.requests.map(|r| r.remaining), Some(3));
     }
 
     #[test]

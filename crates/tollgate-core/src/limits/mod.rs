@@ -139,7 +139,7 @@ impl LimitSet {
     }
 }
 
-/// The stored state of one subject's limits: 40 bytes whatever it carries.
+/// The stored state of one subject's limits: 56 bytes whatever it carries.
 ///
 /// A state equal to what [`SubjectState::is_idle`] accepts behaves exactly
 /// like a fresh one, so the store may drop it.
@@ -147,6 +147,10 @@ impl LimitSet {
 pub struct SubjectState {
     /// GCRA theoretical arrival times (ns) of the requests and token buckets.
     pub tat: [u64; 2],
+    /// The per-minute amounts those times were computed for, so that a
+    /// limit edited meanwhile rescales what is outstanding instead of
+    /// misreading it.
+    pub rate: [u64; 2],
     /// The UTC day (days since the epoch) the daily counters belong to.
     pub day: u64,
     /// Requests and tokens used on `day`.
@@ -159,6 +163,21 @@ impl SubjectState {
     pub fn is_idle(&self, now_ns: u64) -> bool {
         self.tat.iter().all(|t| *t <= now_ns)
             && (self.day < calendar::utc_day(now_ns) || self.used == [0, 0])
+    }
+}
+
+impl SubjectState {
+    /// The bucket's `tat` for a limit of `amount` per minute: what is
+    /// outstanding stays the same number of units when the amount changed.
+    pub(crate) fn tat_for(&self, slot: usize, amount: u64, now: u64) -> u64 {
+        let (tat, old) = (self.tat[slot], self.rate[slot]);
+        if old == 0 || old == amount || tat <= now {
+            return tat;
+        }
+        let old_interval = Gcra::new(old, LimitKind::MINUTE).interval_ns();
+        let new_interval = Gcra::new(amount, LimitKind::MINUTE).interval_ns();
+        let units = u128::from(tat - now).div_ceil(u128::from(old_interval));
+        now.saturating_add((units * u128::from(new_interval)).min(u128::from(u64::MAX)) as u64)
     }
 }
 

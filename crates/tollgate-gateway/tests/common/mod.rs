@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate_core::clock::{Clock, FakeClock, SystemClock};
 use tollgate_gateway::config::{DeploymentConfig, Provider};
 use tollgate_gateway::{Config, Gateway, RunningGateway};
 use tollgate_mock::{MockConfig, MockServer};
@@ -46,6 +47,23 @@ impl Harness {
 
     /// A gateway over a mock configured by `mock`; `tweak` edits the gateway config.
     pub async fn with(mock: MockConfig, tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::build(mock, tweak, Arc::new(SystemClock::new())).await
+    }
+
+    /// [`Harness::with`], deciding limits on `clock`.
+    pub async fn with_clock(
+        mock: MockConfig,
+        tweak: impl FnOnce(&mut Config),
+        clock: FakeClock,
+    ) -> Self {
+        Self::build(mock, tweak, Arc::new(clock)).await
+    }
+
+    async fn build(
+        mock: MockConfig,
+        tweak: impl FnOnce(&mut Config),
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let mock = MockServer::start(mock, localhost())
             .await
             .expect("mock starts");
@@ -64,7 +82,7 @@ impl Harness {
             ],
         ));
         tweak(&mut config);
-        let gw = Gateway::build(config, secrets)
+        let gw = Gateway::build_with_clock(config, secrets, clock)
             .await
             .expect("gateway builds");
         let (_, secret) = gw
@@ -98,14 +116,31 @@ impl Harness {
 
     /// POSTs `body` as JSON text with the harness key.
     pub async fn post(&self, path: &str, body: &str) -> reqwest::Response {
+        self.post_as(&self.key, path, body).await
+    }
+
+    /// POSTs `body` as JSON text with `key`.
+    pub async fn post_as(&self, key: &str, path: &str, body: &str) -> reqwest::Response {
         self.http
             .post(self.url(path))
-            .bearer_auth(&self.key)
+            .bearer_auth(key)
             .header("content-type", "application/json")
             .body(body.to_owned())
             .send()
             .await
             .expect("request sent")
+    }
+
+    /// Creates a key named `name` shaped by `edit`; returns its secret.
+    pub async fn key(&self, name: &str, edit: impl FnOnce(&mut NewKey)) -> String {
+        let mut new = NewKey {
+            name: name.into(),
+            ..NewKey::default()
+        };
+        edit(&mut new);
+        let (_, secret) = self.gw().db.create_key(new).await.expect("key");
+        self.gw().keys.reload().await.expect("reload");
+        secret.expose().to_owned()
     }
 }
 

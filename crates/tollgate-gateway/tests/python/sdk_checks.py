@@ -90,5 +90,36 @@ def errors():
     print("errors: ok")
 
 
+def at_limit():
+    """A key at its RPM limit: the SDK must wait what the gateway says, then succeed."""
+    import json
+    import time
+
+    import httpx
+
+    seen = []
+
+    def record(response):
+        seen.append(
+            {
+                "at": time.monotonic(),
+                "status": response.status_code,
+                "retry_after_ms": response.headers.get("retry-after-ms"),
+                "should_retry": response.headers.get("x-should-retry"),
+            }
+        )
+
+    http = httpx.Client(event_hooks={"response": [record]})
+    client = OpenAI(base_url=BASE, api_key=KEY, max_retries=3, http_client=http)
+    reply = client.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=2)
+    assert reply.usage.completion_tokens == 2, reply
+    assert [s["status"] for s in seen][-1] == 200, seen
+    assert seen[0]["status"] == 429 and seen[0]["should_retry"] == "true", seen
+    waited = (seen[1]["at"] - seen[0]["at"]) * 1000
+    assert waited >= float(seen[0]["retry_after_ms"]), (waited, seen)
+    print(json.dumps(seen))
+    print("at_limit: ok")
+
+
 if __name__ == "__main__":
-    {"basic": basic, "errors": errors}[sys.argv[1]]()
+    {"basic": basic, "errors": errors, "at_limit": at_limit}[sys.argv[1]]()

@@ -1,0 +1,72 @@
+//! Token estimation: a chat prompt of about 1k tokens and one of about 50k.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use std::hint::black_box;
+use std::time::Duration;
+use tollgate_core::openai::ChatRequest;
+use tollgate_core::tokens::{Encoding, Estimator};
+
+/// English-like prose of roughly `tokens` o200k tokens.
+fn prompt(tokens: usize) -> String {
+    let words = [
+        "the",
+        "gateway",
+        "counts",
+        "every",
+        "token",
+        "before",
+        "it",
+        "calls",
+        "upstream,",
+        "and",
+        "settles",
+        "with",
+        "real",
+        "usage",
+        "afterwards.",
+        "Limits",
+        "are",
+        "exact.",
+    ];
+    (0..tokens)
+        .map(|i| words[i % words.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn body(tokens: usize) -> String {
+    serde_json::json!({
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": prompt(tokens)},
+        ],
+        "max_tokens": 256,
+    })
+    .to_string()
+}
+
+fn estimate(c: &mut Criterion) {
+    let est = Estimator {
+        fallback: Encoding::O200k,
+        default_output: 256,
+    };
+    let mut group = c.benchmark_group("estimate chat prompt");
+    for tokens in [1_000, 50_000] {
+        let text = body(tokens);
+        let req: ChatRequest<'_> = serde_json::from_str(&text).expect("valid");
+        let counted = est.chat("gpt-4o", &req).prompt;
+        group.throughput(Throughput::Elements(counted));
+        group.bench_function(format!("{counted} prompt tokens"), |b| {
+            b.iter(|| black_box(est.chat("gpt-4o", black_box(&req))))
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(5)).sample_size(20);
+    targets = estimate
+}
+criterion_main!(benches);

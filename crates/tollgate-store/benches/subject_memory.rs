@@ -1,0 +1,52 @@
+//! Memory per tracked end user: one million distinct users of one key each
+//! make a request, and the process's resident set grows by this much each.
+//! Then idle state is evicted and the subjects are gone.
+//!
+//! `cargo bench -p tollgate-store --bench subject_memory`
+
+use tollgate_core::limits::{Cost, LimitSet, Subject};
+use tollgate_store::MemoryLimiter;
+
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn main() {
+    const USERS: u64 = 1_000_000;
+    let limiter = MemoryLimiter::new();
+    let key: std::sync::Arc<str> = "key_0123456789abcdef01234567".into();
+    let limits = LimitSet {
+        rpm: Some(60),
+        tpm: Some(100_000),
+        ..LimitSet::default()
+    };
+    let cost = Cost {
+        requests: 1,
+        tokens: 500,
+    };
+    let now = 1_700_000_000_000_000_000;
+    let before = resident_bytes();
+    for u in 0..USERS {
+        let user = Subject::KeyUser(key.clone(), format!("user-{u:08}").into());
+        limiter.admit(&[(&user, &limits)], cost, now).ok();
+    }
+    let after = resident_bytes();
+    println!(
+        "{} subjects tracked: {:.0} bytes each (resident set {} -> {} MiB)",
+        limiter.len(),
+        (after - before) as f64 / USERS as f64,
+        before >> 20,
+        after >> 20
+    );
+    let evicted = limiter.evict_idle(now + 61_000_000_000);
+    println!(
+        "after a minute idle: {evicted} evicted, {} left",
+        limiter.len()
+    );
+}
