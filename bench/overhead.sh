@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Overhead benchmark: the simulated provider alone, then the gateway in front
-# of it (auth on, access log on), at fixed rates and at full speed, in one
-# run on this machine. Prints one JSON line per run and a Markdown table.
+# of it (auth on, access log on) with a key without limits and with a key
+# under four limits (rpm, tpm, rpd, tpd: token estimate, admission and
+# settlement on every request, never refusing), at fixed rates and at full
+# speed, in one run on this machine. Prints one JSON line per run and
+# Markdown tables.
 #
 #   bench/overhead.sh [DURATION_SECONDS]      (default 10)
 #
@@ -35,9 +38,14 @@ base_url = "http://127.0.0.1:$MOCK_PORT/v1"
 api_key_env = "BENCH_UPSTREAM_KEY"
 models = ["gpt-4o-mini"]
 TOML
+# A key under limits far above what the run sends: the cost of deciding, not of refusing.
+(cd "$work" && "$BIN/tollgate" keys create --name bench-limits --rpm 1000000000 --tpm 1000000000000 \
+  --rpd 1000000000000 --tpd 1000000000000000 --json >"$work/limited.json")
+LIMITED_KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/limited.json")
 (cd "$work" && BENCH_UPSTREAM_KEY=sk-bench-upstream RUST_LOG=${GATEWAY_LOG:-info} "$BIN/tollgate" --log-format json serve >"$work/serve.out" 2>"$work/serve.log") &
 for _ in $(seq 1 100); do grep -q "listening on" "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
-KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/serve.out" | head -1)
+KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/serve.out" | head -1 || true)
+[ -z "$KEY" ] && KEY=$(cd "$work" && "$BIN/tollgate" keys create --name bench --json | grep -o 'tg-[0-9a-f]\{64\}')
 [ -n "$KEY" ] || { echo "gateway did not start"; cat "$work/serve.out" "$work/serve.log"; exit 1; }
 
 results="$work/results.jsonl"
@@ -50,6 +58,10 @@ for rate in $RATES; do
   # The gateway's own time per request, from its access log (JSON lines,
   # RUST_LOG=info only): total handler time minus the wait on the upstream.
   tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate.log"
+  from=$(wc -l <"$work/serve.log")
+  "$BIN/tollgate-loadgen" --label gateway+limits --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --key "$LIMITED_KEY" \
+    --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
+  tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate-limits.log"
 done
 
 python3 - "$results" <<'PY'
@@ -58,9 +70,9 @@ import os
 rows = [json.loads(l) for l in open(sys.argv[1])]
 work = os.path.dirname(sys.argv[1])
 
-def overhead(rate):
+def overhead(rate, suffix=""):
     """p50/p99/p99.9 of the gateway's in-process time per request (µs)."""
-    path = os.path.join(work, f"run-{rate}.log")
+    path = os.path.join(work, f"run-{rate}{suffix}.log")
     vals = []
     for line in open(path) if os.path.exists(path) else []:
         try:
@@ -78,20 +90,21 @@ def overhead(rate):
 print()
 print("| rate (req/s) | target | achieved req/s | errors | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs |")
 print("|---|---|---|---|---|---|---|---|---|")
-for i in range(0, len(rows), 2):
-    m, g = rows[i], rows[i + 1]
+for i in range(0, len(rows), 3):
+    m = rows[i]
     rate = m["target_rate"] or "full speed"
-    for r, added in ((m, None), (g, (g["p50_us"] - m["p50_us"], g["p99_us"] - m["p99_us"]))):
-        a = ("", "") if added is None else added
+    for r in rows[i:i + 3]:
+        a = ("", "") if r is m else (r["p50_us"] - m["p50_us"], r["p99_us"] - m["p99_us"])
         print(f"| {rate} | {r['label']} | {r['rps']:.0f} | {r['errors']} | {r['p50_us']} | {r['p99_us']} | {r['p999_us']} | {a[0]} | {a[1]} |")
 print()
 print("Gateway's own time per request (handler time minus the wait on the upstream; from the access log):")
 print()
-print("| rate (req/s) | internal p50 µs | internal p99 µs | internal p99.9 µs |")
-print("|---|---|---|---|")
-for i in range(0, len(rows), 2):
+print("| rate (req/s) | key | internal p50 µs | internal p99 µs | internal p99.9 µs |")
+print("|---|---|---|---|---|")
+for i in range(0, len(rows), 3):
     rate = rows[i]["target_rate"]
-    o = overhead(rate)
-    if o:
-        print(f"| {rate or 'full speed'} | {o[0]} | {o[1]} | {o[2]} |")
+    for label, suffix in (("no limits", ""), ("4 limits", "-limits")):
+        o = overhead(rate, suffix)
+        if o:
+            print(f"| {rate or 'full speed'} | {label} | {o[0]} | {o[1]} | {o[2]} |")
 PY

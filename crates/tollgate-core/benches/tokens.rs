@@ -51,6 +51,12 @@ fn estimate(c: &mut Criterion) {
         fallback: Encoding::O200k,
         default_output: 256,
     };
+    let short = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello, how are you?"}],"max_tokens":16}"#;
+    let req: ChatRequest<'_> = serde_json::from_str(short).expect("valid");
+    c.bench_function(
+        "estimate chat prompt: one short message (the overhead benchmark's)",
+        |b| b.iter(|| black_box(est.chat("gpt-4o-mini", black_box(&req)))),
+    );
     let mut group = c.benchmark_group("estimate chat prompt");
     for tokens in [1_000, 50_000] {
         let text = body(tokens);

@@ -59,11 +59,29 @@ pub const TOKENS_PER_NAME: u64 = 1;
 /// Tokens that prime the assistant's reply.
 pub const REPLY_PRIMING_TOKENS: u64 = 3;
 
+/// Roles that are one token in both encodings: counted without the tokenizer.
+const ONE_TOKEN_ROLES: [&str; 6] = [
+    "system",
+    "user",
+    "assistant",
+    "developer",
+    "tool",
+    "function",
+];
+
+fn role_tokens(encoding: Encoding, role: &str) -> u64 {
+    if ONE_TOKEN_ROLES.contains(&role) {
+        1
+    } else {
+        encoding.count(role)
+    }
+}
+
 /// Prompt tokens of a chat request, counted the way OpenAI bills them.
 pub fn count_chat_prompt(encoding: Encoding, messages: &[ChatMessage<'_>]) -> u64 {
     let mut total = REPLY_PRIMING_TOKENS;
     for m in messages {
-        total += TOKENS_PER_MESSAGE + encoding.count(&m.role);
+        total += TOKENS_PER_MESSAGE + role_tokens(encoding, &m.role);
         total += m.content.text_tokens(encoding);
         if let Some(name) = &m.name {
             total += TOKENS_PER_NAME + encoding.count(name);
@@ -182,6 +200,15 @@ mod tests {
             Encoding::for_model("llama-3", Encoding::Cl100k),
             Encoding::Cl100k
         );
+    }
+
+    #[test]
+    fn the_usual_roles_are_one_token_in_both_encodings() {
+        for role in ONE_TOKEN_ROLES {
+            for enc in [Encoding::O200k, Encoding::Cl100k] {
+                assert_eq!(enc.count(role), 1, "{role} in {enc:?}");
+            }
+        }
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub enum Error {
     /// The HTTP server failed.
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    /// A bug or a failed internal task; the detail goes to the log only.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The HTTP client for upstreams could not be built.
     #[error("cannot build the upstream client for deployment `{deployment}`: {detail}")]
     UpstreamClient {
@@ -180,7 +183,12 @@ impl Error {
     pub fn to_api_error(&self) -> ApiError {
         let invalid = ApiError::invalid_request;
         match self {
-            Error::Config(_) | Error::Store(_) | Error::Bind { .. } | Error::Serve(_) | Error::UpstreamClient { .. } => {
+            Error::Config(_)
+            | Error::Store(_)
+            | Error::Internal(_)
+            | Error::Bind { .. }
+            | Error::Serve(_)
+            | Error::UpstreamClient { .. } => {
                 // The detail may name files or hosts; it goes to the log, not the client.
                 ApiError::new(500, ErrorType::Server, "internal_error", "The gateway hit an internal error; it has been logged.")
             }
@@ -377,6 +385,7 @@ impl IntoResponse for Error {
             self,
             Error::Config(_)
                 | Error::Store(_)
+                | Error::Internal(_)
                 | Error::Bind { .. }
                 | Error::Serve(_)
                 | Error::UpstreamClient { .. }

@@ -48,6 +48,9 @@ pub(crate) struct RequestLog {
     pub(crate) upstream: Option<Duration>,
 }
 
+/// Bodies above this size are tokenized off the async workers.
+const LARGE_BODY: usize = 32 << 10;
+
 /// What routing and admission need from a request body.
 struct Summary {
     model: Arc<str>,
@@ -184,8 +187,18 @@ async fn run(
 
     // 2. read
     let body = read_json_body(&parts.headers, body, gw.config.server.max_body_bytes).await?;
-    let estimator = caller.policy.counts_tokens.then_some(&gw.estimator);
-    let summary = summarize(endpoint, &body, estimator)?;
+    let estimator = caller.policy.counts_tokens.then_some(gw.estimator);
+    let summary = if estimator.is_some() && body.len() > LARGE_BODY {
+        // Tokenizing runs at about 4M tokens/s: a large prompt takes
+        // milliseconds, which belong on the blocking pool, not on a worker
+        // that other requests are waiting for.
+        let body = body.clone();
+        tokio::task::spawn_blocking(move || summarize(endpoint, &body, estimator.as_ref()))
+            .await
+            .map_err(|e| Error::Internal(format!("token estimate task failed: {e}")))??
+    } else {
+        summarize(endpoint, &body, estimator.as_ref())?
+    };
     log.model = Some(summary.model.clone());
     log.stream = summary.stream;
 
