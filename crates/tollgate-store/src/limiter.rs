@@ -14,8 +14,8 @@ use tollgate_core::limits::{
 };
 
 /// The most subjects one decision may span (key, key × model, key × user,
-/// team, and room for the deployment limits of routing).
-pub const MAX_SUBJECTS: usize = 8;
+/// team, and room for the deployment and global limits of routing).
+pub const MAX_SUBJECTS: usize = 6;
 
 const SHARDS: usize = 64;
 
@@ -57,13 +57,13 @@ impl MemoryLimiter {
     }
 
     /// Locks the shards of `subjects` in ascending order and hands `f` each
-    /// subject's state (a default one if it has none), writing back those
-    /// that `f` changed: removed when idle, else stored.
+    /// subject's state (a default one if it has none); when `f` says it
+    /// changed them, writes them back: removed when idle, else stored.
     fn with_states<R>(
         &self,
         subjects: &[(&Subject, &LimitSet)],
         now: u64,
-        f: impl FnOnce(&mut [Check]) -> R,
+        f: impl FnOnce(&mut [Check]) -> (R, bool),
     ) -> R {
         let n = subjects.len();
         assert!(
@@ -98,16 +98,12 @@ impl MemoryLimiter {
                 .unwrap_or_default();
             checks[i] = Check::new(**limits, state);
         }
-        let mut before = [SubjectState::default(); MAX_SUBJECTS];
-        for i in 0..n {
-            before[i] = checks[i].state;
+        let (result, changed) = f(&mut checks[..n]);
+        if !changed {
+            return result;
         }
-        let result = f(&mut checks[..n]);
         for (i, (s, _)) in subjects.iter().enumerate() {
             let state = checks[i].state;
-            if state == before[i] {
-                continue;
-            }
             let Some(g) = &mut guards[guard_slot(hash[i])] else {
                 continue;
             };
@@ -136,7 +132,11 @@ impl MemoryLimiter {
         cost: Cost,
         now: u64,
     ) -> Result<Grant, Refusal> {
-        self.with_states(subjects, now, |checks| admit(checks, cost, now))
+        self.with_states(subjects, now, |checks| {
+            let decision = admit(checks, cost, now);
+            let admitted = decision.is_ok();
+            (decision, admitted)
+        })
     }
 
     /// Corrects the token charge of a request admitted at `admitted_at`.
@@ -148,7 +148,8 @@ impl MemoryLimiter {
         now: u64,
     ) {
         self.with_states(subjects, now, |checks| {
-            reconcile(checks, delta, admitted_at)
+            reconcile(checks, delta, admitted_at);
+            ((), delta != 0)
         });
     }
 
