@@ -83,6 +83,9 @@ pub enum Error {
     /// A body that is not valid JSON.
     #[error("invalid JSON: {0}")]
     InvalidJson(serde_json::Error),
+    /// Valid JSON that is not an object (an array, a string, …).
+    #[error("body is not a JSON object")]
+    NotAnObject,
     /// Valid JSON with a field of the wrong type.
     #[error("invalid request: {0}")]
     InvalidField(serde_json::Error),
@@ -217,6 +220,7 @@ impl Error {
                 invalid(400, "invalid_encoding", format!("The request body is not valid UTF-8 (invalid byte at offset {at})."))
             }
             Error::InvalidJson(e) => invalid(400, "invalid_json", format!("We could not parse the JSON body of your request: {e}.")),
+            Error::NotAnObject => invalid(400, "invalid_json", "The request body must be a JSON object.".into()),
             Error::InvalidField(e) => invalid(400, "invalid_value", format!("Invalid request body: {e}.")),
             Error::InvalidHeader { header, expected } => {
                 invalid(400, "invalid_header", format!("The header `{header}` must be {expected}."))

@@ -129,10 +129,6 @@ impl Plan {
         self.entries.is_empty()
     }
 
-    fn subjects(&self) -> impl ExactSizeIterator<Item = (&Subject, &LimitSet)> {
-        self.entries.iter().map(|(s, l)| (s, l))
-    }
-
     /// `key:NAME`, `key:NAME/model:M`, `key:NAME/user:U` or `team:T`: the
     /// scope a refusal names.
     pub fn scope(&self, index: usize, key_name: &str) -> String {
@@ -192,10 +188,9 @@ impl Admission {
         let delta = actual_tokens as i64 - self.estimate as i64;
         if delta != 0 && !self.plan.is_empty() {
             let now = self.limits.clock.now_ns();
-            let subjects: Vec<_> = self.plan.subjects().collect();
             self.limits
                 .limiter
-                .reconcile(&subjects, delta, self.at, now);
+                .reconcile(&self.plan.entries, delta, self.at, now);
         }
     }
 }
@@ -233,8 +228,7 @@ impl Limits {
 
     fn decide(&self, plan: &Plan, cost: Cost) -> (Result<Grant, Refusal>, u64) {
         let now = self.clock.now_ns();
-        let subjects: Vec<_> = plan.subjects().collect();
-        (self.limiter.admit(&subjects, cost, now), now)
+        (self.limiter.admit(&plan.entries, cost, now), now)
     }
 
     /// Charges `cost` on every limit of `plan`. With a `max_wait`, a request

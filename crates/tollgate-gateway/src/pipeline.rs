@@ -324,12 +324,12 @@ fn with_stream_usage(body: &Bytes, has_stream_options: bool) -> Result<Bytes, Er
         }
         return serde_json::to_vec(&v).map(Bytes::from).map_err(json_error);
     }
-    // The body is a JSON object (summarize parsed it as one): insert the
-    // field right after its opening brace.
+    // The body is a JSON object (summarize checked): insert the field right
+    // after its opening brace.
     let open = body
         .iter()
         .position(|b| *b == b'{')
-        .ok_or(Error::MissingField("model"))?;
+        .ok_or(Error::NotAnObject)?;
     const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
     let rest = &body[open + 1..];
     let empty_object = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
@@ -386,6 +386,15 @@ fn summarize(
     body: &[u8],
     estimator: Option<&Estimator>,
 ) -> Result<Summary, Error> {
+    // serde would read a struct from a JSON array too; OpenAI wants an object.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Err(e) => Error::InvalidJson(e),
+                Ok(_) => Error::NotAnObject,
+            },
+        );
+    }
     let owned = |m: &Option<std::borrow::Cow<'_, str>>| m.as_deref().map(Arc::<str>::from);
     let boxed = |u: &Option<std::borrow::Cow<'_, str>>| u.as_deref().map(Box::<str>::from);
     let summary = match endpoint {

@@ -40,7 +40,15 @@ async fn bad_bodies_get_exact_caller_errors() {
             json,
             b"[1,2]".to_vec(),
             400,
-            "invalid_value",
+            "invalid_json",
+        ),
+        (
+            // serde alone would read this array as a request, field by field.
+            "an array shaped like a request",
+            json,
+            br#"["gpt-4o", [{"role": "user", "content": "hi"}]]"#.to_vec(),
+            400,
+            "invalid_json",
         ),
         (
             "wrong field type",

@@ -24,12 +24,12 @@ const START: u64 = 1_700_000_000_000_000_000;
 
 fn four_limits_one_subject(c: &mut Criterion) {
     let limiter = MemoryLimiter::new();
-    let key = Subject::Key("key_0123456789abcdef01234567".into());
+    let one_key = [(Subject::Key("key_0123456789abcdef01234567".into()), ROOMY)];
     let mut now = START;
     c.bench_function("admit: 4 limits (rpm, tpm, rpd, tpd) on one key", |b| {
         b.iter(|| {
             now += 1_000;
-            black_box(limiter.admit(&[(&key, &ROOMY)], COST, now)).ok()
+            black_box(limiter.admit(&one_key, COST, now)).ok()
         })
     });
 }
@@ -48,7 +48,7 @@ fn two_limits_four_subjects(c: &mut Criterion) {
         Subject::KeyUser(id, "user-42".into()),
         Subject::Team("search".into()),
     ];
-    let plan: Vec<_> = subjects.iter().map(|s| (s, &two)).collect();
+    let plan: Vec<_> = subjects.into_iter().map(|s| (s, two)).collect();
     let mut now = START;
     c.bench_function("admit: rpm+tpm on key, key×model, key×user, team", |b| {
         b.iter(|| {
@@ -60,19 +60,19 @@ fn two_limits_four_subjects(c: &mut Criterion) {
 
 fn hot_key_on_both_cores(c: &mut Criterion) {
     let limiter = Arc::new(MemoryLimiter::new());
-    let key = Subject::Key("hot".into());
+    let hot = [(Subject::Key("hot".into()), ROOMY)];
     c.bench_function(
         "admit: 4 limits, one hot key, a second core hammering it",
         |b| {
             b.iter_custom(|iters| {
                 let stop = Arc::new(AtomicBool::new(false));
                 let rival = {
-                    let (limiter, key, stop) = (limiter.clone(), key.clone(), stop.clone());
+                    let (limiter, hot, stop) = (limiter.clone(), hot.clone(), stop.clone());
                     std::thread::spawn(move || {
                         let mut now = START;
                         while !stop.load(Ordering::Relaxed) {
                             now += 1_000;
-                            black_box(limiter.admit(&[(&key, &ROOMY)], COST, now)).ok();
+                            black_box(limiter.admit(&hot, COST, now)).ok();
                         }
                     })
                 };
@@ -80,7 +80,7 @@ fn hot_key_on_both_cores(c: &mut Criterion) {
                 let started = Instant::now();
                 for _ in 0..iters {
                     now += 1_000;
-                    black_box(limiter.admit(&[(&key, &ROOMY)], COST, now)).ok();
+                    black_box(limiter.admit(&hot, COST, now)).ok();
                 }
                 let took = started.elapsed();
                 stop.store(true, Ordering::Relaxed);

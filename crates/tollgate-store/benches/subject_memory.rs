@@ -34,7 +34,7 @@ fn main() {
     let before = resident_bytes();
     for u in 0..USERS {
         let user = Subject::KeyUser(key.clone(), format!("user-{u:08}").into());
-        limiter.admit(&[(&user, &limits)], cost, now).ok();
+        limiter.admit(&[(user, limits)], cost, now).ok();
     }
     let after = resident_bytes();
     println!(

@@ -61,7 +61,7 @@ impl MemoryLimiter {
     /// changed them, writes them back: removed when idle, else stored.
     fn with_states<R>(
         &self,
-        subjects: &[(&Subject, &LimitSet)],
+        subjects: &[(Subject, LimitSet)],
         now: u64,
         f: impl FnOnce(&mut [Check]) -> (R, bool),
     ) -> R {
@@ -93,10 +93,10 @@ impl MemoryLimiter {
         for (i, (s, limits)) in subjects.iter().enumerate() {
             let state = guards[guard_slot(hash[i])]
                 .as_ref()
-                .and_then(|g| g.find(hash[i], |(k, _)| k == *s))
+                .and_then(|g| g.find(hash[i], |(k, _)| k == s))
                 .map(|(_, state)| *state)
                 .unwrap_or_default();
-            checks[i] = Check::new(**limits, state);
+            checks[i] = Check::new(*limits, state);
         }
         let (result, changed) = f(&mut checks[..n]);
         if !changed {
@@ -108,14 +108,14 @@ impl MemoryLimiter {
                 continue;
             };
             let idle = state.is_idle(now);
-            match g.find_entry(hash[i], |(k, _)| k == *s) {
+            match g.find_entry(hash[i], |(k, _)| k == s) {
                 Ok(entry) if idle => {
                     entry.remove();
                 }
                 Ok(mut entry) => entry.get_mut().1 = state,
                 Err(_) if idle => {}
                 Err(_) => {
-                    g.insert_unique(hash[i], ((*s).clone(), state), |(k, _)| {
+                    g.insert_unique(hash[i], (s.clone(), state), |(k, _)| {
                         self.hasher.hash_one(k)
                     });
                 }
@@ -128,7 +128,7 @@ impl MemoryLimiter {
     #[allow(clippy::result_large_err)] // by value: a refusal storm allocates nothing
     pub fn admit(
         &self,
-        subjects: &[(&Subject, &LimitSet)],
+        subjects: &[(Subject, LimitSet)],
         cost: Cost,
         now: u64,
     ) -> Result<Grant, Refusal> {
@@ -142,7 +142,7 @@ impl MemoryLimiter {
     /// Corrects the token charge of a request admitted at `admitted_at`.
     pub fn reconcile(
         &self,
-        subjects: &[(&Subject, &LimitSet)],
+        subjects: &[(Subject, LimitSet)],
         delta: i64,
         admitted_at: u64,
         now: u64,
@@ -200,7 +200,7 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..1_000u64 {
                         let user = Subject::KeyUser("k".into(), format!("u{t}-{i}").into());
-                        let subjects = [(&key, &limits), (&user, &LimitSet::default())];
+                        let subjects = [(key.clone(), limits), (user, LimitSet::default())];
                         let cost = Cost {
                             requests: 1,
                             tokens: 0,
@@ -229,7 +229,7 @@ mod tests {
             let s = Subject::KeyUser("k".into(), format!("{u}").into());
             limiter
                 .admit(
-                    &[(&s, &limits)],
+                    &[(s, limits)],
                     Cost {
                         requests: 1,
                         tokens: 0,
@@ -265,14 +265,14 @@ mod tests {
             tokens: 0,
         };
         limiter
-            .admit(&[(&a, &roomy), (&b, &tight)], cost, S)
+            .admit(&[(a.clone(), roomy), (b.clone(), tight)], cost, S)
             .expect("fits");
         let r = limiter
-            .admit(&[(&a, &roomy), (&b, &tight)], cost, S)
+            .admit(&[(a.clone(), roomy), (b.clone(), tight)], cost, S)
             .expect_err("team is full");
         assert_eq!(r.subject, 1);
         // Key `a` alone still has 99 of its 100.
-        let g = limiter.admit(&[(&a, &roomy)], cost, S).expect("fits");
+        let g = limiter.admit(&[(a, roomy)], cost, S).expect("fits");
         assert_eq!(g.requests.map(|r| r.remaining), Some(98));
     }
 }
