@@ -1,5 +1,18 @@
-//! The resilient client for OpenAI-compatible APIs: classify every answer,
-//! back off with jitter, pace under the limits, fall back. (Being built; the
-//! vocabulary it will speak is `tollgate_core::error`.)
+//! The resilient client half of Tollgate's playbook, for OpenAI-compatible
+//! endpoints (OpenAI, Azure OpenAI, Tollgate, any compatible server).
+//!
+//! - [`classify`] reads an answer (status, headers, body) into a
+//!   [`Disposition`]: retry after what the server said, back off, stop on a
+//!   budget, top up, wait for a daily reset, or fail fast.
+//! - [`RetryPolicy`] turns a disposition into a wait: the server's advice
+//!   always wins; otherwise full jitter, within attempts and a time budget.
+//! - [`Error`] says what to do, not just what happened.
 
+pub mod classify;
+mod error;
+pub mod retry;
+
+pub use classify::{Disposition, classify, retry_after};
+pub use error::Error;
+pub use retry::RetryPolicy;
 pub use tollgate_core::ErrorType;
