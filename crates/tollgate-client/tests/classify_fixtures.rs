@@ -28,7 +28,9 @@ fn secs(s: u64) -> Duration {
 #[test]
 fn every_fixture_gets_its_disposition() {
     use Disposition::*;
-    let cases: Vec<(&str, u16, Vec<(&str, &str)>, &str, Disposition)> = vec![
+    // (what it is, status, headers, body, expected)
+    type Fixture<'a> = (&'a str, u16, Vec<(&'a str, &'a str)>, &'a str, Disposition);
+    let cases: Vec<Fixture<'_>> = vec![
         (
             "OpenAI 429 on requests, with retry-after-ms",
             429,
