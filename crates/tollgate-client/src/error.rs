@@ -36,6 +36,9 @@ pub enum Error {
         /// `error.message`.
         message: String,
     },
+    /// The client is set up wrong.
+    #[error("client configuration: {0}")]
+    Config(String),
     /// Retries ran out.
     #[error(
         "gave up after {attempts} attempts in {elapsed:?}; the last answer was HTTP {status}: {message}"
