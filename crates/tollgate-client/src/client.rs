@@ -206,9 +206,19 @@ impl Client {
     /// POSTs a JSON `body` to `path` (`/chat/completions`, …), pacing,
     /// retrying what may be retried, and failing with what to do next.
     pub async fn post_json(&self, path: &str, body: Bytes) -> Result<Answer, Error> {
+        self.post_json_idempotent(path, body, random_id()).await
+    }
+
+    /// [`Client::post_json`] under a caller-chosen `Idempotency-Key`, so a
+    /// request resent after a crash is recognisable as the same one.
+    pub async fn post_json_idempotent(
+        &self,
+        path: &str,
+        body: Bytes,
+        idempotency_key: String,
+    ) -> Result<Answer, Error> {
         let url = format!("{}{path}", self.base);
         let estimate = self.estimate(path, &body);
-        let idempotency_key = random_id();
         let started = Instant::now();
         let mut attempts = 0u32;
         loop {

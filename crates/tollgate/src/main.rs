@@ -1,11 +1,13 @@
 //! The `tollgate` command: thin wiring of the library crates.
 
+mod batch;
 mod keys;
 mod mock;
 mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 // The gateway's hot path allocates many small, short-lived buffers across
 // threads; mimalloc handles that pattern with a fraction of glibc's cost
@@ -46,6 +48,10 @@ enum Command {
     /// Manage virtual API keys.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Send OpenAI batch-format JSONL through a paced, retrying client;
+    /// resumable. Exit codes: 0 done, 3 budget cap, 4 insufficient credits,
+    /// 5 daily cap, 1 error.
+    Batch(batch::BatchArgs),
 }
 
 /// Logs go to stderr through a writer thread, so a request never waits on
@@ -69,7 +75,7 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     guard
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let _log_guard = init_logging(cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -77,9 +83,14 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve::run(cli.config.as_deref(), args).await,
-            Command::Mock(args) => mock::run(args).await,
-            Command::Keys(cmd) => keys::run(cli.config.as_deref(), cmd).await,
+            Command::Serve(args) => serve::run(cli.config.as_deref(), args)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Mock(args) => mock::run(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Keys(cmd) => keys::run(cli.config.as_deref(), cmd)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Batch(args) => batch::run(args).await,
         }
     })
 }
