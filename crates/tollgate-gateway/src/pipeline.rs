@@ -148,14 +148,24 @@ fn write_ratelimit_headers(h: &mut HeaderMap, standing: &Grant) {
     }
 }
 
-/// The end user a request names: `x-tollgate-user`, else the body's `user`.
+/// Longest end-user id kept: ids are limiter keys held in memory, and a
+/// client must not make them arbitrarily large.
+const MAX_USER_BYTES: usize = 256;
+
+/// The end user a request names: `x-tollgate-user`, else the body's `user`
+/// (cut at [`MAX_USER_BYTES`], which can only merge, never split, users).
 fn end_user<'a>(headers: &'a HeaderMap, summary: &'a Summary) -> Option<&'a str> {
-    headers
+    let user = headers
         .get("x-tollgate-user")
         .and_then(|v| v.to_str().ok())
         .filter(|u| !u.is_empty())
         .or(summary.user.as_deref())
-        .filter(|u| !u.is_empty())
+        .filter(|u| !u.is_empty())?;
+    let mut end = user.len().min(MAX_USER_BYTES);
+    while !user.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(&user[..end])
 }
 
 /// `x-tollgate-max-wait: 30s`: how long this request may queue.
