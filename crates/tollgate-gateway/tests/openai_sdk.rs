@@ -64,6 +64,12 @@ fn requests_of(log: &LogBuffer, name: &str) -> Vec<(SystemTime, u64)> {
 
 /// A Python with `openai` installed, in a venv under the target directory.
 fn python_with_openai() -> PathBuf {
+    // The tests of this binary run in parallel: one builds, the others wait.
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(build_python_with_openai).clone()
+}
+
+fn build_python_with_openai() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let venv = root.join("openai-venv");
     let python = venv.join("bin").join("python");

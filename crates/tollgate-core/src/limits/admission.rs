@@ -1,7 +1,7 @@
 //! The admission decision: every limit of every subject at once, and the
 //! correction once the real usage is known.
 
-use super::calendar::{until_midnight, used_today, utc_day};
+use super::calendar::{DAY_NS, used_today, utc_day};
 use super::gcra::{Gcra, Refused};
 use super::{Dimension, LimitKind, LimitSet, SubjectState, slot};
 use std::time::Duration;
@@ -137,10 +137,11 @@ struct At {
 
 impl At {
     fn new(now: u64) -> Self {
+        let today = utc_day(now);
         Self {
             now,
-            today: utc_day(now),
-            until_midnight: until_midnight(now),
+            today,
+            until_midnight: Duration::from_nanos((today + 1) * DAY_NS - now),
         }
     }
 }
