@@ -70,6 +70,9 @@ impl MemoryLimiter {
             n <= MAX_SUBJECTS,
             "a decision spans at most {MAX_SUBJECTS} subjects"
         );
+        if let [(subject, limits)] = subjects {
+            return self.with_one_state(subject, limits, now, f);
+        }
         let mut hash = [0u64; MAX_SUBJECTS];
         let mut order = [usize::MAX; MAX_SUBJECTS];
         for (i, (s, _)) in subjects.iter().enumerate() {
@@ -118,6 +121,42 @@ impl MemoryLimiter {
                     g.insert_unique(hash[i], (s.clone(), state), |(k, _)| {
                         self.hasher.hash_one(k)
                     });
+                }
+            }
+        }
+        result
+    }
+
+    /// [`Self::with_states`] for the common decision that spans one
+    /// subject: one lock, no ordering, no arrays to fill.
+    fn with_one_state<R>(
+        &self,
+        subject: &Subject,
+        limits: &LimitSet,
+        now: u64,
+        f: impl FnOnce(&mut [Check]) -> (R, bool),
+    ) -> R {
+        let hash = self.hasher.hash_one(subject);
+        let mut g = lock(&self.shards[Self::shard_of(hash)]);
+        let entry = g.find_entry(hash, |(k, _)| k == subject);
+        let state = entry.as_ref().map(|e| e.get().1).unwrap_or_default();
+        let mut check = [Check::new(*limits, state)];
+        let (result, changed) = f(&mut check);
+        if changed {
+            let state = check[0].state;
+            let idle = state.is_idle(now);
+            match entry {
+                Ok(e) if idle => {
+                    e.remove();
+                }
+                Ok(mut e) => e.get_mut().1 = state,
+                Err(_) if idle => {}
+                Err(absent) => {
+                    absent
+                        .into_table()
+                        .insert_unique(hash, (subject.clone(), state), |(k, _)| {
+                            self.hasher.hash_one(k)
+                        });
                 }
             }
         }
