@@ -111,19 +111,25 @@ impl Pacer {
         }
     }
 
-    /// Takes a slot for a request of `tokens` estimated tokens if it fits at
-    /// `now` (ns); otherwise charges nothing and says how long until it
-    /// would. Charging at the moment of sending (not ahead) lets what the
-    /// server reports meanwhile push later requests back.
-    pub fn try_take(&mut self, tokens: u64, now: u64) -> Result<(), Duration> {
-        let at = [
+    /// The earliest moment (ns) at or after `now` at which a request of
+    /// `tokens` fits every bucket.
+    fn fits_at(&self, tokens: u64, now: u64) -> u64 {
+        [
             self.requests.map(|b| b.fits_at(1, now)),
             self.tokens.map(|b| b.fits_at(tokens, now)),
         ]
         .into_iter()
         .flatten()
         .max()
-        .unwrap_or(now);
+        .unwrap_or(now)
+    }
+
+    /// Takes a slot for a request of `tokens` estimated tokens if it fits at
+    /// `now` (ns); otherwise charges nothing and says how long until it
+    /// would. Charging at the moment of sending (not ahead) lets what the
+    /// server reports meanwhile push later requests back.
+    pub fn try_take(&mut self, tokens: u64, now: u64) -> Result<(), Duration> {
+        let at = self.fits_at(tokens, now);
         if at > now {
             return Err(Duration::from_nanos(at - now));
         }
@@ -135,14 +141,7 @@ impl Pacer {
     /// wait from `now` (ns) before sending it. The reservation is made now,
     /// so concurrent callers queue up behind each other.
     pub fn reserve(&mut self, tokens: u64, now: u64) -> Duration {
-        let at = [
-            self.requests.map(|b| b.fits_at(1, now)),
-            self.tokens.map(|b| b.fits_at(tokens, now)),
-        ]
-        .into_iter()
-        .flatten()
-        .max()
-        .unwrap_or(now);
+        let at = self.fits_at(tokens, now);
         if let Some(b) = &mut self.requests {
             b.charge(1, at);
         }

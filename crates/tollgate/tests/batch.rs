@@ -55,6 +55,20 @@ fn batch(dir: &Path, base_url: &str) -> Command {
     c
 }
 
+/// Runs the batch to its end (off the async workers); returns its JSON summary.
+async fn run_to_the_end(dir: &Path, base_url: &str) -> serde_json::Value {
+    let mut cmd = batch(dir, base_url);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("batch runs"))
+        .await
+        .expect("joined");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON summary")
+}
+
 /// custom_id → how many result lines carry it.
 fn result_counts(path: &Path) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
@@ -73,18 +87,7 @@ async fn a_paced_batch_finishes_with_zero_429s() {
     let mock = mock().await;
     let dir = tempfile::tempdir().expect("dir");
     write_requests(&dir.path().join("requests.jsonl"), 620);
-    let out = tokio::task::spawn_blocking({
-        let mut cmd = batch(dir.path(), &mock.base_url());
-        move || cmd.output().expect("batch runs")
-    })
-    .await
-    .expect("joined");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    let summary = run_to_the_end(dir.path(), &mock.base_url()).await;
     assert_eq!(summary["succeeded"], 620, "{summary}");
     assert_eq!(summary["throttled"], 0, "{summary}");
     assert_eq!(mock.stats().snapshot().rate_limited, 0);
@@ -123,18 +126,7 @@ async fn a_killed_batch_resumes_without_repeating_finished_work() {
         child.kill().expect("killed");
         child.wait().expect("reaped");
     }
-    let out = tokio::task::spawn_blocking({
-        let mut cmd = batch(dir.path(), &mock.base_url());
-        move || cmd.output().expect("batch runs")
-    })
-    .await
-    .expect("joined");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    let summary = run_to_the_end(dir.path(), &mock.base_url()).await;
     let counts = result_counts(&results);
     assert_eq!(counts.len(), N, "every request has a result");
     assert!(counts.values().all(|n| *n == 1), "none twice");
