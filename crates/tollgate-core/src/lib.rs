@@ -1,4 +1,4 @@
-//! Tollgate's pure decision logic: limits, GCRA, token estimates, the
+//! Tollgate's pure decision logic: limits, GCRA, money and prices, token estimates, the
 //! OpenAI wire shapes both ends of the gateway read, and the error taxonomy.
 //!
 //! Nothing in this crate does I/O or reads a clock by itself: time comes in as
@@ -9,6 +9,7 @@ pub mod clock;
 pub mod duration;
 pub mod error;
 pub mod limits;
+pub mod money;
 pub mod openai;
 pub mod tokens;
 

@@ -213,6 +213,17 @@ pub struct Usage {
     /// Input + output.
     #[serde(default)]
     pub total_tokens: u64,
+    /// How the input splits (cached tokens), when the provider says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct PromptTokensDetails {
+    /// Input tokens served from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_tokens: u64,
 }
 
 /// Just the `usage` of a response body; reading it also checks that the body
@@ -222,6 +233,9 @@ pub struct UsageOnly {
     /// `usage`, when the body has one.
     #[serde(default)]
     pub usage: Option<Usage>,
+    /// The model that answered.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 impl Usage {
@@ -230,6 +244,15 @@ impl Usage {
     pub fn tokens(&self) -> u64 {
         self.total_tokens
             .max(self.prompt_tokens.saturating_add(self.completion_tokens))
+    }
+
+    /// The counts a price applies to.
+    pub fn priced(&self) -> crate::money::TokenUsage {
+        crate::money::TokenUsage {
+            input: self.prompt_tokens,
+            cached_input: self.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+            output: self.completion_tokens,
+        }
     }
 }
 
@@ -243,6 +266,9 @@ pub struct StreamChunk<'a> {
     /// Present (non-null) only in the usage chunk.
     #[serde(default)]
     pub usage: Option<Usage>,
+    /// The model that answered.
+    #[serde(borrow, default, deserialize_with = "opt_str")]
+    pub model: Option<Cow<'a, str>>,
 }
 
 /// One choice of a [`StreamChunk`].

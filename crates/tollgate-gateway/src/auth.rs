@@ -39,14 +39,27 @@ pub struct Caller {
     pub name: Arc<str>,
     /// Its limits.
     pub policy: KeyPolicy,
+    /// `key:NAME`, the scope its budgets are set on.
+    pub key_scope: Arc<str>,
+    /// `team:T`, when it has a team.
+    pub team_scope: Option<Arc<str>>,
+    /// The account it draws from: its own, else its team's.
+    pub account: Option<Arc<str>>,
 }
 
 impl Caller {
     fn new(record: KeyRecord, config: &Config) -> Self {
+        let account = record.account.clone().or_else(|| {
+            let team = config.teams.get(record.team.as_deref()?)?;
+            team.account.clone()
+        });
         Self {
             id: record.id.as_str().into(),
             name: record.name.as_str().into(),
             policy: KeyPolicy::resolve(&record, config),
+            key_scope: format!("key:{}", record.name).into(),
+            team_scope: record.team.as_ref().map(|t| format!("team:{t}").into()),
+            account: account.map(Arc::from),
             record,
         }
     }

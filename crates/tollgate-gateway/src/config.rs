@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 use tollgate_core::limits::{KeyLimits, LimitSet};
+use tollgate_core::money::PriceText;
 use tollgate_core::tokens::Encoding;
 
 /// The whole configuration.
@@ -35,9 +36,81 @@ pub struct Config {
     /// Named bundles of limits that keys start from (`[presets.dev]`).
     #[serde(default)]
     pub presets: BTreeMap<String, KeyLimits>,
-    /// Limits shared by every key of a team (`[teams.search]`).
+    /// Teams: limits shared by every key of the team, and the account its
+    /// keys draw from (`[teams.search]`).
     #[serde(default)]
-    pub teams: BTreeMap<String, LimitSet>,
+    pub teams: BTreeMap<String, TeamConfig>,
+    /// Budgets, credits and the ledger.
+    #[serde(default)]
+    pub money: MoneyConfig,
+    /// Prices over the shipped table (`[prices."my-model"]`).
+    #[serde(default)]
+    pub prices: BTreeMap<String, PriceText>,
+}
+
+/// `[teams.NAME]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeamConfig {
+    /// Requests per minute, shared by the team's keys.
+    pub rpm: Option<u64>,
+    /// Tokens per minute.
+    pub tpm: Option<u64>,
+    /// Requests per UTC day.
+    pub rpd: Option<u64>,
+    /// Tokens per UTC day.
+    pub tpd: Option<u64>,
+    /// The prepaid account the team's keys draw from (unless a key names its own).
+    pub account: Option<String>,
+}
+
+impl TeamConfig {
+    /// The team's limits.
+    pub fn limits(&self) -> LimitSet {
+        LimitSet {
+            rpm: self.rpm,
+            tpm: self.tpm,
+            rpd: self.rpd,
+            tpd: self.tpd,
+        }
+    }
+}
+
+/// What to do with a request for a model the price table does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnpricedModels {
+    /// Refuse it when a budget or account would be charged (the default:
+    /// spend that cannot be priced cannot be capped).
+    #[default]
+    Refuse,
+    /// Charge nothing, with a warning in the log once per model.
+    Free,
+}
+
+/// `[money]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MoneyConfig {
+    /// Write a usage row for every served request.
+    pub ledger: bool,
+    /// Models without a price.
+    pub unpriced_models: UnpricedModels,
+    /// Budget thresholds and low balances are POSTed here as JSON.
+    pub webhook_url: Option<String>,
+    /// How often a failed webhook call is retried.
+    pub webhook_retries: u32,
+}
+
+impl Default for MoneyConfig {
+    fn default() -> Self {
+        Self {
+            ledger: true,
+            unpriced_models: UnpricedModels::Refuse,
+            webhook_url: None,
+            webhook_retries: 5,
+        }
+    }
 }
 
 /// `[limits]`.
@@ -313,6 +386,9 @@ impl Config {
                     d.name
                 )));
             }
+        }
+        if let Err(e) = tollgate_core::money::PriceTable::with_overrides(&self.prices) {
+            return Err(ConfigError::Invalid(e.to_string()));
         }
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError::Invalid(

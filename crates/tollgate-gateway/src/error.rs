@@ -10,7 +10,9 @@ use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use std::time::Duration;
 use tollgate_core::duration::format_reset;
 use tollgate_core::limits::{Dimension, RefusalKind};
+use tollgate_core::money::{Usd, format_utc};
 use tollgate_core::{ApiError, ErrorType};
+use tollgate_store::book::MoneyRefusal;
 
 /// Everything that can go wrong in the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +165,12 @@ pub enum Error {
     /// A limit refused the request.
     #[error("rate limited on {}", .0.scope)]
     RateLimited(Box<RateLimited>),
+    /// A budget or an account's balance cannot take the request.
+    #[error("{0:?}")]
+    Money(Box<MoneyRefusal>),
+    /// Money applies to the request but its model has no price.
+    #[error("model `{0}` has no price")]
+    UnpricedModel(String),
 
     /// The admin API is off (no admin key configured).
     #[error("admin API disabled")]
@@ -196,6 +204,13 @@ impl Error {
                 ApiError::new(500, ErrorType::Server, "internal_error", "The gateway hit an internal error; it has been logged.")
             }
             Error::RateLimited(r) => rate_limited(r),
+            Error::Money(r) => money_refused(r),
+            Error::UnpricedModel(model) => invalid(
+                400,
+                "model_not_priced",
+                format!("The model `{model}` has no price in the gateway's price table, so its spend cannot be counted against a budget or account. Ask the operator to price it."),
+            )
+            .with_param("model"),
             Error::MissingKey => ApiError::authentication(
                 "invalid_api_key",
                 "You didn't provide an API key. Send it in an Authorization header using Bearer auth (Authorization: Bearer tg-...).",
@@ -344,6 +359,67 @@ fn rate_limited(r: &RateLimited) -> ApiError {
             after.as_nanos().div_ceil(1_000_000) as f64 / 1000.0,
         ),
         None => e,
+    }
+}
+
+fn money_refused(r: &MoneyRefusal) -> ApiError {
+    match r {
+        MoneyRefusal::Budget {
+            scope,
+            window,
+            cap,
+            spent,
+            requested,
+            resets_at,
+            resets_in,
+        } => {
+            let (cap, spent, requested) = (Usd(*cap), Usd(*spent), Usd(*requested));
+            let when = match resets_at {
+                Some(at) => format!("It resets at {}.", format_utc(*at)),
+                None => "It is a lifetime budget and does not reset.".to_owned(),
+            };
+            let e = ApiError::new(
+                429,
+                ErrorType::BudgetExceeded,
+                "budget_exceeded",
+                format!(
+                    "Budget exceeded for {scope}: the {window} budget of ${cap} is used up (spent ${spent}, this request needs up to ${requested}). {when} Raise the budget or wait; retrying will not help."
+                ),
+            )
+            .with_should_retry(false)
+            .with_field("scope", &**scope)
+            .with_field("window", window.as_str())
+            .with_field("cap_usd", cap.to_string())
+            .with_field("spent_usd", spent.to_string())
+            .with_field("requested_usd", requested.to_string());
+            match (resets_at, resets_in) {
+                (Some(at), Some(wait)) => e
+                    .with_field("resets_at", format_utc(*at))
+                    .with_retry_after(*wait),
+                _ => e.with_field("resets_at", serde_json::Value::Null),
+            }
+        }
+        MoneyRefusal::Credits {
+            account,
+            balance,
+            held,
+            requested,
+        } => {
+            let (balance_usd, held_usd, requested_usd) = (Usd(*balance), Usd(*held), Usd(*requested));
+            ApiError::new(
+                402,
+                ErrorType::InsufficientCredits,
+                "insufficient_credits",
+                format!(
+                    "Insufficient credits in account '{account}': balance ${balance_usd}, ${held_usd} held for requests in flight; this request needs up to ${requested_usd}. Top up the account to continue."
+                ),
+            )
+            .with_should_retry(false)
+            .with_field("account", &**account)
+            .with_field("balance_usd", balance_usd.to_string())
+            .with_field("held_usd", held_usd.to_string())
+            .with_field("requested_usd", requested_usd.to_string())
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod limits;
+pub mod money;
 pub mod pipeline;
 pub mod server;
 mod stream;
@@ -20,6 +21,7 @@ pub use error::Error;
 
 use auth::KeyCache;
 use limits::Limits;
+use money::Money;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +48,8 @@ pub struct Gateway {
     pub model_names: Vec<String>,
     /// Rate limits and daily caps.
     pub limits: Arc<Limits>,
+    /// Budgets, credits and the usage ledger.
+    pub money: Arc<Money>,
     /// How requests' tokens are estimated before the call.
     pub estimator: Estimator,
     admin_key: Option<SecretHash>,
@@ -75,6 +79,7 @@ impl Gateway {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let db = Database::open(&config.database.url).await?;
         let keys = KeyCache::load(db.clone(), config.clone()).await?;
+        let money = Arc::new(Money::load(db.clone(), &config, clock.clone()).await?);
         let limits = Arc::new(Limits::new(clock, &config));
         let estimator = Estimator {
             fallback: config.limits.fallback_encoding.into(),
@@ -109,6 +114,7 @@ impl Gateway {
                 }
             }
         }
+        money.warn_unpriced(&model_names);
         let admin_key = secret(&config.server.admin_key_env)
             .filter(|k| !k.is_empty())
             .map(|k| SecretHash::of(&k));
@@ -119,6 +125,7 @@ impl Gateway {
             routes,
             model_names,
             limits,
+            money,
             estimator,
             admin_key,
             tasks: Default::default(),
@@ -144,6 +151,9 @@ impl Gateway {
                 let Some(gw) = weak.upgrade() else { return };
                 if let Err(e) = gw.keys.refresh_if_changed().await {
                     tracing::warn!(error = %e, "could not refresh the key table");
+                }
+                if let Err(e) = gw.money.sync().await {
+                    tracing::warn!(error = %e, "could not refresh budgets and credits");
                 }
             }
         });
@@ -238,11 +248,14 @@ impl RunningGateway {
         &self.gateway
     }
 
-    /// Stops accepting, waits for in-flight requests within the grace period.
+    /// Stops accepting, waits for in-flight requests within the grace
+    /// period, and makes the ledger durable.
     pub async fn shutdown(mut self) -> Result<(), Error> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        (&mut self.task).await.unwrap_or(Ok(()))
+        let served = (&mut self.task).await.unwrap_or(Ok(()));
+        self.gateway.money.close().await;
+        served
     }
 }

@@ -46,7 +46,7 @@ impl KeyPolicy {
         });
         let limits = preset.map_or_else(|| key.limits.clone(), |p| p.overlaid(&key.limits));
         let team = key.team.as_deref().map(|t| {
-            let found = config.teams.get(t).copied();
+            let found = config.teams.get(t).map(crate::config::TeamConfig::limits);
             if found.is_none() {
                 tracing::warn!(key = %key.name, team = t, "the key's team is not in the config; it has no team limits");
             }

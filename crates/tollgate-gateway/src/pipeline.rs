@@ -3,14 +3,17 @@
 //! 1. **auth** — the bearer key, from the in-memory key table (401/403);
 //! 2. **read** — content type, size limit, UTF-8, JSON (400/413/415);
 //! 3. **route** — the model's deployment (404), the key's model list (403);
-//! 4. **admission** — limits, budgets, credits (not yet: later issues);
+//! 4. **admission** — budgets and credits (429/402), then limits (429);
 //! 5. **upstream** — one call to the deployment (502/504 on failure);
 //! 6. **relay** — the body as one piece, or the stream chunk by chunk as it
-//!    arrives; a client that hangs up drops the upstream call with it.
+//!    arrives; a client that hangs up drops the upstream call with it;
+//! 7. **settle** — limits and bill corrected to the real usage, and the
+//!    usage row made durable before the answer's last byte goes out.
 
 use crate::Gateway;
 use crate::error::{Error, api_error_response, write_retry_advice};
 use crate::limits::Plan;
+use crate::server::RequestId;
 use crate::stream::UsageTap;
 use crate::upstream::{Deployment, Endpoint, Outcome};
 use axum::body::Body;
@@ -29,7 +32,9 @@ use tollgate_core::limits::{Cost, Grant};
 use tollgate_core::openai::{ChatRequest, CompletionRequest, EmbeddingRequest, UsageOnly};
 use tollgate_core::tokens::{Estimate, Estimator};
 use tollgate_core::{ApiError, ErrorType};
-use tollgate_store::KeyRecord;
+use tollgate_core::money::{Micros, TokenUsage, Usd};
+use tollgate_store::book::Remaining;
+use tollgate_store::{KeyRecord, UsageRow};
 
 /// What the access log line says about a proxied request.
 #[derive(Debug, Clone, Default)]
@@ -46,6 +51,10 @@ pub(crate) struct RequestLog {
     /// until its response headers for a stream. The access log subtracts it
     /// from the total to show the gateway's own overhead.
     pub(crate) upstream: Option<Duration>,
+    /// What the request cost (known before the answer for bodies only).
+    pub(crate) cost: Option<Micros>,
+    /// Budget and credits left.
+    pub(crate) remaining: Remaining,
 }
 
 /// Bodies above this size are tokenized off the async workers.
@@ -94,6 +103,7 @@ async fn proxy(gw: &Gateway, endpoint: Endpoint, req: Request) -> Response {
     };
     let h = resp.headers_mut();
     write_ratelimit_headers(h, &standing);
+    write_money_headers(h, &log);
     if let Some(v) = log
         .model
         .as_deref()
@@ -111,6 +121,20 @@ async fn proxy(gw: &Gateway, endpoint: Endpoint, req: Request) -> Response {
     }
     resp.extensions_mut().insert(log);
     resp
+}
+
+/// `x-tollgate-cost-usd`, `x-tollgate-budget-remaining-usd` and
+/// `x-tollgate-credits-remaining-usd`, for what is known.
+fn write_money_headers(h: &mut HeaderMap, log: &RequestLog) {
+    for (name, amount) in [
+        ("x-tollgate-cost-usd", log.cost),
+        ("x-tollgate-budget-remaining-usd", log.remaining.budget),
+        ("x-tollgate-credits-remaining-usd", log.remaining.credits),
+    ] {
+        if let Some(v) = amount.and_then(|a| HeaderValue::from_str(&Usd(a).to_string()).ok()) {
+            h.insert(name, v);
+        }
+    }
 }
 
 /// OpenAI's `x-ratelimit-*` sextet for the tightest request and token limits.
@@ -197,7 +221,8 @@ async fn run(
 
     // 2. read
     let body = read_json_body(&parts.headers, body, gw.config.server.max_body_bytes).await?;
-    let estimator = caller.policy.counts_tokens.then_some(gw.estimator);
+    let estimator =
+        (caller.policy.counts_tokens || gw.money.may_charge(&caller)).then_some(gw.estimator);
     let summary = if estimator.is_some() && body.len() > LARGE_BODY {
         // Tokenizing runs at about 4M tokens/s: a large prompt takes
         // milliseconds, which belong on the blocking pool, not on a worker
@@ -216,29 +241,56 @@ async fn run(
     let deployment = route(gw, &caller.record, &summary.model)?;
     log.deployment = Some(deployment.name.clone());
 
-    // 4. admission
+    // 4. admission: money first (a spent budget is final, so it is the
+    // answer even when a rate limit would also refuse), then limits.
+    let user = end_user(&parts.headers, &summary);
     let max_wait = requested_max_wait(&parts.headers)?.or(caller.policy.max_wait);
-    let plan = Plan::new(
-        &caller.id,
-        &caller.policy,
-        &summary.model,
-        end_user(&parts.headers, &summary),
-    );
+    let request_id = parts
+        .extensions
+        .get::<RequestId>()
+        .and_then(|id| id.0.to_str().ok())
+        .unwrap_or_default();
+    let money_plan = gw.money.plan(&caller, user, &summary.model)?;
+    let bill = gw.money.open(
+        money_plan,
+        summary.estimate,
+        UsageRow {
+            request_id: request_id.to_owned(),
+            key_id: Some(caller.record.id.clone()),
+            key_name: Some(caller.record.name.clone()),
+            user: user.map(str::to_owned),
+            team: caller.record.team.clone(),
+            model: summary.model.to_string(),
+            deployment: Some(deployment.name.to_string()),
+            streamed: summary.stream,
+            ..UsageRow::default()
+        },
+    )?;
+    log.remaining = bill.remaining;
+    let plan = Plan::new(&caller.id, &caller.policy, &summary.model, user);
     let estimate = summary.estimate.map_or(0, |e| e.total());
     let cost = Cost {
         requests: 1,
         tokens: estimate,
     };
-    let admission = gw
+    let admission = match gw
         .limits
         .admit(plan, cost, &caller.id, &caller.name, max_wait)
-        .await?;
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            bill.cancel();
+            return Err(e);
+        }
+    };
     *standing = admission.grant;
     log.estimate = summary.estimate.map(|e| e.total());
     log.queued = Some(admission.waited).filter(|w| !w.is_zero());
 
     // 5. upstream. A stream is settled on its usage chunk; ask for one.
-    let ask_usage = summary.stream && summary.estimate.is_some() && !summary.wants_stream_usage;
+    let tapped = summary.stream && (summary.estimate.is_some() || gw.money.keeps_ledger());
+    let ask_usage = tapped && !summary.wants_stream_usage;
     let body = if ask_usage {
         with_stream_usage(&body, summary.has_stream_options)?
     } else {
@@ -249,8 +301,9 @@ async fn run(
     let outcome = match deployment.send(endpoint, body, &passthrough).await {
         Ok(o) => o,
         Err(e) => {
-            // Nothing was generated: give the tokens back.
+            // Nothing was generated: give the tokens and the money back.
             admission.settle(0);
+            bill.settle(None, e.to_api_error().status, None);
             return Err(e);
         }
     };
@@ -259,9 +312,15 @@ async fn run(
     let resp = match outcome {
         Outcome::Success(upstream) if summary.stream => {
             log.upstream = Some(sent.elapsed());
-            let tap = summary
-                .estimate
-                .map(|e| UsageTap::new(admission, e, ask_usage));
+            let tap = tapped.then(|| {
+                UsageTap::new(
+                    Some(admission),
+                    Some(bill),
+                    summary.estimate,
+                    gw.estimator.fallback,
+                    ask_usage,
+                )
+            });
             relay_stream(deployment, upstream, tap)
         }
         Outcome::Success(upstream) => {
@@ -271,23 +330,41 @@ async fn run(
                 Ok(b) => b,
                 Err(e) => {
                     admission.settle(0);
-                    return Err(deployment.transport_error(e));
+                    let e = deployment.transport_error(e);
+                    bill.settle(None, e.to_api_error().status, None);
+                    return Err(e);
                 }
             };
             log.upstream = Some(sent.elapsed());
             match serde_json::from_slice::<UsageOnly>(&body) {
                 Ok(parsed) => {
                     // No usage block (some servers): the estimate stands.
-                    let actual = parsed.usage.map_or(admission.estimate, |u| u.tokens());
-                    admission.settle(actual);
+                    let usage = parsed.usage.map(|u| u.priced()).or_else(|| {
+                        summary.estimate.map(|e| TokenUsage {
+                            input: e.prompt,
+                            cached_input: 0,
+                            output: e.output,
+                        })
+                    });
+                    let tokens = usage.map_or(admission.estimate, |u| u.input + u.output);
+                    admission.settle(tokens);
+                    let settled = bill.settle(usage, status.as_u16(), parsed.model);
+                    log.cost = Some(settled.cost);
+                    log.remaining = settled.remaining;
+                    // The row is durable before the client has its answer.
+                    if let Some(d) = settled.durable {
+                        d.wait().await;
+                    }
                     relay_body(status, upstream_id, body)
                 }
                 Err(e) => {
                     admission.settle(0);
-                    return Err(Error::UpstreamInvalid {
+                    let e = Error::UpstreamInvalid {
                         deployment: deployment.name.to_string(),
                         detail: format!("body is not valid JSON: {e}"),
-                    });
+                    };
+                    bill.settle(None, e.to_api_error().status, None);
+                    return Err(e);
                 }
             }
         }
@@ -297,6 +374,7 @@ async fn run(
             body,
         } => {
             admission.settle(0);
+            bill.settle(None, status.as_u16(), None);
             let mut resp = (status, body).into_response();
             if let Some(ct) = content_type {
                 resp.headers_mut().insert(CONTENT_TYPE, ct);
@@ -311,6 +389,7 @@ async fn run(
             quota_exhausted,
         } => {
             admission.settle(0);
+            bill.settle(None, 429, None);
             let mut resp = (StatusCode::TOO_MANY_REQUESTS, body).into_response();
             // insufficient_quota is billing: it never clears with time.
             write_retry_advice(resp.headers_mut(), !quota_exhausted, retry_after);
@@ -549,16 +628,18 @@ fn relay_stream(
                                 deployment.name
                             ),
                         );
-                        let mut out = tap
-                            .as_mut()
-                            .map(UsageTap::finish)
-                            .unwrap_or_default()
-                            .to_vec();
+                        let mut out = match tap.as_mut() {
+                            Some(t) => t.finish(502).await.to_vec(),
+                            None => Vec::new(),
+                        };
                         out.extend_from_slice(&stream_error_event(&api));
                         return Some((Ok(Bytes::from(out)), None));
                     }
                     None => {
-                        let rest = tap.as_mut().map(UsageTap::finish).unwrap_or_default();
+                        let rest = match tap.as_mut() {
+                            Some(t) => t.finish(200).await,
+                            None => Bytes::new(),
+                        };
                         return (!rest.is_empty()).then_some((Ok(rest), None));
                     }
                 }

@@ -44,6 +44,17 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/admin/keys/{id}", patch(admin::update_key))
         .route("/admin/keys/{id}/revoke", post(admin::revoke_key))
         .route("/admin/keys/{id}/rotate", post(admin::rotate_key))
+        .route(
+            "/admin/budgets",
+            get(admin::list_budgets)
+                .put(admin::set_budget)
+                .delete(admin::remove_budget),
+        )
+        .route(
+            "/admin/credits/{account}",
+            get(admin::show_credits).post(admin::add_credits),
+        )
+        .route("/admin/usage", get(admin::usage))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(pipeline::unknown_url)

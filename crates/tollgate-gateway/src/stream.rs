@@ -4,19 +4,30 @@
 //! (cut by the upstream, abandoned by the client) is still settled.
 
 use crate::limits::Admission;
+use crate::money::Bill;
 use bytes::{Bytes, BytesMut};
 use tollgate_core::openai::{StreamChunk, Usage};
-use tollgate_core::tokens::Estimate;
+use tollgate_core::tokens::{Encoding, Estimate};
+use tollgate_store::ledger::Durable;
 
-/// Watches one SSE stream pass by and settles its admission at the end.
+/// The event that ends an OpenAI stream.
+const DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// Watches one SSE stream pass by and settles its limits and bill at the
+/// end. It holds back the closing `[DONE]` until the usage row is durable,
+/// so a client that saw the whole stream is always in the ledger.
 #[derive(Debug)]
 pub(crate) struct UsageTap {
     pending: BytesMut,
     strip_usage: bool,
     usage: Option<Usage>,
+    served_model: Option<String>,
     delivered: String,
-    estimate: Estimate,
+    estimate: Option<Estimate>,
+    encoding: Encoding,
     admission: Option<Admission>,
+    bill: Option<Bill>,
+    done_held: bool,
 }
 
 /// The end of one SSE event in `buf`: the index just past its blank line.
@@ -47,16 +58,27 @@ fn data_of(event: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl UsageTap {
-    /// A tap for a stream admitted with `estimate`; `strip_usage` when the
-    /// gateway asked for usage on the client's behalf.
-    pub(crate) fn new(admission: Admission, estimate: Estimate, strip_usage: bool) -> Self {
+    /// A tap for a stream admitted with `estimate` (when one was made);
+    /// `strip_usage` when the gateway asked for usage on the client's behalf;
+    /// `encoding` counts delivered text when the stream ends without usage.
+    pub(crate) fn new(
+        admission: Option<Admission>,
+        bill: Option<Bill>,
+        estimate: Option<Estimate>,
+        encoding: Encoding,
+        strip_usage: bool,
+    ) -> Self {
         Self {
             pending: BytesMut::new(),
             strip_usage,
             usage: None,
+            served_model: None,
             delivered: String::new(),
             estimate,
-            admission: Some(admission),
+            encoding,
+            admission,
+            bill,
+            done_held: false,
         }
     }
 
@@ -73,20 +95,35 @@ impl UsageTap {
         out.freeze()
     }
 
-    /// Whatever is left when the upstream ends (an unterminated event).
-    pub(crate) fn finish(&mut self) -> Bytes {
-        self.pending.split().freeze()
+    /// Settles, waits for the usage row to be durable, and returns what is
+    /// left to send: an unterminated last event and the held-back `[DONE]`.
+    pub(crate) async fn finish(&mut self, status: u16) -> Bytes {
+        if let Some(durable) = self.settle(status, true) {
+            durable.wait().await;
+        }
+        let mut rest = self.pending.split();
+        if self.done_held {
+            rest.extend_from_slice(DONE);
+        }
+        rest.freeze()
     }
 
     fn keep(&mut self, event: &[u8]) -> bool {
         let Some(data) = data_of(event) else {
             return true;
         };
+        if data.trim_ascii() == b"[DONE]" {
+            self.done_held = true;
+            return false;
+        }
         let Ok(chunk) = serde_json::from_slice::<StreamChunk<'_>>(&data) else {
-            // `[DONE]`, or something we do not understand: pass it on.
+            // Something we do not understand: pass it on.
             return true;
         };
         chunk.push_text(&mut self.delivered);
+        if self.served_model.is_none() {
+            self.served_model = chunk.model.as_deref().map(str::to_owned);
+        }
         if chunk.is_usage_only() {
             self.usage = chunk.usage;
             return !self.strip_usage;
@@ -94,29 +131,44 @@ impl UsageTap {
         true
     }
 
-    /// Tokens to settle on: the upstream's usage, else the prompt estimate
+    /// The usage to settle on: the upstream's, else the prompt estimate
     /// plus the delivered text counted with the model's tokenizer.
-    fn actual_tokens(&self) -> u64 {
+    fn actual_usage(&self) -> Usage {
         match self.usage {
-            Some(u) => u.tokens(),
-            None => self.estimate.prompt + self.estimate.encoding.count(&self.delivered),
+            Some(u) => u,
+            None => {
+                let prompt = self.estimate.map_or(0, |e| e.prompt);
+                let encoding = self.estimate.map_or(self.encoding, |e| e.encoding);
+                let completion = encoding.count(&self.delivered);
+                tracing::debug!(prompt, completion, "stream ended without usage; settled on the delivered text");
+                Usage {
+                    prompt_tokens: prompt,
+                    completion_tokens: completion,
+                    total_tokens: prompt + completion,
+                    prompt_tokens_details: None,
+                }
+            }
         }
+    }
+
+    fn settle(&mut self, status: u16, wait: bool) -> Option<Durable> {
+        if self.admission.is_none() && self.bill.is_none() {
+            return None;
+        }
+        let usage = self.actual_usage();
+        if let Some(admission) = self.admission.take() {
+            admission.settle(usage.tokens());
+        }
+        let bill = self.bill.take()?;
+        let settled = bill.settle(Some(usage.priced()), status, self.served_model.take());
+        if wait { settled.durable } else { None }
     }
 }
 
 impl Drop for UsageTap {
+    /// A stream dropped before its end: the client hung up (499).
     fn drop(&mut self) {
-        if let Some(admission) = self.admission.take() {
-            let actual = self.actual_tokens();
-            if self.usage.is_none() {
-                tracing::debug!(
-                    actual,
-                    estimate = admission.estimate,
-                    "stream ended without usage; settled on the delivered text"
-                );
-            }
-            admission.settle(actual);
-        }
+        self.settle(499, false);
     }
 }
 

@@ -11,6 +11,7 @@ use tollgate_core::clock::FakeClock;
 use tollgate_core::limits::calendar::DAY_NS;
 use tollgate_core::limits::{KeyLimits, LimitSet};
 use tollgate_mock::MockConfig;
+use tollgate_gateway::config::TeamConfig;
 
 const CHAT: &str = "/v1/chat/completions";
 /// 9 prompt tokens in o200k: 3 priming + 3 for the message + "user" + "hello world".
@@ -283,9 +284,9 @@ async fn a_team_limit_is_shared_by_its_keys_and_a_refusal_charges_nothing() {
         |c| {
             c.teams.insert(
                 "search".into(),
-                LimitSet {
+                TeamConfig {
                     rpm: Some(3),
-                    ..LimitSet::default()
+                    ..TeamConfig::default()
                 },
             );
         },

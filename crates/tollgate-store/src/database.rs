@@ -22,6 +22,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "key limits",
         include_str!("../migrations/sqlite/0002_key_limits.sql"),
     ),
+    (
+        3,
+        "money",
+        include_str!("../migrations/sqlite/0003_money.sql"),
+    ),
 ];
 
 /// A connection pool to Tollgate's database.

@@ -34,6 +34,8 @@ pub struct KeyRecord {
     pub team: Option<String>,
     /// Its own limits, over the preset's.
     pub limits: KeyLimits,
+    /// The prepaid account its spend is drawn from.
+    pub account: Option<String>,
 }
 
 impl KeyRecord {
@@ -65,6 +67,8 @@ pub struct NewKey {
     pub team: Option<String>,
     /// Its own limits.
     pub limits: KeyLimits,
+    /// Prepaid account to draw from.
+    pub account: Option<String>,
 }
 
 /// A change to a key's limits; `None` fields stay as they are.
@@ -76,6 +80,8 @@ pub struct LimitsUpdate {
     pub team: Option<Option<String>>,
     /// New own limits, replacing the old ones whole.
     pub limits: Option<KeyLimits>,
+    /// New account (`Some(None)` removes it).
+    pub account: Option<Option<String>>,
 }
 
 /// A marker that changes whenever any key changes; cheap to poll.
@@ -85,7 +91,7 @@ pub struct KeysVersion {
     last_update_ms: i64,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -101,7 +107,7 @@ fn random_id() -> Result<String, Error> {
 macro_rules! select_keys {
     ($tail:literal) => {
         concat!(
-            "SELECT id, name, secret_hash, prefix, models, created_at, expires_at, revoked_at, preset, team, limits FROM api_keys ",
+            "SELECT id, name, secret_hash, prefix, models, created_at, expires_at, revoked_at, preset, team, limits, account FROM api_keys ",
             $tail
         )
     };
@@ -135,6 +141,7 @@ fn from_row(row: &SqliteRow) -> Result<KeyRecord, Error> {
         team: row.try_get("team")?,
         limits: serde_json::from_str(&row.try_get::<String, _>("limits")?)
             .map_err(|e| Error::Query(sqlx::Error::Decode(format!("limits column: {e}").into())))?,
+        account: row.try_get("account")?,
     })
 }
 
@@ -165,14 +172,15 @@ impl Database {
             preset: new.preset,
             team: new.team,
             limits: new.limits,
+            account: new.account,
         };
         let models = record
             .models
             .as_ref()
             .and_then(|m| serde_json::to_string(m).ok());
         let result = sqlx::query(
-            "INSERT INTO api_keys (id, name, secret_hash, prefix, models, created_at, expires_at, revoked_at, updated_at, preset, team, limits)
-             VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?)",
+            "INSERT INTO api_keys (id, name, secret_hash, prefix, models, created_at, expires_at, revoked_at, updated_at, preset, team, limits, account)
+             VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)",
         )
         .bind(&record.id)
         .bind(&record.name)
@@ -185,6 +193,7 @@ impl Database {
         .bind(&record.preset)
         .bind(&record.team)
         .bind(limits_json(&record.limits))
+        .bind(&record.account)
         .execute(&self.pool)
         .await;
         match result {
@@ -286,14 +295,18 @@ impl Database {
         if let Some(l) = update.limits {
             key.limits = l;
         }
+        if let Some(a) = update.account {
+            key.account = a;
+        }
         sqlx::query(concat!(
-            "UPDATE api_keys SET preset = ?, team = ?, limits = ?, ",
+            "UPDATE api_keys SET preset = ?, team = ?, limits = ?, account = ?, ",
             next_version!(),
             " WHERE id = ?"
         ))
         .bind(&key.preset)
         .bind(&key.team)
         .bind(limits_json(&key.limits))
+        .bind(&key.account)
         .bind(now_ms())
         .bind(&key.id)
         .execute(&self.pool)

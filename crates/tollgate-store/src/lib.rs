@@ -1,14 +1,19 @@
-//! Tollgate's durable state: virtual keys today; budgets, credits and the
-//! usage ledger as they arrive. The embedded backend is one SQLite file in
+//! Tollgate's state: virtual keys, budgets, credits and the usage ledger in
+//! the database; limiter and money books in memory. The embedded backend is one SQLite file in
 //! WAL mode; the gateway never sees which database it runs on.
 
+pub mod book;
 mod database;
 pub mod keys;
+pub mod ledger;
 pub mod limiter;
+pub mod money;
 pub mod secret;
 
 pub use database::Database;
 pub use keys::{KeyRecord, LimitsUpdate, NewKey};
+pub use book::MoneyBook;
+pub use ledger::{Ledger, UsageRow};
 pub use limiter::MemoryLimiter;
 pub use secret::{SecretHash, SecretKey};
 
@@ -35,6 +40,9 @@ pub enum Error {
     /// A live key already has that name.
     #[error("a live key named `{0}` already exists")]
     DuplicateName(String),
+    /// No account has that name.
+    #[error("no account named `{0}`")]
+    AccountNotFound(String),
     /// The operating system's random source failed.
     #[error("no randomness available: {0}")]
     Random(String),

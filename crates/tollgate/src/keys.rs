@@ -38,6 +38,9 @@ pub struct LimitArgs {
     /// How long its requests may queue instead of being refused, e.g. 30s.
     #[arg(long, value_parser = humantime::parse_duration)]
     max_wait: Option<Duration>,
+    /// Prepaid account its spend is drawn from (see `tollgate credits`).
+    #[arg(long)]
+    account: Option<String>,
 }
 
 impl LimitArgs {
@@ -124,6 +127,9 @@ pub enum KeysCommand {
         /// Remove the key from its team.
         #[arg(long, conflicts_with = "team")]
         no_team: bool,
+        /// Stop drawing the key's spend from an account.
+        #[arg(long, conflicts_with = "account")]
+        no_account: bool,
     },
     /// List keys (never their secrets).
     List {
@@ -222,6 +228,7 @@ pub async fn run(config: Option<&std::path::Path>, cmd: KeysCommand) -> anyhow::
                     preset: limits.preset.clone(),
                     team: limits.team.clone(),
                     limits: limits.limits(),
+                    account: limits.account.clone(),
                 })
                 .await?;
             if json {
@@ -239,6 +246,7 @@ pub async fn run(config: Option<&std::path::Path>, cmd: KeysCommand) -> anyhow::
             limits,
             no_preset,
             no_team,
+            no_account,
         } => {
             check_names(&config, limits.preset.as_deref(), limits.team.as_deref())
                 .map_err(anyhow::Error::msg)?;
@@ -254,13 +262,19 @@ pub async fn run(config: Option<&std::path::Path>, cmd: KeysCommand) -> anyhow::
                     limits.team.clone().map(Some)
                 },
                 limits: limits.sets_limits().then(|| limits.limits()),
+                account: if no_account {
+                    Some(None)
+                } else {
+                    limits.account.clone().map(Some)
+                },
             };
             let k = db.update_key_limits(&key, update).await?;
             println!(
-                "key '{}': preset {}, team {}, limits {}",
+                "key '{}': preset {}, team {}, account {}, limits {}",
                 k.name,
                 k.preset.as_deref().unwrap_or("-"),
                 k.team.as_deref().unwrap_or("-"),
+                k.account.as_deref().unwrap_or("-"),
                 serde_json::to_string(&k.limits)?
             );
         }

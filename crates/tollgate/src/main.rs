@@ -3,6 +3,7 @@
 mod batch;
 mod keys;
 mod mock;
+mod money;
 mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -48,6 +49,14 @@ enum Command {
     /// Manage virtual API keys.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Prepaid credits: add, show, list.
+    #[command(subcommand)]
+    Credits(money::CreditsCommand),
+    /// Spend caps per scope: set, remove, list.
+    #[command(subcommand)]
+    Budgets(money::BudgetsCommand),
+    /// Usage and spend from the ledger, grouped.
+    Usage(money::UsageArgs),
     /// Send OpenAI batch-format JSONL through a paced, retrying client;
     /// resumable. Exit codes: 0 done, 3 budget cap, 4 insufficient credits,
     /// 5 daily cap, 1 error.
@@ -88,6 +97,15 @@ fn main() -> anyhow::Result<ExitCode> {
                 .map(|()| ExitCode::SUCCESS),
             Command::Mock(args) => mock::run(args).await.map(|()| ExitCode::SUCCESS),
             Command::Keys(cmd) => keys::run(cli.config.as_deref(), cmd)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Credits(cmd) => money::credits(cli.config.as_deref(), cmd)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Budgets(cmd) => money::budgets(cli.config.as_deref(), cmd)
+                .await
+                .map(|()| ExitCode::SUCCESS),
+            Command::Usage(args) => money::usage(cli.config.as_deref(), args)
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Batch(args) => batch::run(args).await,

@@ -206,6 +206,8 @@ pub async fn run(config_file: Option<&Path>, args: ServeArgs) -> anyhow::Result<
         );
     }
     println!("tollgate listening on {url}  (OpenAI base URL: {url}/v1)");
-    tollgate_gateway::server::serve(gateway, listener, shutdown_signal()).await?;
+    tollgate_gateway::server::serve(gateway.clone(), listener, shutdown_signal()).await?;
+    // Every usage row of a served request is durable before the exit.
+    gateway.money.close().await;
     Ok(())
 }

@@ -1,0 +1,574 @@
+//! Money at the gate: which budgets and account a request is charged to,
+//! reserving its estimated cost at admission, settling the real cost into
+//! the ledger afterwards, and announcing thresholds it crosses.
+//!
+//! The decisions run on the in-memory [`MoneyBook`]; the database is read
+//! at start and polled for changes made elsewhere (CLI top-ups, budgets
+//! set on another replica), and written only through the group-committed
+//! [`Ledger`].
+
+use crate::auth::Caller;
+use crate::config::{Config, UnpricedModels};
+use crate::error::Error;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tollgate_core::clock::Clock;
+use tollgate_core::money::{
+    Budget, EVERY_USER, Micros, Price, PriceTable, TokenUsage, Usd, Window,
+};
+use tollgate_core::tokens::Estimate;
+use tollgate_store::book::{BudgetCharge, MoneyAlert, Remaining};
+use tollgate_store::ledger::{Durable, HoldRow};
+use tollgate_store::money::{BudgetsVersion, SpendColumn};
+use tollgate_store::{Database, Ledger, MoneyBook, UsageRow};
+
+/// Budgets by scope, as the database holds them.
+#[derive(Debug, Default)]
+struct BudgetRules {
+    scoped: HashMap<Arc<str>, Vec<Budget>>,
+    every_user: Vec<Budget>,
+}
+
+impl BudgetRules {
+    fn new(budgets: Vec<Budget>) -> Self {
+        let mut rules = Self::default();
+        for b in budgets {
+            if &*b.scope == EVERY_USER {
+                rules.every_user.push(b);
+            } else {
+                rules.scoped.entry(b.scope.clone()).or_default().push(b);
+            }
+        }
+        rules
+    }
+
+    fn is_empty(&self) -> bool {
+        self.scoped.is_empty() && self.every_user.is_empty()
+    }
+
+    /// The budgets a request by `caller` for end user `user` is charged to.
+    fn charges(&self, caller: &Caller, user: Option<&str>) -> Vec<BudgetCharge> {
+        let mut out = Vec::new();
+        if self.is_empty() {
+            return out;
+        }
+        let mut add = |scope: &Arc<str>, rules: &[Budget]| {
+            out.extend(rules.iter().map(|b| BudgetCharge {
+                scope: scope.clone(),
+                budget: b.clone(),
+            }));
+        };
+        for scope in [Some(&caller.key_scope), caller.team_scope.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(rules) = self.scoped.get(scope) {
+                add(scope, rules);
+            }
+        }
+        if let Some(rules) = self.scoped.get("org") {
+            add(&Arc::from("org"), rules);
+        }
+        if let Some(user) = user {
+            let scope: Arc<str> = Arc::from(format!("user:{user}"));
+            // A user's own budget of a window replaces the every-user one.
+            let own = self.scoped.get(&scope);
+            if let Some(rules) = own {
+                add(&scope, rules);
+            }
+            let every: Vec<Budget> = self
+                .every_user
+                .iter()
+                .filter(|b| own.is_none_or(|o| o.iter().all(|x| x.window != b.window)))
+                .cloned()
+                .collect();
+            add(&scope, &every);
+        }
+        out
+    }
+}
+
+/// What the poller last saw of the database.
+#[derive(Debug, Default)]
+struct Seen {
+    budgets: BudgetsVersion,
+    last_entry: i64,
+    /// Budget scopes (rule scope, window) whose spend has been summed.
+    loaded: HashSet<(Arc<str>, Window)>,
+}
+
+/// Budgets, credits, prices and the ledger.
+pub struct Money {
+    book: MoneyBook,
+    prices: PriceTable,
+    rules: RwLock<Arc<BudgetRules>>,
+    ledger: Option<Ledger>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    unpriced: UnpricedModels,
+    warned_unpriced: Mutex<HashSet<String>>,
+    alerts: Option<mpsc::UnboundedSender<MoneyAlert>>,
+    clock: Arc<dyn Clock>,
+    db: Database,
+    seen: tokio::sync::Mutex<Seen>,
+}
+
+impl std::fmt::Debug for Money {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Money")
+            .field("prices", &self.prices.len())
+            .field("ledger", &self.ledger.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The money side of one request: its budgets, account and price.
+#[derive(Debug, Default)]
+pub struct MoneyPlan {
+    budgets: Vec<BudgetCharge>,
+    account: Option<Arc<str>>,
+    price: Option<Price>,
+}
+
+/// A request's bill from admission to settlement: what it reserved, and
+/// the usage row it will leave.
+#[derive(Debug)]
+pub struct Bill {
+    money: Arc<Money>,
+    plan: MoneyPlan,
+    reserved: Micros,
+    /// What was left after the reservation.
+    pub remaining: Remaining,
+    row: Option<UsageRow>,
+    request_id: Arc<str>,
+    started: Instant,
+}
+
+/// A settled bill.
+#[derive(Debug)]
+pub struct Settled {
+    /// The request's cost.
+    pub cost: Micros,
+    /// What is left after it.
+    pub remaining: Remaining,
+    /// Resolves when its usage row is durable.
+    pub durable: Option<Durable>,
+}
+
+impl Money {
+    /// Reads prices, accounts, budgets and their spend; releases the holds
+    /// a previous run left; starts the ledger writer.
+    pub async fn load(db: Database, config: &Config, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+        let prices = tollgate_core::money::PriceTable::with_overrides(&config.prices)
+            .map_err(|e| Error::Config(crate::config::ConfigError::Invalid(e.to_string())))?;
+        let stale = db.release_stale_holds().await?;
+        if !stale.is_empty() {
+            let total: Micros = stale.iter().map(|h| h.amount).sum();
+            for h in &stale {
+                tracing::warn!(request_id = %h.request_id, account = %h.account, held_usd = %Usd(h.amount), "released a hold left by the previous run: its request never settled and was not charged");
+            }
+            tracing::warn!(holds = stale.len(), total_usd = %Usd(total), "released the previous run's open holds");
+        }
+        let (ledger, writer) = if config.money.ledger {
+            let (l, t) = Ledger::start(db.clone());
+            (Some(l), Some(t))
+        } else {
+            (None, None)
+        };
+        let alerts = config.money.webhook_url.clone().map(|url| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(deliver_alerts(url, config.money.webhook_retries, rx));
+            tx
+        });
+        let money = Self {
+            book: MoneyBook::new(),
+            prices,
+            rules: RwLock::default(),
+            ledger,
+            writer: Mutex::new(writer),
+            unpriced: config.money.unpriced_models,
+            warned_unpriced: Mutex::default(),
+            alerts,
+            clock,
+            db,
+            seen: tokio::sync::Mutex::default(),
+        };
+        for account in money.db.list_accounts().await? {
+            money
+                .book
+                .set_account(&account.name, account.balance, account.low_balance);
+        }
+        money.seen.lock().await.last_entry = money.db.last_credit_entry().await?;
+        money.sync().await?;
+        Ok(money)
+    }
+
+    /// Logs, once each, the served models that have no price.
+    pub fn warn_unpriced<'a>(&self, models: impl IntoIterator<Item = &'a String>) {
+        let unpriced: Vec<&str> = models
+            .into_iter()
+            .filter(|m| self.prices.get(m).is_none())
+            .map(String::as_str)
+            .collect();
+        if !unpriced.is_empty() {
+            let policy = match self.unpriced {
+                UnpricedModels::Refuse => "requests charged to a budget or account are refused",
+                UnpricedModels::Free => "they are charged nothing",
+            };
+            tracing::warn!(models = ?unpriced, "these models have no price ({policy}); add them under [prices] in the config");
+        }
+    }
+
+    /// Whether every served request leaves a usage row.
+    pub fn keeps_ledger(&self) -> bool {
+        self.ledger.is_some()
+    }
+
+    /// Whether a request by `caller` may be charged (so its cost must be
+    /// estimated).
+    pub fn may_charge(&self, caller: &Caller) -> bool {
+        caller.account.is_some() || !self.rules().is_empty()
+    }
+
+    fn rules(&self) -> Arc<BudgetRules> {
+        self.rules
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The budgets, account and price of a request.
+    pub fn plan(&self, caller: &Caller, user: Option<&str>, model: &str) -> Result<MoneyPlan, Error> {
+        let budgets = self.rules().charges(caller, user);
+        let account = caller.account.clone();
+        let charged = !budgets.is_empty() || account.is_some();
+        let price = match self.prices.get(model) {
+            Some(p) => Some(p),
+            None if charged && self.unpriced == UnpricedModels::Refuse => {
+                return Err(Error::UnpricedModel(model.to_owned()));
+            }
+            None => {
+                let mut warned = self
+                    .warned_unpriced
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if warned.len() < 1024 && warned.insert(model.to_owned()) {
+                    tracing::warn!(model, "no price for this model: its requests cost 0 in the ledger");
+                }
+                None
+            }
+        };
+        Ok(MoneyPlan {
+            budgets,
+            account,
+            price,
+        })
+    }
+
+    /// Reserves the estimated cost of a request on its budgets and account,
+    /// or refuses it. `row` is its usage row so far.
+    pub fn open(
+        self: &Arc<Self>,
+        plan: MoneyPlan,
+        estimate: Option<Estimate>,
+        mut row: UsageRow,
+    ) -> Result<Bill, Error> {
+        let reserved = match (plan.price, estimate) {
+            (Some(p), Some(e)) => p.cost(TokenUsage {
+                input: e.prompt,
+                cached_input: 0,
+                output: e.output,
+            }),
+            _ => 0,
+        };
+        let mut remaining = Remaining::default();
+        if !plan.budgets.is_empty() || plan.account.is_some() {
+            let now = self.clock.now_ns();
+            remaining = self
+                .book
+                .reserve(&plan.budgets, plan.account.as_ref(), reserved, now)
+                .map_err(|r| Error::Money(Box::new(r)))?;
+            if let (Some(account), Some(ledger)) = (&plan.account, &self.ledger) {
+                ledger.hold(HoldRow {
+                    request_id: row.request_id.clone(),
+                    account: account.to_string(),
+                    amount: reserved,
+                    at: (now / 1_000_000) as i64,
+                });
+                row.held = true;
+            }
+        }
+        row.account = plan.account.as_deref().map(str::to_owned);
+        Ok(Bill {
+            money: self.clone(),
+            plan,
+            reserved,
+            remaining,
+            request_id: Arc::from(row.request_id.as_str()),
+            row: Some(row),
+            started: Instant::now(),
+        })
+    }
+
+    /// Picks up changes made outside this process: budgets set or removed,
+    /// credit entries added, low-balance marks changed.
+    pub async fn sync(&self) -> Result<(), Error> {
+        let mut seen = self.seen.lock().await;
+        let entries = self.db.credit_entries(None, seen.last_entry).await?;
+        if !entries.is_empty() {
+            let known: HashSet<String> = self
+                .db
+                .list_accounts()
+                .await?
+                .into_iter()
+                .map(|a| {
+                    self.book.set_low_balance(&a.name, a.low_balance);
+                    a.name
+                })
+                .collect();
+            for e in &entries {
+                if known.contains(&e.account) {
+                    self.book.credit(&e.account, e.amount);
+                }
+                seen.last_entry = seen.last_entry.max(e.id);
+            }
+        }
+        let version = self.db.budgets_version().await?;
+        if version != seen.budgets || seen.loaded.is_empty() && version != BudgetsVersion::default()
+        {
+            let budgets = self.db.list_budgets().await?;
+            let now = self.clock.now_ns();
+            for b in &budgets {
+                if seen.loaded.insert((b.scope.clone(), b.window)) {
+                    self.load_spend(b, now).await?;
+                }
+            }
+            *self.rules.write().unwrap_or_else(PoisonError::into_inner) =
+                Arc::new(BudgetRules::new(budgets));
+            seen.budgets = version;
+        }
+        Ok(())
+    }
+
+    /// Sums the ledger's spend of a new budget's scope in its current window.
+    async fn load_spend(&self, b: &Budget, now_ns: u64) -> Result<(), Error> {
+        let Some((column, name)) = SpendColumn::of_scope(&b.scope) else {
+            return Ok(());
+        };
+        let since_ms = (b.window.start(now_ns) / 1_000_000) as i64;
+        let sums = self.db.spend_since(column, name, since_ms).await?;
+        if name.is_some() && sums.is_empty() && !self.book.has_spend(&b.scope, b.window) {
+            self.book.set_spend(&b.scope, b.window, 0, now_ns);
+        }
+        for (scope, spent) in sums {
+            self.book.set_spend(&scope, b.window, spent, now_ns);
+        }
+        Ok(())
+    }
+
+    /// An account's balance and holds in memory.
+    pub fn funds(&self, account: &str) -> Option<(Micros, Micros)> {
+        self.book.funds(account)
+    }
+
+    /// Waits until every usage row recorded so far is durable.
+    pub async fn flush(&self) {
+        if let Some(l) = &self.ledger {
+            l.flush().await;
+        }
+    }
+
+    /// Flushes the ledger and stops its writer (at shutdown).
+    pub async fn close(&self) {
+        self.flush().await;
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(w) = writer {
+            w.abort();
+        }
+    }
+
+    fn alert(&self, alert: MoneyAlert) {
+        match &alert {
+            MoneyAlert::BudgetThreshold {
+                scope,
+                window,
+                cap,
+                spent,
+                percent,
+            } => tracing::warn!(target: "tollgate::alert", %scope, %window, cap_usd = %Usd(*cap), spent_usd = %Usd(*spent), percent, "budget threshold reached"),
+            MoneyAlert::LowBalance {
+                account,
+                balance,
+                threshold,
+            } => tracing::warn!(target: "tollgate::alert", %account, balance_usd = %Usd(*balance), threshold_usd = %Usd(*threshold), "account balance is low"),
+        }
+        if let Some(tx) = &self.alerts {
+            let _ = tx.send(alert);
+        }
+    }
+}
+
+impl Bill {
+    /// Settles on the real usage (`None`: the call failed, nothing is
+    /// charged) and records the usage row with the status sent.
+    pub fn settle(
+        mut self,
+        usage: Option<TokenUsage>,
+        status: u16,
+        served_model: Option<String>,
+    ) -> Settled {
+        let cost = match (usage, self.plan.price) {
+            (Some(u), Some(p)) => p.cost(u),
+            _ => 0,
+        };
+        self.finish(usage, cost, status, served_model, true)
+    }
+
+    /// Undoes the reservation of a request refused after it was made (by a
+    /// rate limit): no row, no charge.
+    pub fn cancel(mut self) {
+        self.row = None;
+        let now = self.money.clock.now_ns();
+        self.money.book.settle(
+            &self.plan.budgets,
+            self.plan.account.as_ref(),
+            self.reserved,
+            0,
+            now,
+        );
+        if let Some(ledger) = self.money.ledger.as_ref().filter(|_| self.plan.account.is_some()) {
+            ledger.release(&self.request_id);
+        }
+    }
+
+    fn finish(
+        &mut self,
+        usage: Option<TokenUsage>,
+        cost: Micros,
+        status: u16,
+        served_model: Option<String>,
+        wait: bool,
+    ) -> Settled {
+        let now = self.money.clock.now_ns();
+        let (remaining, alerts) = if self.plan.budgets.is_empty() && self.plan.account.is_none() {
+            (Remaining::default(), Vec::new())
+        } else {
+            self.money.book.settle(
+                &self.plan.budgets,
+                self.plan.account.as_ref(),
+                self.reserved,
+                cost,
+                now,
+            )
+        };
+        for a in alerts {
+            self.money.alert(a);
+        }
+        let durable = match (self.row.take(), &self.money.ledger) {
+            (Some(mut row), Some(ledger)) => {
+                let u = usage.unwrap_or_default();
+                row.at = (now / 1_000_000) as i64;
+                row.input_tokens = u.input;
+                row.cached_tokens = u.cached_input;
+                row.output_tokens = u.output;
+                row.cost = cost;
+                row.status = status;
+                row.latency_ms = self.started.elapsed().as_millis() as u64;
+                row.served_model = served_model;
+                if wait {
+                    Some(ledger.record(row))
+                } else {
+                    ledger.record_detached(row);
+                    None
+                }
+            }
+            _ => None,
+        };
+        Settled {
+            cost,
+            remaining,
+            durable,
+        }
+    }
+}
+
+impl Drop for Bill {
+    /// A bill dropped unsettled belongs to a request whose client went away
+    /// while the upstream was working: the provider bills for that work, so
+    /// the estimate is charged (status 499, as proxies log a client that
+    /// closed the connection).
+    fn drop(&mut self) {
+        if self.row.is_some() {
+            self.finish(None, self.reserved, 499, None, false);
+        }
+    }
+}
+
+/// POSTs each alert as JSON to the webhook, retrying with backoff.
+async fn deliver_alerts(url: String, retries: u32, mut rx: mpsc::UnboundedReceiver<MoneyAlert>) {
+    use backon::{ExponentialBuilder, Retryable};
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the webhook client; alerts go to the log only");
+            return;
+        }
+    };
+    while let Some(alert) = rx.recv().await {
+        let body = alert_json(&alert);
+        let send = || async {
+            client
+                .post(&url)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+        };
+        let sent = send
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_delay(Duration::from_secs(30))
+                    .with_max_times(retries as usize)
+                    .with_jitter(),
+            )
+            .notify(|e, after| tracing::warn!(error = %e, retry_in = ?after, "webhook call failed; retrying"))
+            .await;
+        if let Err(e) = sent {
+            tracing::error!(error = %e, event = %body["event"], "webhook call failed for good");
+        }
+    }
+}
+
+fn alert_json(alert: &MoneyAlert) -> serde_json::Value {
+    match alert {
+        MoneyAlert::BudgetThreshold {
+            scope,
+            window,
+            cap,
+            spent,
+            percent,
+        } => serde_json::json!({
+            "event": "budget_threshold", "scope": &**scope, "window": window.as_str(),
+            "cap_usd": Usd(*cap).to_string(), "spent_usd": Usd(*spent).to_string(), "percent": percent,
+        }),
+        MoneyAlert::LowBalance {
+            account,
+            balance,
+            threshold,
+        } => serde_json::json!({
+            "event": "low_balance", "account": &**account,
+            "balance_usd": Usd(*balance).to_string(), "threshold_usd": Usd(*threshold).to_string(),
+        }),
+    }
+}

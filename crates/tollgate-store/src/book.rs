@@ -1,0 +1,394 @@
+//! The money book in memory: spend per budget window and funds per account,
+//! with what in-flight requests reserved. Admission and settlement are one
+//! short critical section each, never held across an await; the ledger
+//! makes the same changes durable behind it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tollgate_core::money::{Budget, Micros, Window};
+
+/// Spend of one scope over one window.
+#[derive(Debug, Clone, Copy, Default)]
+struct Spend {
+    window_start: u64,
+    spent: Micros,
+    reserved: Micros,
+    alerted: bool,
+}
+
+impl Spend {
+    /// Starts a new window's count when `now_ns` has left the old one.
+    fn roll(&mut self, window: Window, now_ns: u64) {
+        let start = window.start(now_ns);
+        if start != self.window_start {
+            self.window_start = start;
+            self.spent = 0;
+            self.alerted = false;
+        }
+    }
+}
+
+/// An account's prepaid funds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Funds {
+    balance: Micros,
+    held: Micros,
+    low_balance: Option<Micros>,
+    low_alerted: bool,
+}
+
+/// A budget as one request meets it: the counter it charges (`user:alice`
+/// for the `user:*` rule) and the rule.
+#[derive(Debug, Clone)]
+pub struct BudgetCharge {
+    /// The scope whose spend is counted.
+    pub scope: Arc<str>,
+    /// The cap.
+    pub budget: Budget,
+}
+
+/// Why money refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MoneyRefusal {
+    /// A budget cannot take the request's estimated cost.
+    Budget {
+        /// The scope whose cap is reached.
+        scope: Arc<str>,
+        /// The window.
+        window: Window,
+        /// The cap.
+        cap: Micros,
+        /// Spent in this window, in-flight reservations included.
+        spent: Micros,
+        /// The request's estimated cost.
+        requested: Micros,
+        /// When the window resets (ns since the epoch); `None` for lifetime.
+        resets_at: Option<u64>,
+        /// How long until then.
+        resets_in: Option<Duration>,
+    },
+    /// The account's balance minus holds cannot cover the estimate.
+    Credits {
+        /// The account.
+        account: Arc<str>,
+        /// Its balance.
+        balance: Micros,
+        /// Held for requests in flight.
+        held: Micros,
+        /// The request's estimated cost.
+        requested: Micros,
+    },
+}
+
+/// What is left after a reservation or settlement, for the response headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Remaining {
+    /// The tightest budget's cap minus spend and reservations.
+    pub budget: Option<Micros>,
+    /// The account's balance minus holds.
+    pub credits: Option<Micros>,
+}
+
+/// A threshold crossed by a settlement, to be announced once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MoneyAlert {
+    /// A budget's spend reached its alert share.
+    BudgetThreshold {
+        /// The scope.
+        scope: Arc<str>,
+        /// The window.
+        window: Window,
+        /// The cap.
+        cap: Micros,
+        /// Spent in the window.
+        spent: Micros,
+        /// The alert share crossed.
+        percent: u8,
+    },
+    /// An account's balance fell below its low-balance mark.
+    LowBalance {
+        /// The account.
+        account: Arc<str>,
+        /// Its balance.
+        balance: Micros,
+        /// The mark.
+        threshold: Micros,
+    },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    spend: HashMap<(Arc<str>, Window), Spend>,
+    accounts: HashMap<Arc<str>, Funds>,
+}
+
+/// Spend and funds in memory.
+#[derive(Debug, Default)]
+pub struct MoneyBook {
+    state: Mutex<State>,
+}
+
+impl MoneyBook {
+    /// An empty book.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reserves `amount` on every budget and the account, or on none: a
+    /// refusal changes nothing.
+    pub fn reserve(
+        &self,
+        budgets: &[BudgetCharge],
+        account: Option<&Arc<str>>,
+        amount: Micros,
+        now_ns: u64,
+    ) -> Result<Remaining, MoneyRefusal> {
+        let mut st = self.state();
+        let mut remaining = Remaining::default();
+        for b in budgets {
+            let s = st
+                .spend
+                .entry((b.scope.clone(), b.budget.window))
+                .or_insert_with(|| Spend {
+                    window_start: b.budget.window.start(now_ns),
+                    ..Spend::default()
+                });
+            s.roll(b.budget.window, now_ns);
+            let committed = s.spent + s.reserved;
+            if committed + amount > b.budget.cap {
+                return Err(MoneyRefusal::Budget {
+                    scope: b.scope.clone(),
+                    window: b.budget.window,
+                    cap: b.budget.cap,
+                    spent: committed,
+                    requested: amount,
+                    resets_at: b.budget.window.end(now_ns),
+                    resets_in: b
+                        .budget
+                        .window
+                        .end(now_ns)
+                        .map(|end| Duration::from_nanos(end.saturating_sub(now_ns))),
+                });
+            }
+            let left = b.budget.cap - committed - amount;
+            remaining.budget = Some(remaining.budget.map_or(left, |r: Micros| r.min(left)));
+        }
+        if let Some(a) = account {
+            let f = st.accounts.entry(a.clone()).or_default();
+            if f.balance - f.held < amount {
+                return Err(MoneyRefusal::Credits {
+                    account: a.clone(),
+                    balance: f.balance,
+                    held: f.held,
+                    requested: amount,
+                });
+            }
+            f.held += amount;
+            remaining.credits = Some(f.balance - f.held);
+        }
+        for b in budgets {
+            if let Some(s) = st.spend.get_mut(&(b.scope.clone(), b.budget.window)) {
+                s.reserved += amount;
+            }
+        }
+        Ok(remaining)
+    }
+
+    /// Replaces a reservation of `reserved` with the real cost `actual`
+    /// (zero for a failed call: the reservation is simply released).
+    /// Returns what is left and any threshold the spend crossed.
+    pub fn settle(
+        &self,
+        budgets: &[BudgetCharge],
+        account: Option<&Arc<str>>,
+        reserved: Micros,
+        actual: Micros,
+        now_ns: u64,
+    ) -> (Remaining, Vec<MoneyAlert>) {
+        let mut st = self.state();
+        let mut remaining = Remaining::default();
+        let mut alerts = Vec::new();
+        for b in budgets {
+            let s = st
+                .spend
+                .entry((b.scope.clone(), b.budget.window))
+                .or_default();
+            s.roll(b.budget.window, now_ns);
+            s.reserved = (s.reserved - reserved).max(0);
+            s.spent += actual;
+            let left = b.budget.cap - s.spent - s.reserved;
+            remaining.budget = Some(remaining.budget.map_or(left, |r: Micros| r.min(left)));
+            if let Some(pct) = b.budget.alert_percent
+                && !s.alerted
+                && i128::from(s.spent) * 100 >= i128::from(b.budget.cap) * i128::from(pct)
+            {
+                s.alerted = true;
+                alerts.push(MoneyAlert::BudgetThreshold {
+                    scope: b.scope.clone(),
+                    window: b.budget.window,
+                    cap: b.budget.cap,
+                    spent: s.spent,
+                    percent: pct,
+                });
+            }
+        }
+        if let Some(a) = account {
+            let f = st.accounts.entry(a.clone()).or_default();
+            f.held = (f.held - reserved).max(0);
+            f.balance -= actual;
+            remaining.credits = Some(f.balance - f.held);
+            if let Some(low) = f.low_balance
+                && f.balance < low
+                && !f.low_alerted
+            {
+                f.low_alerted = true;
+                alerts.push(MoneyAlert::LowBalance {
+                    account: a.clone(),
+                    balance: f.balance,
+                    threshold: low,
+                });
+            }
+        }
+        (remaining, alerts)
+    }
+
+    /// Sets an account's balance and low-balance mark as the database has
+    /// them (at start, and when an account first appears).
+    pub fn set_account(&self, account: &str, balance: Micros, low_balance: Option<Micros>) {
+        let mut st = self.state();
+        let f = st.accounts.entry(Arc::from(account)).or_default();
+        f.balance = balance;
+        f.low_balance = low_balance;
+        f.low_alerted = low_balance.is_some_and(|l| balance < l);
+    }
+
+    /// Adds a credit entry (a top-up, or a negative adjustment).
+    pub fn credit(&self, account: &str, amount: Micros) {
+        let mut st = self.state();
+        let f = st.accounts.entry(Arc::from(account)).or_default();
+        f.balance += amount;
+        if f.low_balance.is_none_or(|l| f.balance >= l) {
+            f.low_alerted = false;
+        }
+    }
+
+    /// Changes an account's low-balance mark.
+    pub fn set_low_balance(&self, account: &str, low_balance: Option<Micros>) {
+        let mut st = self.state();
+        let f = st.accounts.entry(Arc::from(account)).or_default();
+        f.low_balance = low_balance;
+    }
+
+    /// An account's balance and holds.
+    pub fn funds(&self, account: &str) -> Option<(Micros, Micros)> {
+        self.state()
+            .accounts
+            .get(account)
+            .map(|f| (f.balance, f.held))
+    }
+
+    /// Whether a spend counter for `scope` over `window` exists.
+    pub fn has_spend(&self, scope: &str, window: Window) -> bool {
+        self.state().spend.contains_key(&(Arc::from(scope), window))
+    }
+
+    /// Sets the spend of `scope` in the window holding `now_ns`, as the
+    /// ledger sums it (at start, and when a budget is added).
+    pub fn set_spend(&self, scope: &str, window: Window, spent: Micros, now_ns: u64) {
+        let mut st = self.state();
+        let s = st.spend.entry((Arc::from(scope), window)).or_default();
+        s.window_start = window.start(now_ns);
+        s.spent = spent;
+        s.alerted = false;
+    }
+
+    /// Spend of `scope` in the current window: (spent, reserved).
+    pub fn spend(&self, scope: &str, window: Window, now_ns: u64) -> (Micros, Micros) {
+        let mut st = self.state();
+        match st.spend.get_mut(&(Arc::from(scope), window)) {
+            Some(s) => {
+                s.roll(window, now_ns);
+                (s.spent, s.reserved)
+            }
+            None => (0, 0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::limits::calendar::DAY_NS;
+
+    fn day_budget(scope: &str, cap: Micros) -> BudgetCharge {
+        BudgetCharge {
+            scope: Arc::from(scope),
+            budget: Budget {
+                scope: Arc::from(scope),
+                window: Window::Day,
+                cap,
+                alert_percent: Some(80),
+            },
+        }
+    }
+
+    #[test]
+    fn a_budget_admits_exactly_what_fits() {
+        let book = MoneyBook::new();
+        let b = [day_budget("team:a", 1_000)];
+        let now = 20_000 * DAY_NS;
+        for _ in 0..4 {
+            book.reserve(&b, None, 250, now).expect("fits");
+        }
+        let refused = book.reserve(&b, None, 1, now).expect_err("full");
+        assert!(matches!(refused, MoneyRefusal::Budget { spent: 1_000, .. }));
+        // Settling cheaper than reserved frees the difference.
+        let (left, alerts) = book.settle(&b, None, 250, 100, now);
+        assert_eq!(left.budget, Some(150));
+        assert!(alerts.is_empty());
+        book.reserve(&b, None, 150, now).expect("fits again");
+        // A new day starts from zero spent; the 900 still in flight count.
+        let tomorrow = now + DAY_NS;
+        assert_eq!(book.spend("team:a", Window::Day, tomorrow), (0, 900));
+        assert_eq!(book.reserve(&b, None, 100, tomorrow).map(|r| r.budget), Ok(Some(0)));
+    }
+
+    #[test]
+    fn a_refusal_reserves_nothing_anywhere() {
+        let book = MoneyBook::new();
+        let acct: Arc<str> = Arc::from("acme");
+        book.set_account("acme", 100, None);
+        let b = [day_budget("key:a", 1_000)];
+        assert!(matches!(
+            book.reserve(&b, Some(&acct), 101, 0),
+            Err(MoneyRefusal::Credits { balance: 100, held: 0, .. })
+        ));
+        assert_eq!(book.spend("key:a", Window::Day, 0), (0, 0));
+        assert_eq!(book.funds("acme"), Some((100, 0)));
+    }
+
+    #[test]
+    fn thresholds_alert_once_per_crossing() {
+        let book = MoneyBook::new();
+        let acct: Arc<str> = Arc::from("acme");
+        book.set_account("acme", 1_000, Some(500));
+        let b = [day_budget("org", 1_000)];
+        book.reserve(&b, Some(&acct), 800, 0).expect("fits");
+        let (_, alerts) = book.settle(&b, Some(&acct), 800, 800, 0);
+        assert_eq!(alerts.len(), 2, "{alerts:?}");
+        book.reserve(&b, Some(&acct), 100, 0).expect("fits");
+        let (_, alerts) = book.settle(&b, Some(&acct), 100, 100, 0);
+        assert!(alerts.is_empty(), "{alerts:?}");
+        // A top-up above the mark re-arms the low-balance alert.
+        book.credit("acme", 1_000);
+        book.reserve(&[], Some(&acct), 800, 0).expect("fits");
+        let (left, alerts) = book.settle(&[], Some(&acct), 800, 800, 0);
+        assert_eq!(left.credits, Some(300));
+        assert!(matches!(alerts.as_slice(), [MoneyAlert::LowBalance { balance: 300, .. }]));
+    }
+}

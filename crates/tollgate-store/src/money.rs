@@ -1,0 +1,346 @@
+//! Budgets, accounts and credit entries in the database.
+
+use crate::keys::now_ms;
+use crate::{Database, Error};
+use serde::Serialize;
+use sqlx::Row;
+use std::sync::Arc;
+use tollgate_core::money::{Budget, Micros, Window};
+
+/// A prepaid account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Account {
+    /// Its name.
+    pub name: String,
+    /// Top-ups minus settled usage, micro-USD.
+    pub balance: Micros,
+    /// Below this the low-balance hook fires.
+    pub low_balance: Option<Micros>,
+}
+
+/// One top-up or adjustment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CreditEntry {
+    /// Increasing id.
+    pub id: i64,
+    /// The account.
+    pub account: String,
+    /// Micro-USD; negative for a deduction.
+    pub amount: Micros,
+    /// Who made it.
+    pub who: String,
+    /// Why.
+    pub why: String,
+    /// Unix milliseconds.
+    pub at: i64,
+}
+
+/// A marker that moves whenever a budget changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BudgetsVersion {
+    count: i64,
+    last_update_ms: i64,
+}
+
+/// A hold that a crash left behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleHold {
+    /// The request it was for.
+    pub request_id: String,
+    /// The account.
+    pub account: String,
+    /// Micro-USD held.
+    pub amount: Micros,
+}
+
+/// What a spend sum is grouped by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpendColumn {
+    /// Everything.
+    Org,
+    /// By team.
+    Team,
+    /// By key name.
+    Key,
+    /// By end user.
+    User,
+}
+
+impl SpendColumn {
+    /// The column and the scope prefix of a budget scope.
+    pub fn of_scope(scope: &str) -> Option<(Self, Option<&str>)> {
+        if scope == "org" {
+            return Some((Self::Org, None));
+        }
+        let (kind, name) = scope.split_once(':')?;
+        let column = match kind {
+            "team" => Self::Team,
+            "key" => Self::Key,
+            "user" => Self::User,
+            _ => return None,
+        };
+        Some((column, (name != "*").then_some(name)))
+    }
+
+    fn column(self) -> &'static str {
+        match self {
+            Self::Org => "'org'",
+            Self::Team => "team",
+            Self::Key => "key_name",
+            Self::User => "end_user",
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Org => "",
+            Self::Team => "team:",
+            Self::Key => "key:",
+            Self::User => "user:",
+        }
+    }
+}
+
+impl Database {
+    /// Adds or replaces the budget of `budget.scope` over its window.
+    pub async fn set_budget(&self, budget: &Budget) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO budgets (scope, period, cap_micros, alert_percent, updated_at)
+             VALUES (?, ?, ?, ?, MAX(?, (SELECT COALESCE(MAX(updated_at), 0) + 1 FROM budgets)))
+             ON CONFLICT (scope, period) DO UPDATE SET cap_micros = excluded.cap_micros,
+               alert_percent = excluded.alert_percent, updated_at = excluded.updated_at",
+        )
+        .bind(&*budget.scope)
+        .bind(budget.window.as_str())
+        .bind(budget.cap)
+        .bind(budget.alert_percent.map(i64::from))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes a budget; false when there was none.
+    pub async fn remove_budget(&self, scope: &str, window: Window) -> Result<bool, Error> {
+        let done = sqlx::query("DELETE FROM budgets WHERE scope = ? AND period = ?")
+            .bind(scope)
+            .bind(window.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Every budget, by scope.
+    pub async fn list_budgets(&self) -> Result<Vec<Budget>, Error> {
+        let rows = sqlx::query(
+            "SELECT scope, period, cap_micros, alert_percent FROM budgets ORDER BY scope, period",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let period: String = r.try_get("period")?;
+                let alert: Option<i64> = r.try_get("alert_percent")?;
+                Ok(Budget {
+                    scope: Arc::from(r.try_get::<String, _>("scope")?),
+                    window: period
+                        .parse()
+                        .map_err(|e: String| Error::Query(sqlx::Error::Decode(e.into())))?,
+                    cap: r.try_get("cap_micros")?,
+                    alert_percent: alert.and_then(|a| u8::try_from(a).ok()),
+                })
+            })
+            .collect()
+    }
+
+    /// A marker that moves whenever a budget is set or removed.
+    pub async fn budgets_version(&self) -> Result<BudgetsVersion, Error> {
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n, COALESCE(MAX(updated_at), 0) AS t FROM budgets")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(BudgetsVersion {
+            count: row.try_get("n")?,
+            last_update_ms: row.try_get("t")?,
+        })
+    }
+
+    /// Settled spend since `since_ms` per scope of `column`: one sum for
+    /// `name`, or one per member when `name` is `None`. Scopes come back
+    /// named as budgets name them (`team:search`).
+    pub async fn spend_since(
+        &self,
+        column: SpendColumn,
+        name: Option<&str>,
+        since_ms: i64,
+    ) -> Result<Vec<(String, Micros)>, Error> {
+        let col = column.column();
+        let sql = match name {
+            Some(_) => format!(
+                "SELECT {col} AS scope, COALESCE(SUM(cost_micros), 0) AS spent FROM usage
+                 WHERE at >= ? AND {col} = ? GROUP BY {col}"
+            ),
+            None => format!(
+                "SELECT {col} AS scope, COALESCE(SUM(cost_micros), 0) AS spent FROM usage
+                 WHERE at >= ? AND {col} IS NOT NULL GROUP BY {col}"
+            ),
+        };
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(since_ms);
+        if let Some(n) = name {
+            q = q.bind(n);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                let scope: String = r.try_get("scope")?;
+                let scope = match column {
+                    SpendColumn::Org => "org".to_owned(),
+                    c => format!("{}{scope}", c.prefix()),
+                };
+                Ok((scope, r.try_get("spent")?))
+            })
+            .collect()
+    }
+
+    /// Adds `amount` to `account` (created on its first entry) with who
+    /// and why, in one transaction with the balance.
+    pub async fn add_credits(
+        &self,
+        account: &str,
+        amount: Micros,
+        who: &str,
+        why: &str,
+    ) -> Result<CreditEntry, Error> {
+        let at = now_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO accounts (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
+            .bind(account)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        let id = sqlx::query(
+            "INSERT INTO credit_entries (account, amount_micros, who, why, at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(account)
+        .bind(amount)
+        .bind(who)
+        .bind(why)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?
+        .last_insert_rowid();
+        sqlx::query("UPDATE accounts SET balance_micros = balance_micros + ? WHERE name = ?")
+            .bind(amount)
+            .bind(account)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(CreditEntry {
+            id,
+            account: account.to_owned(),
+            amount,
+            who: who.to_owned(),
+            why: why.to_owned(),
+            at,
+        })
+    }
+
+    /// Sets the balance below which the account's low-balance hook fires.
+    pub async fn set_low_balance(&self, account: &str, mark: Option<Micros>) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO accounts (name, low_balance_micros, created_at) VALUES (?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET low_balance_micros = excluded.low_balance_micros",
+        )
+        .bind(account)
+        .bind(mark)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every account.
+    pub async fn list_accounts(&self) -> Result<Vec<Account>, Error> {
+        let rows = sqlx::query(
+            "SELECT name, balance_micros, low_balance_micros FROM accounts ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(account_from_row).collect()
+    }
+
+    /// One account.
+    pub async fn find_account(&self, name: &str) -> Result<Account, Error> {
+        let row = sqlx::query(
+            "SELECT name, balance_micros, low_balance_micros FROM accounts WHERE name = ?",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| Error::AccountNotFound(name.to_owned()))?;
+        account_from_row(&row)
+    }
+
+    /// Credit entries with an id above `after`, oldest first; of one
+    /// account when `account` is given.
+    pub async fn credit_entries(
+        &self,
+        account: Option<&str>,
+        after: i64,
+    ) -> Result<Vec<CreditEntry>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, account, amount_micros, who, why, at FROM credit_entries
+             WHERE id > ? AND (? IS NULL OR account = ?) ORDER BY id",
+        )
+        .bind(after)
+        .bind(account)
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(CreditEntry {
+                    id: r.try_get("id")?,
+                    account: r.try_get("account")?,
+                    amount: r.try_get("amount_micros")?,
+                    who: r.try_get("who")?,
+                    why: r.try_get("why")?,
+                    at: r.try_get("at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The newest credit entry's id (0 when none).
+    pub async fn last_credit_entry(&self) -> Result<i64, Error> {
+        let row = sqlx::query("SELECT COALESCE(MAX(id), 0) AS id FROM credit_entries")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("id")?)
+    }
+
+    /// Removes and returns the holds a previous run left behind: their
+    /// requests never settled, so nothing was charged for them.
+    pub async fn release_stale_holds(&self) -> Result<Vec<StaleHold>, Error> {
+        let rows = sqlx::query("DELETE FROM holds RETURNING request_id, account, amount_micros")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StaleHold {
+                    request_id: r.try_get("request_id")?,
+                    account: r.try_get("account")?,
+                    amount: r.try_get("amount_micros")?,
+                })
+            })
+            .collect()
+    }
+}
+
+fn account_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Account, Error> {
+    Ok(Account {
+        name: r.try_get("name")?,
+        balance: r.try_get("balance_micros")?,
+        low_balance: r.try_get("low_balance_micros")?,
+    })
+}
