@@ -122,11 +122,11 @@ fn build_python_with_openai() -> PathBuf {
 }
 
 async fn run_scenario(h: &Harness, scenario: &str) -> String {
-    run_scenario_as(h, &h.key, scenario).await
+    run_scenario_as(h, &h.key, scenario, &[]).await
 }
 
-/// Runs one scenario of `sdk_checks.py` with `key`; returns its stdout.
-async fn run_scenario_as(h: &Harness, key: &str, scenario: &str) -> String {
+/// Runs one scenario of `sdk_checks.py` with `key` and `env`; returns its stdout.
+async fn run_scenario_as(h: &Harness, key: &str, scenario: &str, env: &[(&str, &str)]) -> String {
     let python = tokio::task::spawn_blocking(python_with_openai)
         .await
         .expect("venv built");
@@ -136,6 +136,7 @@ async fn run_scenario_as(h: &Harness, key: &str, scenario: &str) -> String {
         .arg(scenario)
         .env("TOLLGATE_URL", h.gateway.url())
         .env("TOLLGATE_KEY", key)
+        .envs(env.iter().copied())
         .env_remove("OPENAI_API_KEY")
         .env_remove("OPENAI_BASE_URL")
         .output()
@@ -188,7 +189,7 @@ async fn official_sdk_waits_what_the_gateway_says_at_a_rate_limit() {
         .collect();
     assert_eq!(statuses, [200; 6], "the burst uses up the key");
 
-    let stdout = run_scenario_as(&h, &key, "at_limit").await;
+    let stdout = run_scenario_as(&h, &key, "at_limit", &[]).await;
     let seen: Vec<serde_json::Value> =
         serde_json::from_str(stdout.lines().next().expect("events")).expect("JSON");
     let advised: f64 = seen[0]["retry_after_ms"]
@@ -206,4 +207,38 @@ async fn official_sdk_waits_what_the_gateway_says_at_a_rate_limit() {
         gap.as_secs_f64() * 1000.0 >= advised,
         "the SDK came back after {gap:?}, advised {advised} ms"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn official_sdk_sends_one_request_at_a_spent_budget_or_an_empty_account() {
+    let log = access_log();
+    let h = Harness::start().await;
+    let capped = h.key("sdk-budget", |_| {}).await;
+    let empty = h
+        .key("sdk-empty", |k| k.account = Some("empty".into()))
+        .await;
+    h.gw()
+        .db
+        .set_budget(&tollgate_core::money::Budget {
+            scope: "key:sdk-budget".into(),
+            window: tollgate_core::money::Window::Lifetime,
+            cap: 0,
+            alert_percent: None,
+        })
+        .await
+        .expect("budget");
+    h.gw().money.sync().await.expect("synced");
+
+    run_scenario_as(
+        &h,
+        &capped,
+        "money",
+        &[("TOLLGATE_KEY_EMPTY_ACCOUNT", empty.as_str())],
+    )
+    .await;
+    // The gateway saw one request of each, and the provider none.
+    let statuses = |name| requests_of(log, name).into_iter().map(|l| l.1).collect::<Vec<_>>();
+    assert_eq!(statuses("sdk-budget"), [429]);
+    assert_eq!(statuses("sdk-empty"), [402]);
+    assert_eq!(h.mock.stats().snapshot().received, 0);
 }

@@ -121,5 +121,37 @@ def at_limit():
     print("at_limit: ok")
 
 
+def money():
+    """A spent budget and an empty account: the SDK (default retries on) sends
+    one request each and raises, instead of retrying what cannot succeed."""
+    import httpx
+
+    seen = []
+    http = httpx.Client(event_hooks={"response": [lambda r: seen.append(r.status_code)]})
+
+    capped = OpenAI(base_url=BASE, api_key=KEY, http_client=http)
+    assert capped.max_retries == 2, capped.max_retries
+    try:
+        capped.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=5)
+        raise AssertionError("a spent budget served a request")
+    except openai.RateLimitError as e:
+        assert e.status_code == 429, e.status_code
+        assert e.type == "budget_exceeded" and e.code == "budget_exceeded", (e.type, e.code)
+        assert e.body["scope"] == "key:sdk-budget", e.body
+    assert seen == [429], seen
+
+    seen.clear()
+    broke = OpenAI(base_url=BASE, api_key=os.environ["TOLLGATE_KEY_EMPTY_ACCOUNT"], http_client=http)
+    try:
+        broke.chat.completions.create(model="gpt-4o", messages=MSGS, max_tokens=5)
+        raise AssertionError("an empty account was served")
+    except openai.APIStatusError as e:
+        assert e.status_code == 402, e.status_code
+        assert e.type == "insufficient_credits", e.type
+        assert e.body["account"] == "empty", e.body
+    assert seen == [402], seen
+    print("money: ok")
+
+
 if __name__ == "__main__":
-    {"basic": basic, "errors": errors, "at_limit": at_limit}[sys.argv[1]]()
+    {"basic": basic, "errors": errors, "at_limit": at_limit, "money": money}[sys.argv[1]]()
