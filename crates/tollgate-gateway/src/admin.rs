@@ -393,7 +393,11 @@ pub(crate) async fn show_credits(
     result(
         async {
             check_admin(&gw, &headers)?;
-            let a = gw.db.find_account(&account).await.map_err(admin_store_error)?;
+            let a = gw
+                .db
+                .find_account(&account)
+                .await
+                .map_err(admin_store_error)?;
             let entries = gw.db.credit_entries(Some(&account), 0).await?;
             let held = gw.money.funds(&account).map_or(0, |(_, held)| held);
             Ok(Json(json!({
@@ -446,18 +450,24 @@ pub(crate) async fn usage(
     result(
         async {
             check_admin(&gw, &headers)?;
-            let by: GroupBy = q.by.as_deref().unwrap_or("key").parse().map_err(Error::AdminBadRequest)?;
+            let by: GroupBy =
+                q.by.as_deref()
+                    .unwrap_or("key")
+                    .parse()
+                    .map_err(Error::AdminBadRequest)?;
             let (since, until) = report_range(q.since.as_deref(), q.until.as_deref())
                 .map_err(Error::AdminBadRequest)?;
             gw.money.flush().await;
             let lines = gw.db.usage_report(by, since, until).await?;
             let data: Vec<_> = lines
                 .iter()
-                .map(|l| json!({
-                    "group": l.group, "requests": l.requests, "input_tokens": l.input_tokens,
-                    "cached_tokens": l.cached_tokens, "output_tokens": l.output_tokens,
-                    "cost_usd": Usd(l.cost).to_string(), "cost_micros": l.cost,
-                }))
+                .map(|l| {
+                    json!({
+                        "group": l.group, "requests": l.requests, "input_tokens": l.input_tokens,
+                        "cached_tokens": l.cached_tokens, "output_tokens": l.output_tokens,
+                        "cost_usd": Usd(l.cost).to_string(), "cost_micros": l.cost,
+                    })
+                })
                 .collect();
             Ok(Json(json!({"by": q.by.as_deref().unwrap_or("key"), "data": data})).into_response())
         }

@@ -405,7 +405,8 @@ fn money_refused(r: &MoneyRefusal) -> ApiError {
             held,
             requested,
         } => {
-            let (balance_usd, held_usd, requested_usd) = (Usd(*balance), Usd(*held), Usd(*requested));
+            let (balance_usd, held_usd, requested_usd) =
+                (Usd(*balance), Usd(*held), Usd(*requested));
             ApiError::new(
                 402,
                 ErrorType::InsufficientCredits,

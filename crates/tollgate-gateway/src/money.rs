@@ -69,8 +69,8 @@ impl BudgetRules {
                 add(scope, rules);
             }
         }
-        if let Some(rules) = self.scoped.get("org") {
-            add(&Arc::from("org"), rules);
+        if let Some((scope, rules)) = self.scoped.get_key_value("org") {
+            add(scope, rules);
         }
         if let Some(user) = user {
             let scope: Arc<str> = Arc::from(format!("user:{user}"));
@@ -240,7 +240,12 @@ impl Money {
     }
 
     /// The budgets, account and price of a request.
-    pub fn plan(&self, caller: &Caller, user: Option<&str>, model: &str) -> Result<MoneyPlan, Error> {
+    pub fn plan(
+        &self,
+        caller: &Caller,
+        user: Option<&str>,
+        model: &str,
+    ) -> Result<MoneyPlan, Error> {
         let budgets = self.rules().charges(caller, user);
         let account = caller.account.clone();
         let charged = !budgets.is_empty() || account.is_some();
@@ -255,7 +260,10 @@ impl Money {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
                 if warned.len() < 1024 && warned.insert(model.to_owned()) {
-                    tracing::warn!(model, "no price for this model: its requests cost 0 in the ledger");
+                    tracing::warn!(
+                        model,
+                        "no price for this model: its requests cost 0 in the ledger"
+                    );
                 }
                 None
             }
@@ -336,14 +344,26 @@ impl Money {
             }
         }
         let version = self.db.budgets_version().await?;
-        if version != seen.budgets || seen.loaded.is_empty() && version != BudgetsVersion::default()
-        {
+        if version != seen.budgets {
             let budgets = self.db.list_budgets().await?;
             let now = self.clock.now_ns();
-            for b in &budgets {
-                if seen.loaded.insert((b.scope.clone(), b.window)) {
-                    self.load_spend(b, now).await?;
-                }
+            // A budget removed and set again starts from the ledger's sum.
+            seen.loaded.retain(|(scope, window)| {
+                budgets
+                    .iter()
+                    .any(|b| &b.scope == scope && b.window == *window)
+            });
+            let fresh: Vec<&Budget> = budgets
+                .iter()
+                .filter(|b| !seen.loaded.contains(&(b.scope.clone(), b.window)))
+                .collect();
+            if !fresh.is_empty() {
+                // The sums must include every row settled so far.
+                self.flush().await;
+            }
+            for b in fresh {
+                self.load_spend(b, now).await?;
+                seen.loaded.insert((b.scope.clone(), b.window));
             }
             *self.rules.write().unwrap_or_else(PoisonError::into_inner) =
                 Arc::new(BudgetRules::new(budgets));
@@ -359,7 +379,7 @@ impl Money {
         };
         let since_ms = (b.window.start(now_ns) / 1_000_000) as i64;
         let sums = self.db.spend_since(column, name, since_ms).await?;
-        if name.is_some() && sums.is_empty() && !self.book.has_spend(&b.scope, b.window) {
+        if name.is_some() && sums.is_empty() {
             self.book.set_spend(&b.scope, b.window, 0, now_ns);
         }
         for (scope, spent) in sums {
@@ -401,12 +421,16 @@ impl Money {
                 cap,
                 spent,
                 percent,
-            } => tracing::warn!(target: "tollgate::alert", %scope, %window, cap_usd = %Usd(*cap), spent_usd = %Usd(*spent), percent, "budget threshold reached"),
+            } => {
+                tracing::warn!(target: "tollgate::alert", %scope, %window, cap_usd = %Usd(*cap), spent_usd = %Usd(*spent), percent, "budget threshold reached")
+            }
             MoneyAlert::LowBalance {
                 account,
                 balance,
                 threshold,
-            } => tracing::warn!(target: "tollgate::alert", %account, balance_usd = %Usd(*balance), threshold_usd = %Usd(*threshold), "account balance is low"),
+            } => {
+                tracing::warn!(target: "tollgate::alert", %account, balance_usd = %Usd(*balance), threshold_usd = %Usd(*threshold), "account balance is low")
+            }
         }
         if let Some(tx) = &self.alerts {
             let _ = tx.send(alert);
@@ -442,7 +466,12 @@ impl Bill {
             0,
             now,
         );
-        if let Some(ledger) = self.money.ledger.as_ref().filter(|_| self.plan.account.is_some()) {
+        if let Some(ledger) = self
+            .money
+            .ledger
+            .as_ref()
+            .filter(|_| self.plan.account.is_some())
+        {
             ledger.release(&self.request_id);
         }
     }

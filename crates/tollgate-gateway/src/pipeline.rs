@@ -29,10 +29,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_core::duration::write_reset;
 use tollgate_core::limits::{Cost, Grant};
+use tollgate_core::money::{Micros, TokenUsage, Usd};
 use tollgate_core::openai::{ChatRequest, CompletionRequest, EmbeddingRequest, UsageOnly};
 use tollgate_core::tokens::{Estimate, Estimator};
 use tollgate_core::{ApiError, ErrorType};
-use tollgate_core::money::{Micros, TokenUsage, Usd};
 use tollgate_store::book::Remaining;
 use tollgate_store::{KeyRecord, UsageRow};
 

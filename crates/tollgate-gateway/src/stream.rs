@@ -140,7 +140,11 @@ impl UsageTap {
                 let prompt = self.estimate.map_or(0, |e| e.prompt);
                 let encoding = self.estimate.map_or(self.encoding, |e| e.encoding);
                 let completion = encoding.count(&self.delivered);
-                tracing::debug!(prompt, completion, "stream ended without usage; settled on the delivered text");
+                tracing::debug!(
+                    prompt,
+                    completion,
+                    "stream ended without usage; settled on the delivered text"
+                );
                 Usage {
                     prompt_tokens: prompt,
                     completion_tokens: completion,

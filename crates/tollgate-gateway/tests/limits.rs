@@ -10,8 +10,8 @@ use std::time::Duration;
 use tollgate_core::clock::FakeClock;
 use tollgate_core::limits::calendar::DAY_NS;
 use tollgate_core::limits::{KeyLimits, LimitSet};
-use tollgate_mock::MockConfig;
 use tollgate_gateway::config::TeamConfig;
+use tollgate_mock::MockConfig;
 
 const CHAT: &str = "/v1/chat/completions";
 /// 9 prompt tokens in o200k: 3 priming + 3 for the message + "user" + "hello world".

@@ -91,15 +91,24 @@ async fn a_team_budget_runs_out_after_the_expected_requests_and_a_new_day_lifts_
         if resp.status() != 200 {
             let retry_after = resp.headers().get("retry-after").cloned();
             let (status, code, retry, body) = error_of(resp).await;
-            assert_eq!((status, code.as_str(), retry.as_str()), (429, "budget_exceeded", "false"));
+            assert_eq!(
+                (status, code.as_str(), retry.as_str()),
+                (429, "budget_exceeded", "false")
+            );
             let e = &body["error"];
             assert_eq!(e["type"], "budget_exceeded");
             assert_eq!(e["scope"], "team:search");
             assert_eq!(e["cap_usd"], "0.010000");
             assert_eq!(e["resets_at"], "2024-10-05T00:00:00Z");
-            assert_eq!(parse_usd(e["spent_usd"].as_str().expect("spent")), Ok(served * cost));
+            assert_eq!(
+                parse_usd(e["spent_usd"].as_str().expect("spent")),
+                Ok(served * cost)
+            );
             // Noon on the fake clock: 12 h to the window's reset.
-            assert_eq!(retry_after.as_ref().and_then(|v| v.to_str().ok()), Some("43200"));
+            assert_eq!(
+                retry_after.as_ref().and_then(|v| v.to_str().ok()),
+                Some("43200")
+            );
             break;
         }
         served += 1;
@@ -116,9 +125,7 @@ async fn a_team_budget_runs_out_after_the_expected_requests_and_a_new_day_lifts_
 #[tokio::test]
 async fn an_account_pays_until_402_and_a_top_up_lifts_it() {
     let h = Harness::start().await;
-    let key = h
-        .key("prepaid", |k| k.account = Some("acme".into()))
-        .await;
+    let key = h.key("prepaid", |k| k.account = Some("acme".into())).await;
     h.gw()
         .db
         .add_credits("acme", 1_000, "test", "seed $0.001")
@@ -140,9 +147,16 @@ async fn an_account_pays_until_402_and_a_top_up_lifts_it() {
         assert!(costs.len() < 100, "never refused");
     };
     let cost = costs[0];
-    assert_eq!(costs.len() as Micros, 1_000 / cost, "refused at the expected request");
+    assert_eq!(
+        costs.len() as Micros,
+        1_000 / cost,
+        "refused at the expected request"
+    );
     let (status, code, retry, refusal) = error_of(refused).await;
-    assert_eq!((status, code.as_str(), retry.as_str()), (402, "insufficient_credits", "false"));
+    assert_eq!(
+        (status, code.as_str(), retry.as_str()),
+        (402, "insufficient_credits", "false")
+    );
     assert_eq!(refusal["error"]["type"], "insufficient_credits");
     assert_eq!(refusal["error"]["account"], "acme");
     let balance = 1_000 - costs.iter().sum::<Micros>();
@@ -171,7 +185,10 @@ async fn an_account_pays_until_402_and_a_top_up_lifts_it() {
     let spent: Micros = rows.iter().map(|r| r.cost).sum();
     let account = h.gw().db.find_account("acme").await.expect("account");
     assert_eq!(account.balance, 1_000 + 10_000 - spent);
-    assert!(rows.iter().all(|r| r.account.as_deref() == Some("acme") && r.status == 200));
+    assert!(
+        rows.iter()
+            .all(|r| r.account.as_deref() == Some("acme") && r.status == 200)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,7 +213,10 @@ async fn sixty_four_clients_cannot_overdraw_one_account() {
                 let resp = h.post_as(&key, "/v1/chat/completions", &body).await;
                 match resp.status().as_u16() {
                     200 => {
-                        let id = resp.headers()["x-request-id"].to_str().expect("id").to_owned();
+                        let id = resp.headers()["x-request-id"]
+                            .to_str()
+                            .expect("id")
+                            .to_owned();
                         let cost = header_usd(&resp, "x-tollgate-cost-usd").expect("cost");
                         served.push((id, cost));
                     }
@@ -215,28 +235,45 @@ async fn sixty_four_clients_cannot_overdraw_one_account() {
     let account = h.gw().db.find_account("shared").await.expect("account");
     let spent: Micros = rows.iter().map(|r| r.cost).sum();
     assert!(account.balance >= 0, "overdrawn: {}", account.balance);
-    assert_eq!(account.balance, credits - spent, "balance = top-ups − settled costs");
-    assert_eq!(h.gw().money.funds("shared"), Some((account.balance, 0)), "no hold left");
+    assert_eq!(
+        account.balance,
+        credits - spent,
+        "balance = top-ups − settled costs"
+    );
+    assert_eq!(
+        h.gw().money.funds("shared"),
+        Some((account.balance, 0)),
+        "no hold left"
+    );
     // Every answered request has exactly one row, and nothing else does.
     let ids: HashSet<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
     assert_eq!(ids.len(), rows.len(), "a request id appears twice");
     assert_eq!(rows.len(), served.len());
-    assert!(served.len() > 300, "the account paid for {} requests", served.len());
+    assert!(
+        served.len() > 300,
+        "the account paid for {} requests",
+        served.len()
+    );
     for (id, cost) in &served {
-        let row = rows.iter().find(|r| &r.request_id == id).expect("row of a served request");
+        let row = rows
+            .iter()
+            .find(|r| &r.request_id == id)
+            .expect("row of a served request");
         assert_eq!(row.cost, *cost);
     }
     // The cheapest request no longer fits: the money is used up, not refused early.
     let cheapest = served.iter().map(|s| s.1).min().expect("some served");
-    assert!(account.balance < cheapest * 3, "left {} unspent", account.balance);
+    assert!(
+        account.balance < cheapest * 3,
+        "left {} unspent",
+        account.balance
+    );
 }
 
 #[tokio::test]
 async fn a_streamed_answer_is_in_the_ledger_before_its_last_byte() {
     let h = Harness::start().await;
-    let key = h
-        .key("streamer", |k| k.account = Some("acme".into()))
-        .await;
+    let key = h.key("streamer", |k| k.account = Some("acme".into())).await;
     h.gw()
         .db
         .add_credits("acme", 1_000_000, "test", "seed")
@@ -246,15 +283,24 @@ async fn a_streamed_answer_is_in_the_ledger_before_its_last_byte() {
     let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"stream"}],"max_tokens":12,"stream":true}"#;
     let resp = h.post_as(&key, "/v1/chat/completions", body).await;
     assert_eq!(resp.status(), 200);
-    let id = resp.headers()["x-request-id"].to_str().expect("id").to_owned();
+    let id = resp.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_owned();
     let text = resp.text().await.expect("stream");
     let (content, usage, done, _) = parse_sse(&text);
     assert!(done && !content.is_empty());
-    assert!(usage.is_none(), "the usage chunk the gateway asked for is not passed on");
+    assert!(
+        usage.is_none(),
+        "the usage chunk the gateway asked for is not passed on"
+    );
 
     // No flush: the row was durable before [DONE] went out.
     let rows = h.gw().db.usage_rows().await.expect("rows");
-    let row = rows.iter().find(|r| r.request_id == id).expect("row is there");
+    let row = rows
+        .iter()
+        .find(|r| r.request_id == id)
+        .expect("row is there");
     assert!(row.streamed);
     assert_eq!(row.output_tokens, 12);
     assert_eq!(row.served_model.as_deref(), Some("gpt-4o"));
@@ -277,9 +323,15 @@ async fn an_unpriced_model_is_refused_when_money_applies() {
     })
     .await;
     let key = h.key("billed", |k| k.account = Some("acme".into())).await;
-    let (status, code, retry, _) =
-        error_of(h.post_as(&key, "/v1/chat/completions", &chat("house-model", 5)).await).await;
-    assert_eq!((status, code.as_str(), retry.as_str()), (400, "model_not_priced", "false"));
+    let (status, code, retry, _) = error_of(
+        h.post_as(&key, "/v1/chat/completions", &chat("house-model", 5))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str(), retry.as_str()),
+        (400, "model_not_priced", "false")
+    );
     assert_eq!(h.mock.stats().snapshot().received, 0);
 }
 
@@ -308,8 +360,16 @@ async fn thresholds_call_the_webhook_once() {
     })
     .await;
     let key = h.key("watched", |k| k.account = Some("acme".into())).await;
-    h.gw().db.add_credits("acme", 2_000, "test", "seed").await.expect("credits");
-    h.gw().db.set_low_balance("acme", Some(1_000)).await.expect("mark");
+    h.gw()
+        .db
+        .add_credits("acme", 2_000, "test", "seed")
+        .await
+        .expect("credits");
+    h.gw()
+        .db
+        .set_low_balance("acme", Some(1_000))
+        .await
+        .expect("mark");
     h.gw()
         .db
         .set_budget(&Budget {
@@ -323,7 +383,9 @@ async fn thresholds_call_the_webhook_once() {
     h.gw().money.sync().await.expect("synced");
     // gpt-4o, 150 output tokens: $0.0015 + input, over 1% of $0.10 and
     // past the low-balance mark in one request.
-    let first = h.post_as(&key, "/v1/chat/completions", &chat("gpt-4o", 150)).await;
+    let first = h
+        .post_as(&key, "/v1/chat/completions", &chat("gpt-4o", 150))
+        .await;
     assert_eq!(first.status(), 200);
     // A deadline, not a sleep: a missing alert fails instead of hanging.
     let mut next = async || {
@@ -332,7 +394,7 @@ async fn thresholds_call_the_webhook_once() {
             .expect("an alert within 20 s")
             .expect("an alert")
     };
-    let mut events = vec![next().await, next().await];
+    let mut events = [next().await, next().await];
     events.sort_by_key(|e| e["event"].as_str().unwrap_or_default().to_owned());
     assert_eq!(events[0]["event"], "budget_threshold");
     assert_eq!(events[0]["scope"], "key:watched");

@@ -237,7 +237,12 @@ async fn official_sdk_sends_one_request_at_a_spent_budget_or_an_empty_account() 
     )
     .await;
     // The gateway saw one request of each, and the provider none.
-    let statuses = |name| requests_of(log, name).into_iter().map(|l| l.1).collect::<Vec<_>>();
+    let statuses = |name| {
+        requests_of(log, name)
+            .into_iter()
+            .map(|l| l.1)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(statuses("sdk-budget"), [429]);
     assert_eq!(statuses("sdk-empty"), [402]);
     assert_eq!(h.mock.stats().snapshot().received, 0);

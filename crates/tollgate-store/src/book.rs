@@ -292,11 +292,6 @@ impl MoneyBook {
             .map(|f| (f.balance, f.held))
     }
 
-    /// Whether a spend counter for `scope` over `window` exists.
-    pub fn has_spend(&self, scope: &str, window: Window) -> bool {
-        self.state().spend.contains_key(&(Arc::from(scope), window))
-    }
-
     /// Sets the spend of `scope` in the window holding `now_ns`, as the
     /// ledger sums it (at start, and when a budget is added).
     pub fn set_spend(&self, scope: &str, window: Window, spent: Micros, now_ns: u64) {
@@ -355,7 +350,10 @@ mod tests {
         // A new day starts from zero spent; the 900 still in flight count.
         let tomorrow = now + DAY_NS;
         assert_eq!(book.spend("team:a", Window::Day, tomorrow), (0, 900));
-        assert_eq!(book.reserve(&b, None, 100, tomorrow).map(|r| r.budget), Ok(Some(0)));
+        assert_eq!(
+            book.reserve(&b, None, 100, tomorrow).map(|r| r.budget),
+            Ok(Some(0))
+        );
     }
 
     #[test]
@@ -366,7 +364,11 @@ mod tests {
         let b = [day_budget("key:a", 1_000)];
         assert!(matches!(
             book.reserve(&b, Some(&acct), 101, 0),
-            Err(MoneyRefusal::Credits { balance: 100, held: 0, .. })
+            Err(MoneyRefusal::Credits {
+                balance: 100,
+                held: 0,
+                ..
+            })
         ));
         assert_eq!(book.spend("key:a", Window::Day, 0), (0, 0));
         assert_eq!(book.funds("acme"), Some((100, 0)));
@@ -389,6 +391,9 @@ mod tests {
         book.reserve(&[], Some(&acct), 800, 0).expect("fits");
         let (left, alerts) = book.settle(&[], Some(&acct), 800, 800, 0);
         assert_eq!(left.credits, Some(300));
-        assert!(matches!(alerts.as_slice(), [MoneyAlert::LowBalance { balance: 300, .. }]));
+        assert!(matches!(
+            alerts.as_slice(),
+            [MoneyAlert::LowBalance { balance: 300, .. }]
+        ));
     }
 }

@@ -10,9 +10,9 @@ pub mod limiter;
 pub mod money;
 pub mod secret;
 
+pub use book::MoneyBook;
 pub use database::Database;
 pub use keys::{KeyRecord, LimitsUpdate, NewKey};
-pub use book::MoneyBook;
 pub use ledger::{Ledger, UsageRow};
 pub use limiter::MemoryLimiter;
 pub use secret::{SecretHash, SecretKey};

@@ -213,11 +213,13 @@ impl Database {
     ) -> Result<CreditEntry, Error> {
         let at = now_ms();
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO accounts (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
-            .bind(account)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO accounts (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(account)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?;
         let id = sqlx::query(
             "INSERT INTO credit_entries (account, amount_micros, who, why, at) VALUES (?, ?, ?, ?, ?)",
         )

@@ -145,7 +145,8 @@ pub async fn credits(config: Option<&std::path::Path>, cmd: CreditsCommand) -> a
             }
             let entry = db.add_credits(&account, amount, &who, &why).await?;
             if let Some(mark) = alert_below {
-                db.set_low_balance(&account, Some(parse_usd(&mark)?)).await?;
+                db.set_low_balance(&account, Some(parse_usd(&mark)?))
+                    .await?;
             }
             let balance = db.find_account(&account).await?.balance;
             println!(
@@ -180,7 +181,10 @@ pub async fn credits(config: Option<&std::path::Path>, cmd: CreditsCommand) -> a
                 if let Some(l) = a.low_balance {
                     println!("low-balance alert below ${}", Usd(l));
                 }
-                println!("{:<6} {:<21} {:>14} {:<12} WHY", "ID", "AT", "AMOUNT", "WHO");
+                println!(
+                    "{:<6} {:<21} {:>14} {:<12} WHY",
+                    "ID", "AT", "AMOUNT", "WHO"
+                );
                 for e in entries {
                     println!(
                         "{:<6} {:<21} {:>14} {:<12} {}",
@@ -219,7 +223,8 @@ pub async fn budgets(config: Option<&std::path::Path>, cmd: BudgetsCommand) -> a
             cap,
             alert_at,
         } => {
-            let b = budget_from_text(&scope, &window, &cap, alert_at).map_err(anyhow::Error::msg)?;
+            let b =
+                budget_from_text(&scope, &window, &cap, alert_at).map_err(anyhow::Error::msg)?;
             db.set_budget(&b).await?;
             println!("{} budget of {} set to ${}", b.window, b.scope, Usd(b.cap));
         }
@@ -279,7 +284,10 @@ pub async fn usage(config: Option<&std::path::Path>, args: UsageArgs) -> anyhow:
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         ReportFormat::Csv => {
-            println!("{},requests,input_tokens,cached_tokens,output_tokens,cost_usd", args.by);
+            println!(
+                "{},requests,input_tokens,cached_tokens,output_tokens,cost_usd",
+                args.by
+            );
             for l in &lines {
                 println!(
                     "{},{},{},{},{},{}",

@@ -40,7 +40,13 @@ mod tests {
 
     #[test]
     fn scopes() {
-        for ok in ["org", "team:search", "key:prod-web", "user:alice", EVERY_USER] {
+        for ok in [
+            "org",
+            "team:search",
+            "key:prod-web",
+            "user:alice",
+            EVERY_USER,
+        ] {
             assert_eq!(check_scope(ok), Ok(()), "{ok}");
         }
         for bad in ["", "team:", "account:x", "everyone"] {

@@ -36,8 +36,7 @@ pub fn parse_usd(text: &str) -> Result<Micros, AmountError> {
     let t = t.strip_prefix('$').unwrap_or(t);
     let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
     let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if (whole.is_empty() && frac.is_empty()) || !digits(whole) || !digits(frac) || frac.len() > 6
-    {
+    if (whole.is_empty() && frac.is_empty()) || !digits(whole) || !digits(frac) || frac.len() > 6 {
         return Err(bad());
     }
     let whole: Micros = if whole.is_empty() {
@@ -93,7 +92,16 @@ mod tests {
         assert_eq!(parse_usd(".5"), Ok(500_000));
         assert_eq!(parse_usd("7"), Ok(7_000_000));
         assert_eq!(parse_usd("-1.5"), Ok(-1_500_000));
-        for bad in ["", ".", "1.0000001", "1e3", "abc", "1,00", "--1", "99999999999999999"] {
+        for bad in [
+            "",
+            ".",
+            "1.0000001",
+            "1e3",
+            "abc",
+            "1,00",
+            "--1",
+            "99999999999999999",
+        ] {
             assert!(parse_usd(bad).is_err(), "{bad}");
         }
     }

@@ -185,7 +185,10 @@ mod tests {
     #[test]
     fn formats_utc() {
         assert_eq!(format_utc(at(2026, 11, 24, 0)), "2026-11-24T00:00:00Z");
-        assert_eq!(format_utc(at(2000, 2, 29, 13) + 61_000_000_000), "2000-02-29T13:01:01Z");
+        assert_eq!(
+            format_utc(at(2000, 2, 29, 13) + 61_000_000_000),
+            "2000-02-29T13:01:01Z"
+        );
     }
 
     #[test]
