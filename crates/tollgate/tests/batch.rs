@@ -134,8 +134,10 @@ async fn a_killed_batch_resumes_without_repeating_finished_work() {
         summary["already_done"].as_u64().is_some_and(|n| n >= 450),
         "{summary}"
     );
-    // Only requests in flight at a kill can have been executed twice.
+    // Only requests whose result was not yet written at a kill can have been
+    // executed twice: at most the batch's window of tasks (2 × concurrency)
+    // per kill. On a busy machine finished tasks do wait in that window.
     let stats = mock.stats().snapshot();
     assert!(stats.completed >= N as u64, "{stats:?}");
-    assert!(stats.completed <= (N + 2 * 32) as u64, "{stats:?}");
+    assert!(stats.completed <= (N + 2 * 2 * 32) as u64, "{stats:?}");
 }
