@@ -33,7 +33,7 @@ setup() {
   mkdir -p "$dir"
   cat >"$dir/tollgate.toml" <<TOML
 [server]
-listen = "127.0.0.1:PORT"
+listen = "127.0.0.1:0"
 
 [money]
 ledger = $ledger

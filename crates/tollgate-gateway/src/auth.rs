@@ -41,6 +41,8 @@ pub struct Caller {
     pub policy: KeyPolicy,
     /// `key:NAME`, the scope its budgets are set on.
     pub key_scope: Arc<str>,
+    /// Its team.
+    pub team: Option<Arc<str>>,
     /// `team:T`, when it has a team.
     pub team_scope: Option<Arc<str>>,
     /// The account it draws from: its own, else its team's.
@@ -58,6 +60,7 @@ impl Caller {
             name: record.name.as_str().into(),
             policy: KeyPolicy::resolve(&record, config),
             key_scope: format!("key:{}", record.name).into(),
+            team: record.team.as_deref().map(Arc::from),
             team_scope: record.team.as_ref().map(|t| format!("team:{t}").into()),
             account: account.map(Arc::from),
             record,

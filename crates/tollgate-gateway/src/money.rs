@@ -142,7 +142,6 @@ pub struct Bill {
     /// What was left after the reservation.
     pub remaining: Remaining,
     row: Option<UsageRow>,
-    request_id: Arc<str>,
     started: Instant,
 }
 
@@ -308,13 +307,12 @@ impl Money {
                 row.held = true;
             }
         }
-        row.account = plan.account.as_deref().map(str::to_owned);
+        row.account = plan.account.clone();
         Ok(Bill {
             money: self.clone(),
             plan,
             reserved,
             remaining,
-            request_id: Arc::from(row.request_id.as_str()),
             row: Some(row),
             started: Instant::now(),
         })
@@ -457,7 +455,7 @@ impl Bill {
     /// Undoes the reservation of a request refused after it was made (by a
     /// rate limit): no row, no charge.
     pub fn cancel(mut self) {
-        self.row = None;
+        let row = self.row.take();
         let now = self.money.clock.now_ns();
         self.money.book.settle(
             &self.plan.budgets,
@@ -466,13 +464,8 @@ impl Bill {
             0,
             now,
         );
-        if let Some(ledger) = self
-            .money
-            .ledger
-            .as_ref()
-            .filter(|_| self.plan.account.is_some())
-        {
-            ledger.release(&self.request_id);
+        if let (Some(ledger), Some(row)) = (&self.money.ledger, row.filter(|r| r.held)) {
+            ledger.release(&row.request_id);
         }
     }
 

@@ -256,12 +256,12 @@ async fn run(
         summary.estimate,
         UsageRow {
             request_id: request_id.to_owned(),
-            key_id: Some(caller.record.id.clone()),
-            key_name: Some(caller.record.name.clone()),
+            key_id: Some(caller.id.clone()),
+            key_name: Some(caller.name.clone()),
             user: user.map(str::to_owned),
-            team: caller.record.team.clone(),
-            model: summary.model.to_string(),
-            deployment: Some(deployment.name.to_string()),
+            team: caller.team.clone(),
+            model: summary.model.clone(),
+            deployment: Some(deployment.name.clone()),
             streamed: summary.stream,
             ..UsageRow::default()
         },

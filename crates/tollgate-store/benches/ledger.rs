@@ -3,6 +3,7 @@
 //! one flush; and the same with every row awaited by its own caller, as a
 //! request awaits its row before its last byte (64 callers in parallel).
 
+use std::sync::Arc;
 use std::time::Instant;
 use tollgate_store::{Database, Ledger, UsageRow};
 
@@ -10,12 +11,12 @@ fn row(i: usize) -> UsageRow {
     UsageRow {
         request_id: format!("req_{i:032x}"),
         at: 1_700_000_000_000 + i as i64,
-        key_id: Some("key_0123456789abcdef01234567".into()),
-        key_name: Some("bench".into()),
-        account: Some("bench".into()),
-        model: "gpt-4o-mini".into(),
+        key_id: Some(Arc::from("key_0123456789abcdef01234567")),
+        key_name: Some(Arc::from("bench")),
+        account: Some(Arc::from("bench")),
+        model: Arc::from("gpt-4o-mini"),
         served_model: Some("gpt-4o-mini-2024-07-18".into()),
-        deployment: Some("mock".into()),
+        deployment: Some(Arc::from("mock")),
         input_tokens: 12,
         output_tokens: 16,
         cost: 12,

@@ -11,6 +11,7 @@ use crate::{Database, Error};
 use serde::Serialize;
 use sqlx::{QueryBuilder, Row, Sqlite};
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -24,21 +25,21 @@ pub struct UsageRow {
     /// Unix milliseconds at settlement.
     pub at: i64,
     /// The key's id.
-    pub key_id: Option<String>,
+    pub key_id: Option<Arc<str>>,
     /// The key's name.
-    pub key_name: Option<String>,
+    pub key_name: Option<Arc<str>>,
     /// The end user.
     pub user: Option<String>,
     /// The key's team.
-    pub team: Option<String>,
+    pub team: Option<Arc<str>>,
     /// The account charged.
-    pub account: Option<String>,
+    pub account: Option<Arc<str>>,
     /// The model asked for.
-    pub model: String,
+    pub model: Arc<str>,
     /// The model the provider says answered.
     pub served_model: Option<String>,
     /// The deployment called.
-    pub deployment: Option<String>,
+    pub deployment: Option<Arc<str>>,
     /// Input tokens (cached included).
     pub input_tokens: u64,
     /// Input tokens served from cache.
@@ -245,14 +246,14 @@ async fn write_batch(
         q.push_values(chunk, |mut b, r| {
             b.push_bind(&r.request_id)
                 .push_bind(r.at)
-                .push_bind(&r.key_id)
-                .push_bind(&r.key_name)
+                .push_bind(r.key_id.as_deref())
+                .push_bind(r.key_name.as_deref())
                 .push_bind(&r.user)
-                .push_bind(&r.team)
-                .push_bind(&r.account)
-                .push_bind(&r.model)
+                .push_bind(r.team.as_deref())
+                .push_bind(r.account.as_deref())
+                .push_bind(&*r.model)
                 .push_bind(&r.served_model)
-                .push_bind(&r.deployment)
+                .push_bind(r.deployment.as_deref())
                 .push_bind(r.input_tokens as i64)
                 .push_bind(r.cached_tokens as i64)
                 .push_bind(r.output_tokens as i64)
@@ -265,7 +266,7 @@ async fn write_batch(
     }
     for r in rows {
         if let Some(a) = &r.account {
-            *charged.entry(a).or_default() += r.cost;
+            *charged.entry(&**a).or_default() += r.cost;
         }
         if r.held && !in_batch.contains(r.request_id.as_str()) {
             sqlx::query("DELETE FROM holds WHERE request_id = ?")
@@ -400,14 +401,14 @@ impl Database {
                 Ok(UsageRow {
                     request_id: r.try_get("request_id")?,
                     at: r.try_get("at")?,
-                    key_id: r.try_get("key_id")?,
-                    key_name: r.try_get("key_name")?,
+                    key_id: r.try_get::<Option<String>, _>("key_id")?.map(Arc::from),
+                    key_name: r.try_get::<Option<String>, _>("key_name")?.map(Arc::from),
                     user: r.try_get("end_user")?,
-                    team: r.try_get("team")?,
-                    account: r.try_get("account")?,
-                    model: r.try_get("model")?,
+                    team: r.try_get::<Option<String>, _>("team")?.map(Arc::from),
+                    account: r.try_get::<Option<String>, _>("account")?.map(Arc::from),
+                    model: Arc::from(r.try_get::<String, _>("model")?),
                     served_model: r.try_get("served_model")?,
-                    deployment: r.try_get("deployment")?,
+                    deployment: r.try_get::<Option<String>, _>("deployment")?.map(Arc::from),
                     input_tokens: r.try_get::<i64, _>("input_tokens")? as u64,
                     cached_tokens: r.try_get::<i64, _>("cached_tokens")? as u64,
                     output_tokens: r.try_get::<i64, _>("output_tokens")? as u64,
@@ -441,8 +442,8 @@ mod tests {
         let row = |id: &str, cost| UsageRow {
             request_id: id.into(),
             at: 2,
-            account: Some("acme".into()),
-            model: "gpt-4o-mini".into(),
+            account: Some(Arc::from("acme")),
+            model: Arc::from("gpt-4o-mini"),
             cost,
             status: 200,
             held: true,
