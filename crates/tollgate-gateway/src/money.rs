@@ -14,7 +14,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tollgate_core::clock::Clock;
 use tollgate_core::money::{
     Budget, EVERY_USER, Micros, Price, PriceTable, TokenUsage, Usd, Window,
@@ -106,7 +105,6 @@ pub struct Money {
     prices: PriceTable,
     rules: RwLock<Arc<BudgetRules>>,
     ledger: Option<Ledger>,
-    writer: Mutex<Option<JoinHandle<()>>>,
     unpriced: UnpricedModels,
     warned_unpriced: Mutex<HashSet<String>>,
     alerts: Option<mpsc::UnboundedSender<MoneyAlert>>,
@@ -170,11 +168,10 @@ impl Money {
             }
             tracing::warn!(holds = stale.len(), total_usd = %Usd(total), "released the previous run's open holds");
         }
-        let (ledger, writer) = if config.money.ledger {
-            let (l, t) = Ledger::start(db.clone());
-            (Some(l), Some(t))
+        let ledger = if config.money.ledger {
+            Some(Ledger::start(&db)?)
         } else {
-            (None, None)
+            None
         };
         let alerts = config.money.webhook_url.clone().map(|url| {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -186,7 +183,6 @@ impl Money {
             prices,
             rules: RwLock::default(),
             ledger,
-            writer: Mutex::new(writer),
             unpriced: config.money.unpriced_models,
             warned_unpriced: Mutex::default(),
             alerts,
@@ -300,7 +296,7 @@ impl Money {
             if let (Some(account), Some(ledger)) = (&plan.account, &self.ledger) {
                 ledger.hold(HoldRow {
                     request_id: row.request_id.clone(),
-                    account: account.to_string(),
+                    account: account.clone(),
                     amount: reserved,
                     at: (now / 1_000_000) as i64,
                 });
@@ -398,17 +394,10 @@ impl Money {
         }
     }
 
-    /// Flushes the ledger and stops its writer (at shutdown).
+    /// Makes every usage row durable (at shutdown; the writer thread ends
+    /// with the last handle).
     pub async fn close(&self) {
         self.flush().await;
-        let writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(w) = writer {
-            w.abort();
-        }
     }
 
     fn alert(&self, alert: MoneyAlert) {

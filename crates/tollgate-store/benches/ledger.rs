@@ -39,7 +39,7 @@ fn main() {
         db.add_credits("bench", 1_000_000_000, "bench", "seed")
             .await
             .expect("credits");
-        let (ledger, _task) = Ledger::start(db.clone());
+        let ledger = Ledger::start(&db).expect("ledger writer");
 
         let n = 200_000;
         let started = Instant::now();
@@ -51,6 +51,17 @@ fn main() {
         println!(
             "fire-and-forget: {n} rows in {secs:.2} s = {:.0} rows/s",
             n as f64 / secs
+        );
+
+        let single = 2_000;
+        let started = Instant::now();
+        for i in 0..single {
+            ledger.record(row(n + 1_000_000 + i)).wait().await;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "one caller, one row at a time: {:.0} µs per commit",
+            secs * 1e6 / single as f64
         );
 
         let per_caller = 2_000;
@@ -76,6 +87,6 @@ fn main() {
             total as f64 / secs
         );
         let rows = db.usage_rows().await.expect("rows").len();
-        assert_eq!(rows, n + total, "every row landed");
+        assert_eq!(rows, n + single + total, "every row landed");
     });
 }

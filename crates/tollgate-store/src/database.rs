@@ -33,6 +33,8 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
 #[derive(Debug, Clone)]
 pub struct Database {
     pub(crate) pool: SqlitePool,
+    /// How to open another connection (the ledger writer has its own).
+    pub(crate) options: SqliteConnectOptions,
 }
 
 impl Database {
@@ -58,7 +60,7 @@ impl Database {
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(open_err)?;
         let migrations = SQLITE_MIGRATIONS
@@ -74,7 +76,7 @@ impl Database {
             })
             .collect();
         Migrator::with_migrations(migrations).run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, options })
     }
 
     /// Checks that the database answers.

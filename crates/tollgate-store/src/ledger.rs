@@ -4,17 +4,19 @@
 //! of rows and the write costs no throughput; a request can still wait for
 //! its own row to be durable before its last byte goes out.
 //!
-//! Holds of in-flight requests ride the same batches. A request that starts
-//! and settles within one batch never writes its hold at all.
+//! Holds of in-flight requests ride the same batches, but only once a
+//! request has been in flight for [`HOLD_PERSIST_AFTER`]: the many that
+//! settle sooner never write a hold, and a crash still leaves a record of
+//! every long-running request it cut off.
 
 use crate::{Database, Error};
 use serde::Serialize;
-use sqlx::{QueryBuilder, Row, Sqlite};
-use std::collections::{HashMap, HashSet};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::{ConnectOptions, QueryBuilder, Row, Sqlite};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tollgate_core::money::Micros;
 
 /// One served request, as the ledger keeps it.
@@ -65,7 +67,7 @@ pub struct HoldRow {
     /// The request.
     pub request_id: String,
     /// The account.
-    pub account: String,
+    pub account: Arc<str>,
     /// Micro-USD.
     pub amount: Micros,
     /// Unix milliseconds.
@@ -76,7 +78,7 @@ pub struct HoldRow {
 // cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 enum Entry {
-    Hold(HoldRow),
+    Hold(HoldRow, Instant),
     Release(String),
     Usage(UsageRow, Option<oneshot::Sender<()>>),
     Flush(oneshot::Sender<()>),
@@ -106,19 +108,36 @@ pub struct Ledger {
 const MAX_BATCH: usize = 2048;
 /// Rows per INSERT statement (SQLite allows 32,766 bound values).
 const ROWS_PER_INSERT: usize = 256;
+/// A hold is written once its request has been in flight this long: most
+/// requests settle sooner, and their holds never touch the disk.
+pub const HOLD_PERSIST_AFTER: Duration = Duration::from_millis(200);
 
 impl Ledger {
-    /// Starts the writer on `db`. The task ends, after writing everything
-    /// queued, when every handle is dropped.
-    pub fn start(db: Database) -> (Self, JoinHandle<()>) {
+    /// Starts the writer on `db`, on a thread and connection of its own so
+    /// that a commit never queues behind request tasks. The writer ends,
+    /// after writing everything queued, when every handle is dropped.
+    pub fn start(db: &Database) -> Result<Self, Error> {
+        Self::start_with(db, HOLD_PERSIST_AFTER)
+    }
+
+    /// [`Ledger::start`], writing holds open longer than `persist_holds_after`.
+    pub fn start_with(db: &Database, persist_holds_after: Duration) -> Result<Self, Error> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(write_loop(db, rx));
-        (Self { tx }, task)
+        let options = db.options.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Writer(e.to_string()))?;
+        std::thread::Builder::new()
+            .name("tollgate-ledger".into())
+            .spawn(move || runtime.block_on(write_loop(options, rx, persist_holds_after)))
+            .map_err(|e| Error::Writer(e.to_string()))?;
+        Ok(Self { tx })
     }
 
     /// Records a hold (not waited for: a hold only matters after a crash).
     pub fn hold(&self, hold: HoldRow) {
-        let _ = self.tx.send(Entry::Hold(hold));
+        let _ = self.tx.send(Entry::Hold(hold, Instant::now()));
     }
 
     /// Clears the hold of a request that was refused after all (no row).
@@ -157,42 +176,97 @@ impl Ledger {
 
 fn entry_id(e: &Entry) -> &str {
     match e {
-        Entry::Hold(h) => &h.request_id,
+        Entry::Hold(h, _) => &h.request_id,
         Entry::Release(id) => id,
         Entry::Usage(u, _) => &u.request_id,
         Entry::Flush(_) => "",
     }
 }
 
-async fn write_loop(db: Database, mut rx: mpsc::UnboundedReceiver<Entry>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let mut holds = Vec::new();
-        let mut released = Vec::new();
-        let mut rows = Vec::new();
+/// A hold the writer knows of, and whether it is on disk.
+struct OpenHold {
+    hold: HoldRow,
+    since: Instant,
+    written: bool,
+}
+
+/// One transaction's worth of changes.
+#[derive(Default)]
+struct Batch {
+    rows: Vec<UsageRow>,
+    new_holds: Vec<HoldRow>,
+    cleared_holds: Vec<String>,
+}
+
+async fn write_loop(
+    options: SqliteConnectOptions,
+    mut rx: mpsc::UnboundedReceiver<Entry>,
+    persist_holds_after: Duration,
+) {
+    let mut conn = connect(&options).await;
+    let mut entries = Vec::with_capacity(MAX_BATCH);
+    let mut open: HashMap<String, OpenHold> = HashMap::new();
+    loop {
+        // With holds open, wake up in time to write the ones that age.
+        let received = if open.values().any(|h| !h.written) {
+            tokio::time::timeout(persist_holds_after, rx.recv_many(&mut entries, MAX_BATCH))
+                .await
+                .ok()
+        } else {
+            Some(rx.recv_many(&mut entries, MAX_BATCH).await)
+        };
+        if received == Some(0) {
+            return;
+        }
+        let mut batch = Batch::default();
         let mut waiters = Vec::new();
-        for entry in batch.drain(..) {
+        for entry in entries.drain(..) {
             match entry {
-                Entry::Hold(h) => holds.push(h),
-                Entry::Release(id) => released.push(id),
+                Entry::Hold(hold, since) => {
+                    open.insert(
+                        hold.request_id.clone(),
+                        OpenHold {
+                            hold,
+                            since,
+                            written: false,
+                        },
+                    );
+                }
+                Entry::Release(id) => {
+                    if open.remove(&id).is_some_and(|h| h.written) {
+                        batch.cleared_holds.push(id);
+                    }
+                }
                 Entry::Usage(row, done) => {
+                    if open.remove(&row.request_id).is_some_and(|h| h.written) {
+                        batch.cleared_holds.push(row.request_id.clone());
+                    }
                     waiters.extend(done);
-                    rows.push(row);
+                    batch.rows.push(row);
                 }
                 Entry::Flush(done) => waiters.push(done),
             }
         }
+        for h in open.values_mut() {
+            if !h.written && h.since.elapsed() >= persist_holds_after {
+                h.written = true;
+                batch.new_holds.push(h.hold.clone());
+            }
+        }
         let mut attempt = 0;
         loop {
-            match write_batch(&db, &holds, &released, &rows).await {
+            match write_batch(&mut conn, &batch).await {
                 Ok(()) => break,
                 Err(e) if attempt < 5 => {
                     attempt += 1;
-                    tracing::warn!(error = %e, attempt, rows = rows.len(), "ledger batch failed; retrying");
+                    tracing::warn!(error = %e, attempt, rows = batch.rows.len(), "ledger batch failed; retrying");
                     tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+                    if matches!(e, Error::Query(sqlx::Error::Io(_))) {
+                        conn = connect(&options).await;
+                    }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, rows = rows.len(), "ledger batch failed for good; its usage rows are lost");
+                    tracing::error!(error = %e, rows = batch.rows.len(), "ledger batch failed for good; its usage rows are lost");
                     break;
                 }
             }
@@ -203,46 +277,46 @@ async fn write_loop(db: Database, mut rx: mpsc::UnboundedReceiver<Entry>) {
     }
 }
 
-async fn write_batch(
-    db: &Database,
-    holds: &[HoldRow],
-    released: &[String],
-    rows: &[UsageRow],
-) -> Result<(), Error> {
-    let settled: HashSet<&str> = rows
-        .iter()
-        .map(|r| r.request_id.as_str())
-        .chain(released.iter().map(String::as_str))
-        .collect();
-    let mut tx = db.pool.begin().await?;
-    let open: Vec<&HoldRow> = holds
-        .iter()
-        .filter(|h| !settled.contains(h.request_id.as_str()))
-        .collect();
-    for chunk in open.chunks(ROWS_PER_INSERT) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT OR REPLACE INTO holds (request_id, account, amount_micros, at) ",
-        );
+/// The writer's own connection, retried until the database answers.
+async fn connect(options: &SqliteConnectOptions) -> SqliteConnection {
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match options.connect().await {
+            Ok(c) => return c,
+            Err(e) => {
+                tracing::error!(error = %e, "the ledger writer cannot open the database; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Writes a batch as one multi-statement query: one round trip to SQLite's
+/// worker thread instead of one per statement, which is most of a small
+/// batch's cost.
+async fn write_batch(conn: &mut SqliteConnection, batch: &Batch) -> Result<(), Error> {
+    let mut q = QueryBuilder::<Sqlite>::new("BEGIN;");
+    for chunk in batch.new_holds.chunks(ROWS_PER_INSERT) {
+        q.push("INSERT OR REPLACE INTO holds (request_id, account, amount_micros, at) ");
         q.push_values(chunk, |mut b, h| {
             b.push_bind(&h.request_id)
-                .push_bind(&h.account)
+                .push_bind(&*h.account)
                 .push_bind(h.amount)
                 .push_bind(h.at);
         });
-        q.build().execute(&mut *tx).await?;
+        q.push(";");
     }
-    let in_batch: HashSet<&str> = holds.iter().map(|h| h.request_id.as_str()).collect();
-    for id in released.iter().filter(|id| !in_batch.contains(id.as_str())) {
-        sqlx::query("DELETE FROM holds WHERE request_id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+    for chunk in batch.cleared_holds.chunks(ROWS_PER_INSERT) {
+        q.push("DELETE FROM holds WHERE request_id IN (");
+        let mut ids = q.separated(", ");
+        for id in chunk {
+            ids.push_bind(id);
+        }
+        q.push(");");
     }
-    let mut charged: HashMap<&str, Micros> = HashMap::new();
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO usage (request_id, at, key_id, key_name, end_user, team, account, model, served_model, deployment, input_tokens, cached_tokens, output_tokens, cost_micros, status, latency_ms, streamed) ",
-        );
+    for chunk in batch.rows.chunks(ROWS_PER_INSERT) {
+        q.push("INSERT INTO usage (request_id, at, key_id, key_name, end_user, team, account, model, served_model, deployment, input_tokens, cached_tokens, output_tokens, cost_micros, status, latency_ms, streamed) ");
         q.push_values(chunk, |mut b, r| {
             b.push_bind(&r.request_id)
                 .push_bind(r.at)
@@ -262,27 +336,28 @@ async fn write_batch(
                 .push_bind(r.latency_ms as i64)
                 .push_bind(r.streamed);
         });
-        q.build().execute(&mut *tx).await?;
+        q.push(";");
     }
-    for r in rows {
+    let mut charged: HashMap<&str, Micros> = HashMap::new();
+    for r in &batch.rows {
         if let Some(a) = &r.account {
             *charged.entry(&**a).or_default() += r.cost;
         }
-        if r.held && !in_batch.contains(r.request_id.as_str()) {
-            sqlx::query("DELETE FROM holds WHERE request_id = ?")
-                .bind(&r.request_id)
-                .execute(&mut *tx)
-                .await?;
-        }
     }
     for (account, cost) in charged {
-        sqlx::query("UPDATE accounts SET balance_micros = balance_micros - ? WHERE name = ?")
-            .bind(cost)
-            .bind(account)
-            .execute(&mut *tx)
-            .await?;
+        q.push("UPDATE accounts SET balance_micros = balance_micros - ")
+            .push_bind(cost)
+            .push(" WHERE name = ")
+            .push_bind(account)
+            .push(";");
     }
-    tx.commit().await?;
+    q.push("COMMIT;");
+    // Shapes vary with the batch: not worth a slot in the statement cache.
+    if let Err(e) = q.build().persistent(false).execute(&mut *conn).await {
+        // Whatever part ran is undone; the batch is retried whole.
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        return Err(e.into());
+    }
     Ok(())
 }
 
@@ -432,10 +507,10 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| Error::Random(e.to_string()))?;
         let db = Database::open(&dir.path().join("l.db").to_string_lossy()).await?;
         db.add_credits("acme", 1_000, "test", "seed").await?;
-        let (ledger, task) = Ledger::start(db.clone());
+        let ledger = Ledger::start_with(&db, Duration::ZERO)?;
         let hold = |id: &str| HoldRow {
             request_id: id.into(),
-            account: "acme".into(),
+            account: Arc::from("acme"),
             amount: 100,
             at: 1,
         };
@@ -454,7 +529,7 @@ mod tests {
         ledger.hold(hold("b"));
         ledger.flush().await;
         ledger.record(row("a", 40)).wait().await;
-        // `c` holds and settles within one batch (or two: either is right).
+        // `c` holds and settles at once (within a batch or across two).
         ledger.hold(hold("c"));
         ledger.record(row("c", 60)).wait().await;
         assert_eq!(db.find_account("acme").await?.balance, 900);
@@ -468,8 +543,6 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["b"]
         );
-        drop(ledger);
-        task.await.map_err(|e| Error::Random(e.to_string()))?;
         Ok(())
     }
 }

@@ -40,6 +40,9 @@ pub enum Error {
     /// A live key already has that name.
     #[error("a live key named `{0}` already exists")]
     DuplicateName(String),
+    /// The ledger writer could not be started.
+    #[error("cannot start the ledger writer: {0}")]
+    Writer(String),
     /// No account has that name.
     #[error("no account named `{0}`")]
     AccountNotFound(String),
