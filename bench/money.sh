@@ -65,7 +65,7 @@ for round in $(seq 1 "$ROUNDS"); do
     port=$(free_port)
     sed -i "s/^listen = .*/listen = \"127.0.0.1:$port\"/" "$dir/tollgate.toml"
     key=$(grep -o 'tg-[0-9a-f]\{64\}' "$dir/key.json")
-    (cd "$dir" && BENCH_UPSTREAM_KEY=sk-bench RUST_LOG=warn "$BIN/tollgate" serve >"$dir/serve.out" 2>"$dir/serve.log") &
+    (cd "$dir" && exec env BENCH_UPSTREAM_KEY=sk-bench RUST_LOG=warn "$BIN/tollgate" serve >"$dir/serve.out" 2>"$dir/serve.log") &
     pid=$!
     for _ in $(seq 1 100); do grep -q "listening on" "$dir/serve.out" 2>/dev/null && break; sleep 0.1; done
     "$BIN/tollgate-loadgen" --label "$mode" --url "http://127.0.0.1:$port/v1/chat/completions" --key "$key" \

@@ -123,7 +123,8 @@ impl Ledger {
     /// [`Ledger::start`], writing holds open longer than `persist_holds_after`.
     pub fn start_with(db: &Database, persist_holds_after: Duration) -> Result<Self, Error> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let options = db.options.clone();
+        // Room for the prepared shapes of batches of every common size.
+        let options = db.options.clone().statement_cache_capacity(1024);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -352,8 +353,9 @@ async fn write_batch(conn: &mut SqliteConnection, batch: &Batch) -> Result<(), E
             .push(";");
     }
     q.push("COMMIT;");
-    // Shapes vary with the batch: not worth a slot in the statement cache.
-    if let Err(e) = q.build().persistent(false).execute(&mut *conn).await {
+    // The SQL depends only on the batch's shape (rows, holds, accounts), so
+    // the writer's statement cache keeps the common ones parsed.
+    if let Err(e) = q.build().execute(&mut *conn).await {
         // Whatever part ran is undone; the batch is retried whole.
         let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
         return Err(e.into());
