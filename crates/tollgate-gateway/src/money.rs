@@ -11,6 +11,7 @@ use crate::auth::Caller;
 use crate::config::{Config, UnpricedModels};
 use crate::error::Error;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -104,6 +105,8 @@ pub struct Money {
     book: MoneyBook,
     prices: PriceTable,
     rules: RwLock<Arc<BudgetRules>>,
+    /// Whether `rules` holds any budget (read without the lock).
+    any_budget: AtomicBool,
     ledger: Option<Ledger>,
     unpriced: UnpricedModels,
     warned_unpriced: Mutex<HashSet<String>>,
@@ -182,6 +185,7 @@ impl Money {
             book: MoneyBook::new(),
             prices,
             rules: RwLock::default(),
+            any_budget: AtomicBool::new(false),
             ledger,
             unpriced: config.money.unpriced_models,
             warned_unpriced: Mutex::default(),
@@ -224,7 +228,7 @@ impl Money {
     /// Whether a request by `caller` may be charged (so its cost must be
     /// estimated).
     pub fn may_charge(&self, caller: &Caller) -> bool {
-        caller.account.is_some() || !self.rules().is_empty()
+        caller.account.is_some() || self.any_budget.load(Ordering::Relaxed)
     }
 
     fn rules(&self) -> Arc<BudgetRules> {
@@ -241,7 +245,11 @@ impl Money {
         user: Option<&str>,
         model: &str,
     ) -> Result<MoneyPlan, Error> {
-        let budgets = self.rules().charges(caller, user);
+        let budgets = if self.any_budget.load(Ordering::Relaxed) {
+            self.rules().charges(caller, user)
+        } else {
+            Vec::new()
+        };
         let account = caller.account.clone();
         let charged = !budgets.is_empty() || account.is_some();
         let price = match self.prices.get(model) {
@@ -359,8 +367,9 @@ impl Money {
                 self.load_spend(b, now).await?;
                 seen.loaded.insert((b.scope.clone(), b.window));
             }
-            *self.rules.write().unwrap_or_else(PoisonError::into_inner) =
-                Arc::new(BudgetRules::new(budgets));
+            let rules = BudgetRules::new(budgets);
+            self.any_budget.store(!rules.is_empty(), Ordering::Relaxed);
+            *self.rules.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(rules);
             seen.budgets = version;
         }
         Ok(())

@@ -3,6 +3,7 @@
 //! short critical section each, never held across an await; the ledger
 //! makes the same changes durable behind it.
 
+use foldhash::fast::RandomState;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -119,8 +120,11 @@ pub enum MoneyAlert {
 
 #[derive(Debug, Default)]
 struct State {
-    spend: HashMap<(Arc<str>, Window), Spend>,
-    accounts: HashMap<Arc<str>, Funds>,
+    // foldhash: these are looked up twice per request; SipHash's DoS
+    // resistance is not needed for names the operator configured, and
+    // foldhash is seeded per process anyway.
+    spend: HashMap<(Arc<str>, Window), Spend, RandomState>,
+    accounts: HashMap<Arc<str>, Funds, RandomState>,
 }
 
 /// Spend and funds in memory.

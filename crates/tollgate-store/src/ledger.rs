@@ -206,7 +206,7 @@ async fn write_loop(
 ) {
     let mut conn = connect(&options).await;
     let mut entries = Vec::with_capacity(MAX_BATCH);
-    let mut open: HashMap<String, OpenHold> = HashMap::new();
+    let mut open: HashMap<String, OpenHold, foldhash::fast::RandomState> = HashMap::default();
     loop {
         // With holds open, wake up in time to write the ones that age.
         let received = if open.values().any(|h| !h.written) {
