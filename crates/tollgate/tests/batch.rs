@@ -1,6 +1,9 @@
 //! `tollgate batch`, the real binary, against the simulated provider with
 //! its own RPM limit: paced to zero 429s, and resumable after a SIGKILL
-//! with every `custom_id` exactly once in the results.
+//! with every `custom_id` exactly once in the results; and through the
+//! gateway into a budget cap, which stops it cleanly until the cap is raised.
+
+mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -140,4 +143,119 @@ async fn a_killed_batch_resumes_without_repeating_finished_work() {
     let stats = mock.stats().snapshot();
     assert!(stats.completed >= N as u64, "{stats:?}");
     assert!(stats.completed <= (N + 2 * 2 * 32) as u64, "{stats:?}");
+}
+
+/// Sets `key:NAME`'s lifetime budget through the admin API.
+async fn set_lifetime_budget(url: &str, key: &str, cap: i64) {
+    let resp = common::http()
+        .put(format!("{url}/admin/budgets"))
+        .bearer_auth(common::ADMIN_KEY)
+        .json(&serde_json::json!({
+            "scope": format!("key:{key}"),
+            "window": "lifetime",
+            "cap_usd": tollgate_core::money::Usd(cap).to_string(),
+        }))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(
+        resp.status(),
+        200,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_budget_cap_at_request_700_stops_the_batch_until_it_is_raised() {
+    const N: usize = 2000;
+    const CAP_AT: i64 = 700;
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("tollgate.toml"),
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[deployments]]\nname = \"sim\"\nprovider = \"mock\"\nmodels = [\"gpt-4o-mini\"]\n",
+    )
+    .expect("config");
+    let key = |name: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["keys", "create", "--name", name, "--json"])
+            .current_dir(dir.path())
+            .output()
+            .expect("keys create");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("key JSON");
+        v["secret"].as_str().expect("secret").to_owned()
+    };
+    let (batch_key, probe_key) = (key("batch"), key("probe"));
+    let served = common::serve(dir.path(), &["serve"], &dir.path().join("serve.log"));
+    let url = served.url.clone();
+
+    // Every line asks the same, so each costs what one probe costs.
+    let body = serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "the same question"}], "max_tokens": 20});
+    let probe = common::http()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&probe_key)
+        .json(&body)
+        .send()
+        .await
+        .expect("probe");
+    let cost = tollgate_core::money::parse_usd(
+        probe.headers()["x-tollgate-cost-usd"]
+            .to_str()
+            .expect("text"),
+    )
+    .expect("dollars");
+    assert!(cost > 0);
+    set_lifetime_budget(&url, "batch", CAP_AT * cost).await;
+    let lines: Vec<String> = (0..N)
+        .map(|i| {
+            serde_json::json!({"custom_id": format!("req-{i}"), "method": "POST", "url": "/v1/chat/completions", "body": body})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(dir.path().join("requests.jsonl"), lines.join("\n") + "\n").expect("input");
+
+    let run = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        c.current_dir(dir.path())
+            .args([
+                "batch",
+                "requests.jsonl",
+                "-o",
+                "results.jsonl",
+                "--concurrency",
+                "32",
+                "--json",
+            ])
+            .args(["--base-url", &format!("{url}/v1")])
+            .env("TOLLGATE_API_KEY", &batch_key);
+        tokio::task::spawn_blocking(move || c.output().expect("batch runs"))
+    };
+    let out = run().await.expect("joined");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "budget cap exit code; {stderr}");
+    assert!(stderr.contains("key:batch"), "names the scope: {stderr}");
+    assert!(stderr.contains("resume with the same command"), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    assert_eq!(summary["succeeded"], CAP_AT, "{summary}");
+    // It stops within one in-flight window (2 × concurrency) of the cap.
+    let sent = summary["sent"].as_i64().expect("sent");
+    assert!(sent <= CAP_AT + 64, "{summary}");
+    assert_eq!(
+        result_counts(&dir.path().join("results.jsonl")).len(),
+        CAP_AT as usize
+    );
+
+    set_lifetime_budget(&url, "batch", N as i64 * cost).await;
+    let out = run().await.expect("joined");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    assert_eq!(summary["already_done"], CAP_AT, "{summary}");
+    let counts = result_counts(&dir.path().join("results.jsonl"));
+    assert_eq!(counts.len(), N, "every request has a result");
+    assert!(counts.values().all(|n| *n == 1), "none twice");
+    common::stop(served);
 }
