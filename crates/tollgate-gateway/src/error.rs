@@ -166,7 +166,7 @@ pub enum Error {
     #[error("rate limited on {}", .0.scope)]
     RateLimited(Box<RateLimited>),
     /// A budget or an account's balance cannot take the request.
-    #[error("{0:?}")]
+    #[error("refused by a spent budget or an empty account: {0:?}")]
     Money(Box<MoneyRefusal>),
     /// Money applies to the request but its model has no price.
     #[error("model `{0}` has no price")]

@@ -553,6 +553,8 @@ async fn deliver_alerts(url: String, retries: u32, mut rx: mpsc::UnboundedReceiv
                 .send()
                 .await
                 .and_then(reqwest::Response::error_for_status)
+                // Webhook URLs often carry a token: keep them out of logs.
+                .map_err(reqwest::Error::without_url)
         };
         let sent = send
             .retry(
