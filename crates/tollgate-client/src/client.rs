@@ -33,6 +33,9 @@ pub struct ClientConfig {
     pub estimator: Estimator,
     /// Per-attempt timeout.
     pub timeout: Duration,
+    /// Models to try, in order, when a request's own model gives up (its
+    /// retries ran out) or does not exist; empty means no fallback.
+    pub fallback_models: Vec<String>,
 }
 
 impl ClientConfig {
@@ -50,6 +53,7 @@ impl ClientConfig {
                 default_output: 256,
             },
             timeout: Duration::from_secs(600),
+            fallback_models: Vec::new(),
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct Answer {
     pub attempts: u32,
     /// Tokens it used (from `usage`), if reported.
     pub tokens: Option<u64>,
+    /// The fallback model that answered, when the request's own did not.
+    pub fallback_model: Option<String>,
 }
 
 /// What the client has seen so far, for reports.
@@ -93,6 +99,7 @@ pub struct Client {
     permits: Semaphore,
     retry: RetryPolicy,
     estimator: Estimator,
+    fallback_models: Vec<String>,
     origin: Instant,
     next_key: AtomicU64,
     /// What it has seen.
@@ -148,6 +155,7 @@ impl Client {
             permits: Semaphore::new(config.concurrency.max(1)),
             retry: config.retry,
             estimator: config.estimator,
+            fallback_models: config.fallback_models,
             origin: Instant::now(),
             next_key: AtomicU64::new(0),
             counters: Counters::default(),
@@ -210,12 +218,44 @@ impl Client {
     }
 
     /// [`Client::post_json`] under a caller-chosen `Idempotency-Key`, so a
-    /// request resent after a crash is recognisable as the same one.
+    /// request resent after a crash is recognisable as the same one. When
+    /// its model gives up, the fallback models are tried in turn, each as
+    /// its own logical request (`KEY/MODEL`).
     pub async fn post_json_idempotent(
         &self,
         path: &str,
         body: Bytes,
         idempotency_key: String,
+    ) -> Result<Answer, Error> {
+        let mut result = self
+            .send_with_retries(path, body.clone(), &idempotency_key)
+            .await;
+        for model in &self.fallback_models {
+            match &result {
+                Err(e) if e.model_may_fall_back() => {}
+                _ => break,
+            }
+            let Some(fallback) = with_model(&body, model) else {
+                break;
+            };
+            let key = format!("{idempotency_key}/{model}");
+            result = self
+                .send_with_retries(path, fallback, &key)
+                .await
+                .map(|answer| Answer {
+                    fallback_model: Some(model.clone()),
+                    ..answer
+                });
+        }
+        result
+    }
+
+    /// One logical request: paced, sent, classified and retried.
+    async fn send_with_retries(
+        &self,
+        path: &str,
+        body: Bytes,
+        idempotency_key: &str,
     ) -> Result<Answer, Error> {
         let url = format!("{}{path}", self.base);
         let estimate = self.estimate(path, &body);
@@ -235,7 +275,7 @@ impl Client {
                 .post(&url)
                 .bearer_auth(&self.keys[key].secret)
                 .header("content-type", "application/json")
-                .header("idempotency-key", &idempotency_key)
+                .header("idempotency-key", idempotency_key)
                 .body(body.clone())
                 .send()
                 .await;
@@ -268,6 +308,7 @@ impl Client {
                             body: bytes,
                             attempts,
                             tokens,
+                            fallback_model: None,
                         });
                     }
                     if status == 429 {
@@ -304,5 +345,58 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+/// `body` with its `model` replaced, or `None` when it is not a JSON object.
+fn with_model(body: &[u8], model: &str) -> Option<Bytes> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.as_object_mut()?
+        .insert("model".into(), serde_json::Value::String(model.to_owned()));
+    serde_json::to_vec(&v).ok().map(Bytes::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fallback_rewrites_only_the_model() {
+        let body =
+            br#"{"model":"gpt-5","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#;
+        let out = with_model(body, "gpt-4o-mini").expect("an object");
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+        assert_eq!(v["model"], "gpt-4o-mini");
+        assert_eq!(v["max_tokens"], 3);
+        assert_eq!(v["messages"][0]["content"], "hi");
+        assert!(with_model(b"[1,2]", "m").is_none());
+    }
+
+    #[test]
+    fn only_model_failures_fall_back() {
+        let gave_up = Error::GaveUp {
+            attempts: 3,
+            elapsed: Duration::from_secs(1),
+            status: 503,
+            message: String::new(),
+        };
+        assert!(gave_up.model_may_fall_back());
+        let missing = Error::Rejected {
+            status: 404,
+            code: "model_not_found".into(),
+            message: String::new(),
+        };
+        assert!(missing.model_may_fall_back());
+        let bad = Error::Rejected {
+            status: 400,
+            code: "invalid_value".into(),
+            message: String::new(),
+        };
+        assert!(!bad.model_may_fall_back());
+        let budget = Error::BudgetExhausted {
+            scope: "team:a".into(),
+            until: None,
+        };
+        assert!(!budget.model_may_fall_back());
     }
 }

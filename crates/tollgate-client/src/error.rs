@@ -55,6 +55,20 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// Whether another model might succeed where this one failed: retries
+    /// ran out (the model's deployment is down or overloaded), or the model
+    /// does not exist (retired, misspelt for this server). Budgets, balances
+    /// and bad requests are not the model's fault.
+    pub fn model_may_fall_back(&self) -> bool {
+        match self {
+            Error::GaveUp { .. } => true,
+            Error::Rejected { status, code, .. } => *status == 404 && code == "model_not_found",
+            _ => false,
+        }
+    }
+}
+
 fn until_text(until: Option<SystemTime>) -> String {
     until.map_or_else(
         || " for good (a lifetime budget)".to_owned(),

@@ -64,6 +64,10 @@ pub struct BatchArgs {
     /// Attempts per request, the first included.
     #[arg(long, default_value_t = 8)]
     max_attempts: u32,
+    /// A model to try when a request's own model gives up or does not
+    /// exist (repeatable, tried in order).
+    #[arg(long = "fallback-model")]
+    fallback_models: Vec<String>,
     /// On a daily cap, wait for the reset instead of stopping.
     #[arg(long)]
     wait_for_reset: bool,
@@ -309,6 +313,7 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
     config.rpm = args.rpm;
     config.tpm = args.tpm;
     config.concurrency = args.concurrency.max(1);
+    config.fallback_models = args.fallback_models.clone();
     config.retry = RetryPolicy {
         max_attempts: args.max_attempts.max(1),
         budget: Duration::from_secs(600),
