@@ -179,6 +179,9 @@ pub struct ServerConfig {
     /// How often the key table is checked for changes made elsewhere (CLI, other replicas).
     #[serde(deserialize_with = "duration")]
     pub key_refresh: Duration,
+    /// How long an answer is kept for repeats of its `Idempotency-Key`.
+    #[serde(deserialize_with = "duration")]
+    pub idempotency_ttl: Duration,
 }
 
 impl Default for ServerConfig {
@@ -189,6 +192,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             admin_key_env: "TOLLGATE_ADMIN_KEY".into(),
             key_refresh: Duration::from_secs(1),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }

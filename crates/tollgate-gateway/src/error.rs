@@ -168,6 +168,9 @@ pub enum Error {
     /// A budget or an account's balance cannot take the request.
     #[error("refused by a spent budget or an empty account: {0:?}")]
     Money(Box<MoneyRefusal>),
+    /// An `Idempotency-Key` reused for a different request.
+    #[error("idempotency key reused with a different body")]
+    IdempotencyKeyReused,
     /// Money applies to the request but its model has no price.
     #[error("model `{0}` has no price")]
     UnpricedModel(String),
@@ -205,6 +208,11 @@ impl Error {
             }
             Error::RateLimited(r) => rate_limited(r),
             Error::Money(r) => money_refused(r),
+            Error::IdempotencyKeyReused => invalid(
+                422,
+                "idempotency_key_reused",
+                "This Idempotency-Key was already used for a different request (another endpoint or body). Use a new key for a new request.".to_owned(),
+            ),
             Error::UnpricedModel(model) => invalid(
                 400,
                 "model_not_priced",

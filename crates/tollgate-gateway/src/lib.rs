@@ -9,6 +9,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod idempotency;
 pub mod limits;
 pub mod money;
 pub mod pipeline;
@@ -20,6 +21,7 @@ pub use config::Config;
 pub use error::Error;
 
 use auth::KeyCache;
+use idempotency::IdempotencyStore;
 use limits::Limits;
 use money::Money;
 use std::collections::HashMap;
@@ -50,6 +52,8 @@ pub struct Gateway {
     pub limits: Arc<Limits>,
     /// Budgets, credits and the usage ledger.
     pub money: Arc<Money>,
+    /// Answers kept for `Idempotency-Key` repeats.
+    pub idempotency: Arc<IdempotencyStore>,
     /// How requests' tokens are estimated before the call.
     pub estimator: Estimator,
     admin_key: Option<SecretHash>,
@@ -115,6 +119,7 @@ impl Gateway {
             }
         }
         money.warn_unpriced(&model_names);
+        let idempotency = Arc::new(IdempotencyStore::new(config.server.idempotency_ttl));
         let admin_key = secret(&config.server.admin_key_env)
             .filter(|k| !k.is_empty())
             .map(|k| SecretHash::of(&k));
@@ -126,6 +131,7 @@ impl Gateway {
             model_names,
             limits,
             money,
+            idempotency,
             estimator,
             admin_key,
             tasks: Default::default(),
@@ -164,6 +170,7 @@ impl Gateway {
     /// end users do not grow memory without bound.
     fn start_limit_eviction(self: &Arc<Self>) {
         let limits = Arc::downgrade(&self.limits);
+        let idempotency = Arc::downgrade(&self.idempotency);
         let every = self.config.limits.evict_every;
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -173,6 +180,9 @@ impl Gateway {
                 let Some(limits) = limits.upgrade() else {
                     return;
                 };
+                if let Some(store) = idempotency.upgrade() {
+                    store.purge();
+                }
                 let dropped = limits.evict_idle();
                 if dropped > 0 {
                     tracing::debug!(

@@ -10,12 +10,12 @@
 //! 7. **settle** — limits and bill corrected to the real usage, and the
 //!    usage row made durable before the answer's last byte goes out.
 
-use crate::Gateway;
 use crate::error::{Error, api_error_response, write_retry_advice};
 use crate::limits::Plan;
 use crate::server::RequestId;
 use crate::stream::UsageTap;
 use crate::upstream::{Deployment, Endpoint, Outcome};
+use crate::{Gateway, idempotency};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -76,20 +76,29 @@ struct Summary {
 
 /// `POST /v1/chat/completions`.
 pub(crate) async fn chat_completions(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
-    proxy(&gw, Endpoint::ChatCompletions, req).await
+    dispatch(&gw, Endpoint::ChatCompletions, req).await
 }
 
 /// `POST /v1/completions`.
 pub(crate) async fn completions(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
-    proxy(&gw, Endpoint::Completions, req).await
+    dispatch(&gw, Endpoint::Completions, req).await
 }
 
 /// `POST /v1/embeddings`.
 pub(crate) async fn embeddings(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
-    proxy(&gw, Endpoint::Embeddings, req).await
+    dispatch(&gw, Endpoint::Embeddings, req).await
 }
 
-async fn proxy(gw: &Gateway, endpoint: Endpoint, req: Request) -> Response {
+async fn dispatch(gw: &Arc<Gateway>, endpoint: Endpoint, req: Request) -> Response {
+    if req.headers().contains_key(idempotency::HEADER) {
+        idempotency::proxy(gw, endpoint, req).await
+    } else {
+        proxy(gw, endpoint, req).await
+    }
+}
+
+/// Serves one request through the whole pipeline.
+pub(crate) async fn proxy(gw: &Gateway, endpoint: Endpoint, req: Request) -> Response {
     let mut log = RequestLog::default();
     let mut standing = Grant::default();
     let mut resp = match run(gw, endpoint, req, &mut log, &mut standing).await {
@@ -434,7 +443,11 @@ fn with_stream_usage(body: &Bytes, has_stream_options: bool) -> Result<Bytes, Er
 }
 
 /// Reads the body under the size limit and checks it is UTF-8 JSON text.
-async fn read_json_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, Error> {
+pub(crate) async fn read_json_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, Error> {
     if let Some(ct) = headers.get(CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("(not text)");
         let essence = ct.split(';').next().unwrap_or_default().trim();

@@ -247,3 +247,40 @@ async fn official_sdk_sends_one_request_at_a_spent_budget_or_an_empty_account() 
     assert_eq!(statuses("sdk-empty"), [402]);
     assert_eq!(h.mock.stats().snapshot().received, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn official_sdk_retrying_a_lost_answer_executes_and_charges_once() {
+    let h = Harness::with(
+        tollgate_mock::MockConfig {
+            // Longer than the SDK's timeout: its first attempt gives up.
+            ttft: std::time::Duration::from_millis(600),
+            ..tollgate_mock::MockConfig::default()
+        },
+        |_| {},
+    )
+    .await;
+    let key = h.key("sdk-idem", |k| k.account = Some("acme".into())).await;
+    h.gw()
+        .db
+        .add_credits("acme", 1_000_000, "test", "seed")
+        .await
+        .expect("credits");
+    h.gw().money.sync().await.expect("synced");
+    run_scenario_as(&h, &key, "idempotent", &[]).await;
+    assert_eq!(
+        h.mock.stats().snapshot().received,
+        1,
+        "one upstream execution"
+    );
+    h.gw().money.flush().await;
+    let rows = h.gw().db.usage_rows().await.expect("rows");
+    assert_eq!(rows.len(), 1, "one charge");
+    let balance = h
+        .gw()
+        .db
+        .find_account("acme")
+        .await
+        .expect("account")
+        .balance;
+    assert_eq!(balance, 1_000_000 - rows[0].cost);
+}

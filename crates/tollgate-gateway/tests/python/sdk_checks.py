@@ -153,5 +153,20 @@ def money():
     print("money: ok")
 
 
+def idempotent():
+    """The first answer is lost (the SDK times out while the upstream is still
+    working) and the SDK retries with the same Idempotency-Key: the retry gets
+    the first execution's answer."""
+    client = OpenAI(base_url=BASE, api_key=KEY, timeout=0.25, max_retries=4)
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=MSGS, max_tokens=4, extra_headers={"Idempotency-Key": "sdk-order-7"}
+    )
+    assert raw.headers.get("x-tollgate-idempotent-replay") == "true", dict(raw.headers)
+    assert raw.retries_taken >= 1, raw.retries_taken
+    reply = raw.parse()
+    assert reply.usage.completion_tokens == 4, reply.usage
+    print("idempotent: ok")
+
+
 if __name__ == "__main__":
-    {"basic": basic, "errors": errors, "at_limit": at_limit, "money": money}[sys.argv[1]]()
+    {"basic": basic, "errors": errors, "at_limit": at_limit, "money": money, "idempotent": idempotent}[sys.argv[1]]()
