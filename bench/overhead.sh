@@ -42,7 +42,7 @@ TOML
 (cd "$work" && "$BIN/tollgate" keys create --name bench-limits --rpm 1000000000 --tpm 1000000000000 \
   --rpd 1000000000000 --tpd 1000000000000000 --json >"$work/limited.json")
 LIMITED_KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/limited.json")
-(cd "$work" && BENCH_UPSTREAM_KEY=sk-bench-upstream RUST_LOG=${GATEWAY_LOG:-info} "$BIN/tollgate" --log-format json serve >"$work/serve.out" 2>"$work/serve.log") &
+(cd "$work" && exec env BENCH_UPSTREAM_KEY=sk-bench-upstream RUST_LOG=${GATEWAY_LOG:-info} "$BIN/tollgate" --log-format json serve >"$work/serve.out" 2>"$work/serve.log") &
 for _ in $(seq 1 100); do grep -q "listening on" "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
 KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/serve.out" | head -1 || true)
 [ -z "$KEY" ] && KEY=$(cd "$work" && "$BIN/tollgate" keys create --name bench --json | grep -o 'tg-[0-9a-f]\{64\}')

@@ -474,3 +474,26 @@ pub(crate) async fn usage(
         .await,
     )
 }
+
+/// `GET /admin/deployments`: each deployment's models and health (cooling
+/// down after a 429, circuit open after failures).
+pub(crate) async fn deployments(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    result(
+        async {
+            check_admin(&gw, &headers)?;
+            let now = gw.limits.clock().now_ns();
+            let data: Vec<_> = gw
+                .deployments
+                .iter()
+                .map(|d| {
+                    let mut v = d.health.view(now);
+                    v["name"] = json!(&*d.name);
+                    v["models"] = json!(d.models);
+                    v
+                })
+                .collect();
+            Ok(Json(json!({"data": data})).into_response())
+        }
+        .await,
+    )
+}

@@ -168,6 +168,12 @@ pub enum Error {
     /// A budget or an account's balance cannot take the request.
     #[error("refused by a spent budget or an empty account: {0:?}")]
     Money(Box<MoneyRefusal>),
+    /// Every deployment of the model is cooling down after a provider 429.
+    #[error("every route is cooling down for {retry_after:?}")]
+    RoutesCooling {
+        /// Until the first reopens.
+        retry_after: Duration,
+    },
     /// An `Idempotency-Key` reused for a different request.
     #[error("idempotency key reused with a different body")]
     IdempotencyKeyReused,
@@ -208,6 +214,17 @@ impl Error {
             }
             Error::RateLimited(r) => rate_limited(r),
             Error::Money(r) => money_refused(r),
+            Error::RoutesCooling { retry_after } => ApiError::new(
+                429,
+                ErrorType::RateLimitExceeded,
+                "upstream_rate_limited",
+                format!(
+                    "Every deployment serving this model is cooling down after its provider's rate limit. Please try again in {}.",
+                    format_reset(*retry_after)
+                ),
+            )
+            .with_retry_after(*retry_after)
+            .with_field("scope", "upstream"),
             Error::IdempotencyKeyReused => invalid(
                 422,
                 "idempotency_key_reused",

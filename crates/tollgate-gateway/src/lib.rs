@@ -13,6 +13,7 @@ pub mod idempotency;
 pub mod limits;
 pub mod money;
 pub mod pipeline;
+pub mod routing;
 pub mod server;
 mod stream;
 pub mod upstream;
@@ -24,6 +25,7 @@ use auth::KeyCache;
 use idempotency::IdempotencyStore;
 use limits::Limits;
 use money::Money;
+use routing::Pool;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,10 +46,12 @@ pub struct Gateway {
     pub db: Database,
     /// The key table in memory.
     pub keys: KeyCache,
-    /// Model name → the deployment that serves it.
-    pub routes: HashMap<String, Arc<Deployment>>,
+    /// Model name → the pool of deployments that serve it.
+    pub routes: HashMap<String, Arc<Pool>>,
     /// Every model name served, in configuration order.
     pub model_names: Vec<String>,
+    /// Every deployment, in configuration order.
+    pub deployments: Vec<Arc<Deployment>>,
     /// Rate limits and daily caps.
     pub limits: Arc<Limits>,
     /// Budgets, credits and the usage ledger.
@@ -89,7 +93,8 @@ impl Gateway {
             fallback: config.limits.fallback_encoding.into(),
             default_output: config.limits.default_output_tokens,
         };
-        let mut routes = HashMap::new();
+        let mut pools: HashMap<String, Vec<Arc<Deployment>>> = HashMap::new();
+        let mut deployments = Vec::new();
         let mut model_names = Vec::new();
         for d in &config.deployments {
             let base_url = d
@@ -110,14 +115,20 @@ impl Gateway {
                 tracing::warn!(deployment = %d.name, env = d.api_key_env.as_deref(), "the deployment's key variable is not set; calling it without a key");
             }
             let deployment = Arc::new(Deployment::new(d, base_url, key)?);
+            deployments.push(deployment.clone());
             for m in &d.models {
-                // With one route per model, the first deployment that lists it serves it.
-                if !routes.contains_key(m) {
-                    routes.insert(m.clone(), deployment.clone());
+                // Every deployment that lists a model joins its pool.
+                let pool = pools.entry(m.clone()).or_default();
+                if pool.is_empty() {
                     model_names.push(m.clone());
                 }
+                pool.push(deployment.clone());
             }
         }
+        let routes: HashMap<String, Arc<Pool>> = pools
+            .into_iter()
+            .map(|(m, ds)| (m, Arc::new(Pool::new(ds))))
+            .collect();
         money.warn_unpriced(&model_names);
         let idempotency = Arc::new(IdempotencyStore::new(config.server.idempotency_ttl));
         let admin_key = secret(&config.server.admin_key_env)
@@ -129,6 +140,7 @@ impl Gateway {
             keys,
             routes,
             model_names,
+            deployments,
             limits,
             money,
             idempotency,

@@ -450,6 +450,13 @@ impl Bill {
         self.finish(usage, cost, status, served_model, true)
     }
 
+    /// Names the deployment that served (or last failed) the request.
+    pub fn set_deployment(&mut self, deployment: Arc<str>) {
+        if let Some(row) = &mut self.row {
+            row.deployment = Some(deployment);
+        }
+    }
+
     /// Undoes the reservation of a request refused after it was made (by a
     /// rate limit): no row, no charge.
     pub fn cancel(mut self) {

@@ -2,9 +2,12 @@
 //!
 //! 1. **auth** — the bearer key, from the in-memory key table (401/403);
 //! 2. **read** — content type, size limit, UTF-8, JSON (400/413/415);
-//! 3. **route** — the model's deployment (404), the key's model list (403);
+//! 3. **route** — the model's pool of deployments (404), the key's model
+//!    list (403);
 //! 4. **admission** — budgets and credits (429/402), then limits (429);
-//! 5. **upstream** — one call to the deployment (502/504 on failure);
+//! 5. **upstream** — the pool's healthy deployments in turn: a 429 cools
+//!    one down and moves on at once, a failure moves on (502/504 when all
+//!    fail, 429 with the first reopening when all are cooling);
 //! 6. **relay** — the body as one piece, or the stream chunk by chunk as it
 //!    arrives; a client that hangs up drops the upstream call with it;
 //! 7. **settle** — limits and bill corrected to the real usage, and the
@@ -12,6 +15,7 @@
 
 use crate::error::{Error, api_error_response, write_retry_advice};
 use crate::limits::Plan;
+use crate::routing::Pool;
 use crate::server::RequestId;
 use crate::stream::UsageTap;
 use crate::upstream::{Deployment, Endpoint, Outcome};
@@ -55,6 +59,8 @@ pub(crate) struct RequestLog {
     pub(crate) cost: Option<Micros>,
     /// Budget and credits left.
     pub(crate) remaining: Remaining,
+    /// Deployments tried.
+    pub(crate) attempts: u32,
 }
 
 /// Bodies above this size are tokenized off the async workers.
@@ -126,7 +132,10 @@ pub(crate) async fn proxy(gw: &Gateway, endpoint: Endpoint, req: Request) -> Res
         .and_then(|d| HeaderValue::from_str(d).ok())
     {
         h.insert("x-tollgate-deployment", v);
-        h.insert("x-tollgate-attempts", HeaderValue::from_static("1"));
+        h.insert(
+            "x-tollgate-attempts",
+            HeaderValue::from(log.attempts.max(1)),
+        );
     }
     resp.extensions_mut().insert(log);
     resp
@@ -247,8 +256,7 @@ async fn run(
     log.stream = summary.stream;
 
     // 3. route
-    let deployment = route(gw, &caller.record, &summary.model)?;
-    log.deployment = Some(deployment.name.clone());
+    let pool = route(gw, &caller.record, &summary.model)?;
 
     // 4. admission: money first (a spent budget is final, so it is the
     // answer even when a rate limit would also refuse), then limits.
@@ -260,7 +268,7 @@ async fn run(
         .and_then(|id| id.0.to_str().ok())
         .unwrap_or_default();
     let money_plan = gw.money.plan(&caller, user, &summary.model)?;
-    let bill = gw.money.open(
+    let mut bill = gw.money.open(
         money_plan,
         summary.estimate,
         UsageRow {
@@ -270,7 +278,6 @@ async fn run(
             user: user.map(str::to_owned),
             team: caller.team.clone(),
             model: summary.model.clone(),
-            deployment: Some(deployment.name.clone()),
             streamed: summary.stream,
             ..UsageRow::default()
         },
@@ -307,15 +314,30 @@ async fn run(
     };
     let passthrough = provider_headers(&parts.headers);
     let sent = Instant::now();
-    let outcome = match deployment.send(endpoint, body, &passthrough).await {
-        Ok(o) => o,
-        Err(e) => {
+    let clock = gw.limits.clock();
+    let (deployment, outcome) = match pool
+        .send(|| clock.now_ns(), endpoint, &body, &passthrough)
+        .await
+    {
+        Ok(s) => {
+            log.deployment = Some(s.deployment.name.clone());
+            log.attempts = s.attempts;
+            bill.set_deployment(s.deployment.name.clone());
+            (s.deployment, s.outcome)
+        }
+        Err(f) => {
+            log.deployment = f.deployment.as_ref().map(|d| d.name.clone());
+            log.attempts = f.attempts;
+            if let Some(d) = &f.deployment {
+                bill.set_deployment(d.name.clone());
+            }
             // Nothing was generated: give the tokens and the money back.
             admission.settle(0);
-            bill.settle(None, e.to_api_error().status, None);
-            return Err(e);
+            bill.settle(None, f.error.to_api_error().status, None);
+            return Err(f.error);
         }
     };
+    let deployment = &deployment;
 
     // 6. relay
     let resp = match outcome {
@@ -552,8 +574,8 @@ fn summarize(
     Ok(summary)
 }
 
-fn route<'g>(gw: &'g Gateway, key: &KeyRecord, model: &str) -> Result<&'g Arc<Deployment>, Error> {
-    let deployment = gw
+fn route<'g>(gw: &'g Gateway, key: &KeyRecord, model: &str) -> Result<&'g Arc<Pool>, Error> {
+    let pool = gw
         .routes
         .get(model)
         .ok_or_else(|| Error::ModelNotFound(model.to_owned()))?;
@@ -563,7 +585,7 @@ fn route<'g>(gw: &'g Gateway, key: &KeyRecord, model: &str) -> Result<&'g Arc<De
             model: model.to_owned(),
         });
     }
-    Ok(deployment)
+    Ok(pool)
 }
 
 /// Client headers addressed to the provider itself: `x-mock-*`, which only

@@ -55,6 +55,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             get(admin::show_credits).post(admin::add_credits),
         )
         .route("/admin/usage", get(admin::usage))
+        .route("/admin/deployments", get(admin::deployments))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(pipeline::unknown_url)

@@ -53,6 +53,8 @@ pub struct Deployment {
     urls: [reqwest::Url; 3],
     key: Option<ProviderKey>,
     client: reqwest::Client,
+    /// Cool-downs and circuit state, shared by every pool it serves in.
+    pub health: crate::routing::Health,
 }
 
 /// What an upstream call produced.
@@ -155,6 +157,7 @@ impl Deployment {
             ],
             key,
             client,
+            health: crate::routing::Health::default(),
         })
     }
 

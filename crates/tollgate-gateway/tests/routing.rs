@@ -1,0 +1,181 @@
+//! Pools of deployments over several simulated providers with scripted
+//! faults: a throttled deployment cools down and the request moves on
+//! unseen; a failing one opens its circuit; when all are cooling, the client
+//! hears the true reopening time.
+
+mod common;
+
+use common::{Harness, deployment, error_of, localhost};
+use std::time::Duration;
+use tollgate_core::clock::FakeClock;
+use tollgate_core::limits::calendar::DAY_NS;
+use tollgate_gateway::routing::OPEN_AFTER;
+use tollgate_mock::{Fault, MockConfig, MockServer};
+
+const BODY: &str =
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"route me"}],"max_tokens":2}"#;
+
+async fn faulty(fault: Fault) -> MockServer {
+    MockServer::start(
+        MockConfig {
+            fault: Some(fault),
+            fault_rate: 1.0,
+            ..MockConfig::default()
+        },
+        localhost(),
+    )
+    .await
+    .expect("mock starts")
+}
+
+/// The harness's own mock (`mock-a`, healthy) after `first` (`mock-0`) in
+/// the pool of gpt-4o-mini; `first` is tried first on the first request.
+async fn pool_behind(first: &MockServer, clock: FakeClock) -> Harness {
+    let url = first.base_url();
+    Harness::with_clock(
+        MockConfig::default(),
+        move |c| {
+            c.deployments
+                .insert(0, deployment("mock-0", url, &["gpt-4o-mini"]));
+        },
+        clock,
+    )
+    .await
+}
+
+fn noon() -> FakeClock {
+    FakeClock::new(20_000 * DAY_NS + DAY_NS / 2)
+}
+
+#[tokio::test]
+async fn a_throttled_deployment_cools_down_and_the_other_serves() {
+    let clock = noon();
+    let throttled = faulty(Fault::RateLimited(Duration::from_secs(2))).await;
+    let h = pool_behind(&throttled, clock.clone()).await;
+    for i in 0..20 {
+        let resp = h.post("/v1/chat/completions", BODY).await;
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert_eq!(resp.headers()["x-tollgate-deployment"], "mock-a");
+    }
+    // Asked once; then left alone for its retry-after.
+    assert_eq!(throttled.stats().snapshot().received, 1);
+    assert_eq!(h.mock.stats().snapshot().completed, 20);
+
+    clock.advance(Duration::from_secs(2));
+    // Its turn comes again: tried (still throttling), and the other serves.
+    for _ in 0..2 {
+        assert_eq!(h.post("/v1/chat/completions", BODY).await.status(), 200);
+    }
+    assert_eq!(throttled.stats().snapshot().received, 2);
+}
+
+#[tokio::test]
+async fn a_failing_deployment_opens_its_circuit() {
+    let clock = noon();
+    let broken = faulty(Fault::Status(503)).await;
+    let h = pool_behind(&broken, clock.clone()).await;
+    let mut attempts = Vec::new();
+    for _ in 0..30 {
+        let resp = h.post("/v1/chat/completions", BODY).await;
+        assert_eq!(resp.status(), 200, "the healthy deployment serves");
+        attempts.push(
+            resp.headers()["x-tollgate-attempts"]
+                .to_str()
+                .expect("n")
+                .to_owned(),
+        );
+    }
+    assert_eq!(broken.stats().snapshot().received, u64::from(OPEN_AFTER));
+    assert!(attempts.iter().any(|a| a == "2"), "{attempts:?}");
+    let shown: serde_json::Value = h
+        .http
+        .get(h.url("/admin/deployments"))
+        .bearer_auth(common::ADMIN_KEY)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    let mock0 = &shown["data"][0];
+    assert_eq!(mock0["name"], "mock-0");
+    assert_eq!(mock0["circuit"], "open");
+    assert_eq!(mock0["available"], false);
+    assert_eq!(shown["data"][1]["circuit"], "closed");
+    // Open for 30 s, then one probe.
+    clock.advance(tollgate_gateway::routing::OPEN_FOR);
+    for _ in 0..4 {
+        assert_eq!(h.post("/v1/chat/completions", BODY).await.status(), 200);
+    }
+    assert_eq!(
+        broken.stats().snapshot().received,
+        u64::from(OPEN_AFTER) + 1
+    );
+}
+
+#[tokio::test]
+async fn when_every_deployment_is_throttled_the_client_hears_the_first_reopening() {
+    let clock = noon();
+    let soon = faulty(Fault::RateLimited(Duration::from_secs(3))).await;
+    let later = faulty(Fault::RateLimited(Duration::from_secs(7))).await;
+    let (soon_url, later_url) = (soon.base_url(), later.base_url());
+    let h = Harness::with_clock(
+        MockConfig::default(),
+        move |c| {
+            c.deployments = vec![
+                deployment("soon", soon_url, &["gpt-4o-mini"]),
+                deployment("later", later_url, &["gpt-4o-mini"]),
+            ];
+        },
+        clock.clone(),
+    )
+    .await;
+    let first = h.post("/v1/chat/completions", BODY).await;
+    assert_eq!(first.status(), 429);
+    assert_eq!(first.headers()["x-tollgate-attempts"], "2");
+    assert_eq!(first.headers()["retry-after"], "3");
+    assert_eq!(first.headers()["x-should-retry"], "true");
+
+    // One second on, nothing is tried: the answer is the time left.
+    clock.advance(Duration::from_secs(1));
+    let (status, code, retry, _) = error_of(h.post("/v1/chat/completions", BODY).await).await;
+    assert_eq!(
+        (status, code.as_str(), retry.as_str()),
+        (429, "upstream_rate_limited", "true")
+    );
+    assert_eq!(
+        soon.stats().snapshot().received + later.stats().snapshot().received,
+        2
+    );
+    let again = h.post("/v1/chat/completions", BODY).await;
+    assert_eq!(again.headers()["retry-after"], "2");
+    assert_eq!(again.headers()["retry-after-ms"], "2000");
+}
+
+#[tokio::test]
+async fn a_caller_error_is_passed_through_and_never_retried_elsewhere() {
+    let other = MockServer::start(MockConfig::default(), localhost())
+        .await
+        .expect("mock");
+    let other_url = other.base_url();
+    // Both deployments list a model the providers do not have: each answers
+    // 404, which is the caller's to hear, from the first deployment asked.
+    let h = Harness::with_clock(
+        MockConfig::default(),
+        move |c| {
+            c.deployments[0].models.push("gpt-ghost".into());
+            c.deployments
+                .push(deployment("other", other_url, &["gpt-ghost"]));
+        },
+        noon(),
+    )
+    .await;
+    let body = BODY.replace("gpt-4o-mini", "gpt-ghost");
+    let (status, code, retry, _) = error_of(h.post("/v1/chat/completions", &body).await).await;
+    assert_eq!(
+        (status, code.as_str(), retry.as_str()),
+        (404, "model_not_found", "false")
+    );
+    let seen = other.stats().snapshot().received + h.mock.stats().snapshot().received;
+    assert_eq!(seen, 1, "a 4xx is never retried on another deployment");
+}
