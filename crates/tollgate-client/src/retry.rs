@@ -48,10 +48,7 @@ impl RetryPolicy {
         let wait = match last {
             Disposition::RetryAfter(d) => *d,
             Disposition::Backoff => {
-                let exp = self
-                    .base
-                    .saturating_mul(1u32 << attempts.saturating_sub(1).min(30));
-                exp.min(self.cap).mul_f64(unit.clamp(0.0, 1.0))
+                tollgate_core::backoff::full_jitter(self.base, self.cap, attempts, unit)
             }
             _ => return None,
         };

@@ -5,6 +5,7 @@
 //! a parameter or through [`clock::Clock`], so every decision is testable in
 //! microseconds on a fake clock.
 
+pub mod backoff;
 pub mod clock;
 pub mod duration;
 pub mod error;

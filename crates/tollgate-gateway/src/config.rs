@@ -43,9 +43,47 @@ pub struct Config {
     /// Budgets, credits and the ledger.
     #[serde(default)]
     pub money: MoneyConfig,
+    /// Retries over a model's deployments.
+    #[serde(default)]
+    pub routing: RoutingConfig,
     /// Prices over the shipped table (`[prices."my-model"]`).
     #[serde(default)]
     pub prices: BTreeMap<String, PriceText>,
+}
+
+/// `[routing]`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Upstream calls per request at most, failovers included.
+    pub max_attempts: u32,
+    /// First backoff ceiling between passes over a model's deployments.
+    #[serde(deserialize_with = "duration")]
+    pub backoff_base: Duration,
+    /// Largest backoff ceiling.
+    #[serde(deserialize_with = "duration")]
+    pub backoff_cap: Duration,
+    /// No retry starts later than this after the first call.
+    #[serde(deserialize_with = "duration")]
+    pub retry_budget: Duration,
+    /// Failures in a row that open a deployment's circuit (0: never).
+    pub circuit_failures: u32,
+    /// How long an open circuit keeps a deployment out, before one probe.
+    #[serde(deserialize_with = "duration")]
+    pub circuit_open_for: Duration,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(2),
+            retry_budget: Duration::from_secs(30),
+            circuit_failures: 5,
+            circuit_open_for: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `[teams.NAME]`.

@@ -174,6 +174,12 @@ pub enum Error {
         /// Until the first reopens.
         retry_after: Duration,
     },
+    /// Every deployment of the model has its circuit open.
+    #[error("every route is down for {retry_after:?}")]
+    RoutesDown {
+        /// Until the first circuit lets a probe through.
+        retry_after: Duration,
+    },
     /// An `Idempotency-Key` reused for a different request.
     #[error("idempotency key reused with a different body")]
     IdempotencyKeyReused,
@@ -225,6 +231,16 @@ impl Error {
             )
             .with_retry_after(*retry_after)
             .with_field("scope", "upstream"),
+            Error::RoutesDown { retry_after } => ApiError::new(
+                503,
+                ErrorType::Upstream,
+                "upstream_unavailable",
+                format!(
+                    "Every deployment serving this model is failing and has been taken out of rotation. Please try again in {}.",
+                    format_reset(*retry_after)
+                ),
+            )
+            .with_retry_after(*retry_after),
             Error::IdempotencyKeyReused => invalid(
                 422,
                 "idempotency_key_reused",

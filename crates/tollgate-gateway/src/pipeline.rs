@@ -316,7 +316,13 @@ async fn run(
     let sent = Instant::now();
     let clock = gw.limits.clock();
     let (deployment, outcome) = match pool
-        .send(|| clock.now_ns(), endpoint, &body, &passthrough)
+        .send(
+            || clock.now_ns(),
+            &gw.config.routing,
+            endpoint,
+            &body,
+            &passthrough,
+        )
         .await
     {
         Ok(s) => {

@@ -4,22 +4,22 @@
 //! turn. A deployment that answers 429 cools down for the provider's
 //! `Retry-After` and the request moves on at once, unseen by the client; one
 //! that fails (5xx, timeout, reset, garbage) counts a failure, and after
-//! [`OPEN_AFTER`] in a row its circuit opens for [`OPEN_FOR`], then lets one
-//! probe through. When every deployment is cooling down the client hears
-//! 429 with the true time the first one reopens.
+//! `circuit_failures` in a row its circuit opens for `circuit_open_for`,
+//! then lets one probe through. When every deployment failed, the pool is
+//! tried again after a full-jitter backoff, within the attempts and time
+//! budget of `[routing]`. When every deployment is cooling down the client
+//! hears 429 with the true time the first one reopens.
 
+use crate::config::RoutingConfig;
 use crate::error::Error;
 use crate::upstream::{Deployment, Endpoint, Outcome};
 use bytes::Bytes;
 use http::HeaderMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tollgate_core::backoff::full_jitter;
 
-/// Consecutive failures that open a deployment's circuit.
-pub const OPEN_AFTER: u32 = 5;
-/// How long an open circuit stays open before a probe.
-pub const OPEN_FOR: Duration = Duration::from_secs(30);
 /// Cool-down after a 429 without retry advice.
 const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(1);
 /// Cool-down after `insufficient_quota`: billing, not load; it needs a human.
@@ -57,11 +57,11 @@ impl Health {
         self.failures.store(0, Ordering::Relaxed);
     }
 
-    fn failed(&self, now: u64) -> bool {
+    fn failed(&self, now: u64, config: &RoutingConfig) -> bool {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let opens = n >= OPEN_AFTER;
+        let opens = config.circuit_failures > 0 && n >= config.circuit_failures;
         if opens {
-            let until = now.saturating_add(OPEN_FOR.as_nanos() as u64);
+            let until = now.saturating_add(config.circuit_open_for.as_nanos() as u64);
             self.open_until.store(until, Ordering::Relaxed);
         }
         opens
@@ -145,31 +145,94 @@ impl Pool {
     }
 
     /// Sends `body` to the pool's healthy deployments in turn until one
-    /// answers, a throttled one moving the request on at once.
+    /// answers, a throttled one moving the request on at once. When every
+    /// deployment failed, waits a full-jitter backoff and goes round again,
+    /// within `retry`'s attempts and time budget.
     pub async fn send(
         &self,
         now: impl Fn() -> u64,
+        retry: &RoutingConfig,
         endpoint: Endpoint,
         body: &Bytes,
         passthrough: &HeaderMap,
     ) -> Result<Sent, Failed> {
+        let started = Instant::now();
+        let mut attempts = 0;
+        let mut failed: Option<(Arc<Deployment>, Error)> = None;
+        for pass in 1.. {
+            match self
+                .pass(&now, retry, endpoint, body, passthrough, &mut attempts)
+                .await
+            {
+                Pass::Done(result) => return result,
+                Pass::AllFailed(d, e) => failed = Some((d, e)),
+                Pass::NoneAvailable => {}
+            }
+            let wait = full_jitter(retry.backoff_base, retry.backoff_cap, pass, fastrand::f64());
+            let in_budget = started.elapsed() + wait <= retry.retry_budget;
+            if failed.is_none() || attempts >= retry.max_attempts || !in_budget {
+                break;
+            }
+            tracing::debug!(
+                attempts,
+                ?wait,
+                "every route failed; backing off before another pass"
+            );
+            tokio::time::sleep(wait).await;
+        }
+        if let Some((deployment, error)) = failed {
+            return Err(Failed {
+                error,
+                deployment: Some(deployment),
+                attempts,
+            });
+        }
+        // Nothing could be tried: every deployment is cooling down after a
+        // 429 (the client hears 429) or has its circuit open (503).
+        let wait = Duration::from_nanos(self.reopens_at().saturating_sub(now()));
+        let cooling = self
+            .deployments
+            .iter()
+            .any(|d| d.health.cooling_until.load(Ordering::Relaxed) > now());
+        let error = if cooling {
+            Error::RoutesCooling { retry_after: wait }
+        } else {
+            Error::RoutesDown { retry_after: wait }
+        };
+        Err(Failed {
+            error,
+            deployment: None,
+            attempts,
+        })
+    }
+
+    /// One pass over the available deployments.
+    async fn pass(
+        &self,
+        now: &impl Fn() -> u64,
+        retry: &RoutingConfig,
+        endpoint: Endpoint,
+        body: &Bytes,
+        passthrough: &HeaderMap,
+        attempts: &mut u32,
+    ) -> Pass {
         let n = self.deployments.len();
         let start = if n > 1 {
             self.next.fetch_add(1, Ordering::Relaxed) % n
         } else {
             0
         };
-        let mut attempts = 0;
         // The last throttled answer: its deployment, body and whether the
         // provider said the quota (not the rate) is exhausted.
         let mut throttled: Option<(Arc<Deployment>, Bytes, bool)> = None;
         let mut failed: Option<(Arc<Deployment>, Error)> = None;
         for i in 0..n {
             let d = &self.deployments[(start + i) % n];
-            if !d.health.available(now()) {
+            if !d.health.available(now()) || *attempts >= retry.max_attempts.max(1) {
                 continue;
             }
-            attempts += 1;
+            *attempts += 1;
+            let attempts = *attempts;
             match d.send(endpoint, body.clone(), passthrough).await {
                 Ok(Outcome::Throttled {
                     body,
@@ -187,25 +250,25 @@ impl Pool {
                 }
                 Ok(outcome) => {
                     d.health.succeeded();
-                    return Ok(Sent {
+                    return Pass::Done(Ok(Sent {
                         deployment: d.clone(),
                         outcome,
                         attempts,
-                    });
+                    }));
                 }
                 Err(e) if worth_another_route(&e) => {
-                    if d.health.failed(now()) {
-                        tracing::warn!(deployment = %d.name, failures = OPEN_AFTER, "circuit opened: the deployment gets no traffic for 30 s, then one probe");
+                    if d.health.failed(now(), retry) {
+                        tracing::warn!(deployment = %d.name, failures = retry.circuit_failures, open_for = ?retry.circuit_open_for, "circuit opened: the deployment gets no traffic for a while, then one probe");
                     }
                     tracing::debug!(deployment = %d.name, error = %e, "upstream failed; trying the next route");
                     failed = Some((d.clone(), e));
                 }
                 Err(e) => {
-                    return Err(Failed {
+                    return Pass::Done(Err(Failed {
                         error: e,
                         deployment: Some(d.clone()),
                         attempts,
-                    });
+                    }));
                 }
             }
         }
@@ -213,29 +276,29 @@ impl Pool {
         // to come back, which is the earliest reopening in the pool.
         if let Some((deployment, body, quota_exhausted)) = throttled {
             let wait = Duration::from_nanos(self.reopens_at().saturating_sub(now()));
-            return Ok(Sent {
+            return Pass::Done(Ok(Sent {
                 deployment,
                 outcome: Outcome::Throttled {
                     body,
                     retry_after: Some(wait),
                     quota_exhausted,
                 },
-                attempts,
-            });
+                attempts: *attempts,
+            }));
         }
-        if let Some((deployment, error)) = failed {
-            return Err(Failed {
-                error,
-                deployment: Some(deployment),
-                attempts,
-            });
+        match failed {
+            Some((d, e)) => Pass::AllFailed(d, e),
+            None => Pass::NoneAvailable,
         }
-        // Nothing was tried: every deployment is cooling down or open.
-        let wait = Duration::from_nanos(self.reopens_at().saturating_sub(now()));
-        Err(Failed {
-            error: Error::RoutesCooling { retry_after: wait },
-            deployment: None,
-            attempts,
-        })
     }
+}
+
+/// How one pass over a pool ended.
+enum Pass {
+    /// An answer (or an error another route cannot help).
+    Done(Result<Sent, Failed>),
+    /// Every deployment tried failed; the last failure.
+    AllFailed(Arc<Deployment>, Error),
+    /// No deployment could be tried.
+    NoneAvailable,
 }

@@ -234,7 +234,13 @@ async fn credential_problems_are_401_and_403() {
 
 #[tokio::test]
 async fn upstream_failures_are_upstream_errors_that_may_be_retried() {
-    let h = Harness::start().await;
+    // One call per request and no circuit: this checks how each failure is
+    // worded, not how the gateway routes around it (tests/routing.rs).
+    let h = Harness::with(MockConfig::default(), |c| {
+        c.routing.max_attempts = 1;
+        c.routing.circuit_failures = 0;
+    })
+    .await;
     for (fault, status, code) in [
         ("503", 503, "server_error"),
         ("500", 502, "server_error"),

@@ -9,7 +9,7 @@ use common::{Harness, deployment, error_of, localhost};
 use std::time::Duration;
 use tollgate_core::clock::FakeClock;
 use tollgate_core::limits::calendar::DAY_NS;
-use tollgate_gateway::routing::OPEN_AFTER;
+use tollgate_gateway::config::RoutingConfig;
 use tollgate_mock::{Fault, MockConfig, MockServer};
 
 const BODY: &str =
@@ -85,7 +85,8 @@ async fn a_failing_deployment_opens_its_circuit() {
                 .to_owned(),
         );
     }
-    assert_eq!(broken.stats().snapshot().received, u64::from(OPEN_AFTER));
+    let open_after = u64::from(RoutingConfig::default().circuit_failures);
+    assert_eq!(broken.stats().snapshot().received, open_after);
     assert!(attempts.iter().any(|a| a == "2"), "{attempts:?}");
     let shown: serde_json::Value = h
         .http
@@ -103,14 +104,11 @@ async fn a_failing_deployment_opens_its_circuit() {
     assert_eq!(mock0["available"], false);
     assert_eq!(shown["data"][1]["circuit"], "closed");
     // Open for 30 s, then one probe.
-    clock.advance(tollgate_gateway::routing::OPEN_FOR);
+    clock.advance(RoutingConfig::default().circuit_open_for);
     for _ in 0..4 {
         assert_eq!(h.post("/v1/chat/completions", BODY).await.status(), 200);
     }
-    assert_eq!(
-        broken.stats().snapshot().received,
-        u64::from(OPEN_AFTER) + 1
-    );
+    assert_eq!(broken.stats().snapshot().received, open_after + 1);
 }
 
 #[tokio::test]
@@ -178,4 +176,71 @@ async fn a_caller_error_is_passed_through_and_never_retried_elsewhere() {
     );
     let seen = other.stats().snapshot().received + h.mock.stats().snapshot().received;
     assert_eq!(seen, 1, "a 4xx is never retried on another deployment");
+}
+
+#[tokio::test]
+async fn a_5xx_storm_is_retried_a_bounded_number_of_times() {
+    let broken = faulty(Fault::Status(503)).await;
+    let url = broken.base_url();
+    let h = Harness::with_clock(
+        MockConfig::default(),
+        move |c| {
+            c.deployments = vec![deployment("only", url, &["gpt-4o-mini"])];
+            c.routing = RoutingConfig {
+                max_attempts: 4,
+                backoff_base: Duration::from_millis(5),
+                backoff_cap: Duration::from_millis(20),
+                circuit_failures: 0,
+                ..RoutingConfig::default()
+            };
+        },
+        noon(),
+    )
+    .await;
+    let resp = h.post("/v1/chat/completions", BODY).await;
+    assert_eq!(resp.headers()["x-tollgate-attempts"], "4");
+    let (status, _, retry, _) = error_of(resp).await;
+    assert_eq!((status, retry.as_str()), (503, "true"));
+    assert_eq!(broken.stats().snapshot().received, 4);
+}
+
+#[tokio::test]
+async fn no_retry_starts_past_the_time_budget() {
+    let broken = faulty(Fault::Status(500)).await;
+    let url = broken.base_url();
+    let h = Harness::with_clock(
+        MockConfig::default(),
+        move |c| {
+            c.deployments = vec![deployment("only", url, &["gpt-4o-mini"])];
+            c.routing = RoutingConfig {
+                max_attempts: 50,
+                retry_budget: Duration::ZERO,
+                circuit_failures: 0,
+                ..RoutingConfig::default()
+            };
+        },
+        noon(),
+    )
+    .await;
+    let resp = h.post("/v1/chat/completions", BODY).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(broken.stats().snapshot().received, 1);
+}
+
+#[test]
+fn retry_delays_are_spread_by_full_jitter() {
+    use tollgate_core::backoff::full_jitter;
+    let (base, cap) = (Duration::from_millis(100), Duration::from_secs(2));
+    // After the third failure the ceiling is 400 ms.
+    let waits: Vec<Duration> = (0..100)
+        .map(|_| full_jitter(base, cap, 3, fastrand::f64()))
+        .collect();
+    assert!(waits.iter().all(|w| *w <= Duration::from_millis(400)));
+    let (lo, hi) = (
+        waits.iter().min().copied().unwrap_or_default(),
+        waits.iter().max().copied().unwrap_or_default(),
+    );
+    assert!(hi - lo > Duration::from_millis(200), "{lo:?}..{hi:?}");
+    let distinct: std::collections::HashSet<_> = waits.iter().collect();
+    assert!(distinct.len() > 90, "retries must not move in lockstep");
 }
