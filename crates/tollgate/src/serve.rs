@@ -110,26 +110,24 @@ async fn start_mocks(config: &mut Config) -> anyhow::Result<Vec<MockServer>> {
     Ok(mocks)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled: a signal that arrives right
+/// after the "listening" line must already find them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    #[cfg(unix)]
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutdown signal received");
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown signal received");
+    })
 }
 
 fn print_quickstart(url: &str, secret: &str, model: &str) {
@@ -205,8 +203,9 @@ pub async fn run(config_file: Option<&Path>, args: ServeArgs) -> anyhow::Result<
             gateway.config.server.admin_key_env
         );
     }
+    let shutdown = shutdown_signal()?;
     println!("tollgate listening on {url}  (OpenAI base URL: {url}/v1)");
-    tollgate_gateway::server::serve(gateway.clone(), listener, shutdown_signal()).await?;
+    tollgate_gateway::server::serve(gateway.clone(), listener, shutdown).await?;
     // Every usage row of a served request is durable before the exit.
     gateway.money.close().await;
     Ok(())
