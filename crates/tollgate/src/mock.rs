@@ -59,6 +59,7 @@ pub async fn run(args: MockArgs) -> anyhow::Result<()> {
         config.models = args.models;
     }
     let server = MockServer::start(config, args.listen).await?;
+    let shutdown = crate::serve::shutdown_signal()?;
     println!(
         "tollgate mock: simulated OpenAI provider on {}",
         server.base_url()
@@ -66,7 +67,7 @@ pub async fn run(args: MockArgs) -> anyhow::Result<()> {
     println!("  per-request faults: send header `x-mock-fault: 503` (or hang, reset, cut:3, …)");
     tokio::select! {
         () = server.run_forever() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        () = shutdown => {}
     }
     Ok(())
 }
