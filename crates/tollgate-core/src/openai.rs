@@ -340,3 +340,29 @@ mod tests {
         }
     }
 }
+
+/// `body` (a JSON object) with its `model` replaced; `None` when it is not
+/// a JSON object. Used by fallbacks, which resend a request to another model.
+pub fn with_model(body: &[u8], model: &str) -> Option<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.as_object_mut()?
+        .insert("model".into(), serde_json::Value::String(model.to_owned()));
+    serde_json::to_vec(&v).ok()
+}
+
+#[cfg(test)]
+mod with_model_tests {
+    use super::with_model;
+
+    #[test]
+    fn a_fallback_rewrites_only_the_model() {
+        let body =
+            br#"{"model":"gpt-5","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#;
+        let out = with_model(body, "gpt-4o-mini").expect("an object");
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+        assert_eq!(v["model"], "gpt-4o-mini");
+        assert_eq!(v["max_tokens"], 3);
+        assert_eq!(v["messages"][0]["content"], "hi");
+        assert!(with_model(b"[1,2]", "m").is_none());
+    }
+}

@@ -51,10 +51,31 @@ pub struct Config {
     pub prices: BTreeMap<String, PriceText>,
 }
 
+/// A failure class that moves a request down its model's fallback chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackTrigger {
+    /// Every deployment answered 429 or is cooling down.
+    RateLimit,
+    /// The provider is overloaded (529, `overloaded_error`).
+    Overload,
+    /// The upstream did not answer in time.
+    Timeout,
+    /// 5xx, resets, invalid answers, open circuits.
+    ServerError,
+    /// The prompt is longer than the model's context (`context_length_exceeded`).
+    ContextLength,
+}
+
 /// `[routing]`.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
+    /// Models to try, in order, when a model's every route failed:
+    /// `fallbacks = { "gpt-4o" = ["gpt-4o-mini", "claude-sonnet-4-5"] }`.
+    pub fallbacks: BTreeMap<String, Vec<String>>,
+    /// Which failures walk the fallback chain (default: all of them).
+    pub fallback_on: Vec<FallbackTrigger>,
     /// Upstream calls per request at most, failovers included.
     pub max_attempts: u32,
     /// First backoff ceiling between passes over a model's deployments.
@@ -76,6 +97,14 @@ pub struct RoutingConfig {
 impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
+            fallbacks: BTreeMap::new(),
+            fallback_on: vec![
+                FallbackTrigger::RateLimit,
+                FallbackTrigger::Overload,
+                FallbackTrigger::Timeout,
+                FallbackTrigger::ServerError,
+                FallbackTrigger::ContextLength,
+            ],
             max_attempts: 3,
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(2),

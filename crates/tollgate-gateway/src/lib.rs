@@ -130,6 +130,11 @@ impl Gateway {
             .map(|(m, ds)| (m, Arc::new(Pool::new(ds))))
             .collect();
         money.warn_unpriced(&model_names);
+        for (model, chain) in &config.routing.fallbacks {
+            for f in chain.iter().filter(|f| !routes.contains_key(*f)) {
+                tracing::warn!(model, fallback = %f, "a fallback model no deployment serves is skipped");
+            }
+        }
         let idempotency = Arc::new(IdempotencyStore::new(config.server.idempotency_ttl));
         let admin_key = secret(&config.server.admin_key_env)
             .filter(|k| !k.is_empty())

@@ -450,6 +450,14 @@ impl Bill {
         self.finish(usage, cost, status, served_model, true)
     }
 
+    /// Prices the request as `model` (a fallback serves it); a model
+    /// without a price keeps the one asked for.
+    pub fn reprice(&mut self, model: &str) {
+        if let Some(p) = self.money.prices.get(model) {
+            self.plan.price = Some(p);
+        }
+    }
+
     /// Names the deployment that served (or last failed) the request.
     pub fn set_deployment(&mut self, deployment: Arc<str>) {
         if let Some(row) = &mut self.row {

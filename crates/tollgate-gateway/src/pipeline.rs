@@ -15,7 +15,7 @@
 
 use crate::error::{Error, api_error_response, write_retry_advice};
 use crate::limits::Plan;
-use crate::routing::Pool;
+use crate::routing::{Failed, Pool, Sent, trigger_of};
 use crate::server::RequestId;
 use crate::stream::UsageTap;
 use crate::upstream::{Deployment, Endpoint, Outcome};
@@ -34,7 +34,9 @@ use std::time::{Duration, Instant};
 use tollgate_core::duration::write_reset;
 use tollgate_core::limits::{Cost, Grant};
 use tollgate_core::money::{Micros, TokenUsage, Usd};
-use tollgate_core::openai::{ChatRequest, CompletionRequest, EmbeddingRequest, UsageOnly};
+use tollgate_core::openai::{
+    ChatRequest, CompletionRequest, EmbeddingRequest, UsageOnly, with_model,
+};
 use tollgate_core::tokens::{Estimate, Estimator};
 use tollgate_core::{ApiError, ErrorType};
 use tollgate_store::book::Remaining;
@@ -61,6 +63,16 @@ pub(crate) struct RequestLog {
     pub(crate) remaining: Remaining,
     /// Deployments tried.
     pub(crate) attempts: u32,
+    /// The fallback chain walked (`gpt-4o>gpt-4o-mini`), when one was.
+    pub(crate) fallback: Option<String>,
+}
+
+/// Upstream calls a pool's result took.
+fn attempt_count(result: &Result<Sent, Failed>) -> u32 {
+    match result {
+        Ok(s) => s.attempts,
+        Err(f) => f.attempts,
+    }
 }
 
 /// Bodies above this size are tokenized off the async workers.
@@ -132,6 +144,13 @@ pub(crate) async fn proxy(gw: &Gateway, endpoint: Endpoint, req: Request) -> Res
         .and_then(|d| HeaderValue::from_str(d).ok())
     {
         h.insert("x-tollgate-deployment", v);
+        if let Some(v) = log
+            .fallback
+            .as_deref()
+            .and_then(|f| HeaderValue::from_str(f).ok())
+        {
+            h.insert("x-tollgate-fallback", v);
+        }
         h.insert(
             "x-tollgate-attempts",
             HeaderValue::from(log.attempts.max(1)),
@@ -315,25 +334,58 @@ async fn run(
     let passthrough = provider_headers(&parts.headers);
     let sent = Instant::now();
     let clock = gw.limits.clock();
-    let (deployment, outcome) = match pool
-        .send(
-            || clock.now_ns(),
-            &gw.config.routing,
-            endpoint,
-            &body,
-            &passthrough,
-        )
-        .await
-    {
+    let routing = &gw.config.routing;
+    let mut result = pool
+        .send(|| clock.now_ns(), routing, endpoint, &body, &passthrough)
+        .await;
+    let mut attempts = attempt_count(&result);
+    let mut walked: Vec<&str> = Vec::new();
+    // Down the model's fallback chain while the failure is one it is for;
+    // nothing has reached the client yet, streams included.
+    for fallback in routing.fallbacks.get(&*summary.model).into_iter().flatten() {
+        if !trigger_of(&result).is_some_and(|t| routing.fallback_on.contains(&t)) {
+            break;
+        }
+        let Some(next) = gw
+            .routes
+            .get(fallback)
+            .filter(|_| caller.record.allows_model(fallback))
+        else {
+            continue;
+        };
+        let Some(rewritten) = with_model(&body, fallback) else {
+            break;
+        };
+        if walked.is_empty() {
+            walked.push(&summary.model);
+        }
+        walked.push(fallback);
+        tracing::debug!(model = %summary.model, fallback, "falling back");
+        bill.reprice(fallback);
+        result = next
+            .send(
+                || clock.now_ns(),
+                routing,
+                endpoint,
+                &Bytes::from(rewritten),
+                &passthrough,
+            )
+            .await;
+        attempts += attempt_count(&result);
+    }
+    log.attempts = attempts;
+    if !walked.is_empty() {
+        log.fallback = Some(walked.join(">"));
+        log.model = walked.last().map(|m| Arc::from(*m));
+    }
+    let (deployment, outcome) = match result {
         Ok(s) => {
             log.deployment = Some(s.deployment.name.clone());
-            log.attempts = s.attempts;
             bill.set_deployment(s.deployment.name.clone());
             (s.deployment, s.outcome)
         }
         Err(f) => {
             log.deployment = f.deployment.as_ref().map(|d| d.name.clone());
-            log.attempts = f.attempts;
             if let Some(d) = &f.deployment {
                 bill.set_deployment(d.name.clone());
             }

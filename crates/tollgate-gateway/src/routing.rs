@@ -10,7 +10,7 @@
 //! budget of `[routing]`. When every deployment is cooling down the client
 //! hears 429 with the true time the first one reopens.
 
-use crate::config::RoutingConfig;
+use crate::config::{FallbackTrigger, RoutingConfig};
 use crate::error::Error;
 use crate::upstream::{Deployment, Endpoint, Outcome};
 use bytes::Bytes;
@@ -113,6 +113,42 @@ pub struct Failed {
     pub deployment: Option<Arc<Deployment>>,
     /// Deployments tried.
     pub attempts: u32,
+}
+
+/// The fallback class of a pool's result, if it has one.
+pub fn trigger_of(result: &Result<Sent, Failed>) -> Option<FallbackTrigger> {
+    match result {
+        Ok(Sent {
+            outcome: Outcome::Throttled { .. },
+            ..
+        }) => Some(FallbackTrigger::RateLimit),
+        Ok(Sent {
+            outcome: Outcome::CallerError { status, body, .. },
+            ..
+        }) if status.as_u16() == 400
+            && body
+                .windows(b"context_length_exceeded".len())
+                .any(|w| w == b"context_length_exceeded") =>
+        {
+            Some(FallbackTrigger::ContextLength)
+        }
+        Ok(_) => None,
+        Err(f) => match &f.error {
+            Error::RoutesCooling { .. } => Some(FallbackTrigger::RateLimit),
+            Error::UpstreamTimeout { .. } => Some(FallbackTrigger::Timeout),
+            Error::UpstreamStatus { status, code, .. }
+                if *status == 529 || code.as_deref().is_some_and(|c| c.contains("overloaded")) =>
+            {
+                Some(FallbackTrigger::Overload)
+            }
+            Error::UpstreamStatus { .. }
+            | Error::UpstreamUnreachable { .. }
+            | Error::UpstreamInvalid { .. }
+            | Error::UpstreamAuth { .. }
+            | Error::RoutesDown { .. } => Some(FallbackTrigger::ServerError),
+            _ => None,
+        },
+    }
 }
 
 fn worth_another_route(e: &Error) -> bool {

@@ -9,7 +9,7 @@ use common::{Harness, deployment, error_of, localhost};
 use std::time::Duration;
 use tollgate_core::clock::FakeClock;
 use tollgate_core::limits::calendar::DAY_NS;
-use tollgate_gateway::config::RoutingConfig;
+use tollgate_gateway::config::{FallbackTrigger, RoutingConfig};
 use tollgate_mock::{Fault, MockConfig, MockServer};
 
 const BODY: &str =
@@ -243,4 +243,59 @@ fn retry_delays_are_spread_by_full_jitter() {
     assert!(hi - lo > Duration::from_millis(200), "{lo:?}..{hi:?}");
     let distinct: std::collections::HashSet<_> = waits.iter().collect();
     assert!(distinct.len() > 90, "retries must not move in lockstep");
+}
+
+/// gpt-4o on a throttled provider, gpt-4o-mini on a healthy one, and a
+/// fallback chain from the first to the second.
+async fn chain(throttled: &MockServer, fallback_on: Option<Vec<FallbackTrigger>>) -> Harness {
+    let url = throttled.base_url();
+    Harness::with_clock(
+        MockConfig::default(),
+        move |c| {
+            c.deployments[0].models = vec!["gpt-4o-mini".into()];
+            c.deployments.push(deployment("busy", url, &["gpt-4o"]));
+            c.routing
+                .fallbacks
+                .insert("gpt-4o".into(), vec!["gpt-4o-mini".into()]);
+            if let Some(on) = fallback_on {
+                c.routing.fallback_on = on;
+            }
+        },
+        noon(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_throttled_model_falls_back_and_says_so() {
+    let busy = faulty(Fault::RateLimited(Duration::from_secs(5))).await;
+    let h = chain(&busy, None).await;
+    let body = BODY.replace("gpt-4o-mini", "gpt-4o");
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-tollgate-fallback"], "gpt-4o>gpt-4o-mini");
+    assert_eq!(resp.headers()["x-tollgate-model"], "gpt-4o-mini");
+    assert_eq!(resp.headers()["x-tollgate-attempts"], "2");
+    let answer: serde_json::Value = resp.json().await.expect("JSON");
+    assert_eq!(answer["model"], "gpt-4o-mini");
+
+    // A stream falls back the same way: nothing had reached the client.
+    let stream = body.replace(r#""max_tokens":2"#, r#""max_tokens":2,"stream":true"#);
+    let resp = h.post("/v1/chat/completions", &stream).await;
+    assert_eq!(resp.headers()["x-tollgate-fallback"], "gpt-4o>gpt-4o-mini");
+    let (content, _, done, _) = common::parse_sse(&resp.text().await.expect("stream"));
+    assert!(done && !content.is_empty());
+    // The throttled provider was asked once; then it cooled down.
+    assert_eq!(busy.stats().snapshot().received, 1);
+}
+
+#[tokio::test]
+async fn fallbacks_follow_only_the_configured_failures() {
+    let busy = faulty(Fault::RateLimited(Duration::from_secs(5))).await;
+    let h = chain(&busy, Some(vec![FallbackTrigger::ServerError])).await;
+    let body = BODY.replace("gpt-4o-mini", "gpt-4o");
+    let resp = h.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 429);
+    assert!(!resp.headers().contains_key("x-tollgate-fallback"));
+    assert_eq!(h.mock.stats().snapshot().received, 0);
 }
