@@ -288,6 +288,10 @@ pub enum Provider {
     Openai,
     /// Any server speaking OpenAI's API (vLLM, llama.cpp, …).
     OpenaiCompatible,
+    /// Azure OpenAI: `base_url` is the deployment's URL
+    /// (`https://RESOURCE.openai.azure.com/openai/deployments/NAME`), the key
+    /// goes in an `api-key` header, and every call names an `api_version`.
+    Azure,
     /// The simulated provider, run inside the gateway's process.
     Mock,
 }
@@ -314,6 +318,14 @@ pub struct DeploymentConfig {
     /// Whole-request timeout, streams included.
     #[serde(default = "default_timeout", deserialize_with = "duration")]
     pub timeout: Duration,
+    /// Azure's `api-version` (default `2024-10-21`).
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// Time to the response's first byte (its headers); past it the
+    /// request moves to the next route. Unset: only `timeout` applies
+    /// (reasoning models may think for minutes before a body answer).
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub first_byte_timeout: Option<Duration>,
     /// Settings of an in-process mock (`provider = "mock"` only).
     #[serde(default)]
     pub mock: Option<MockSettings>,
@@ -442,6 +454,18 @@ impl Config {
             if d.models.is_empty() {
                 return Err(ConfigError::Invalid(format!(
                     "deployment `{}` serves no models",
+                    d.name
+                )));
+            }
+            if d.provider == Provider::Azure && d.base_url.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "deployment `{}` (azure) needs a base_url: https://RESOURCE.openai.azure.com/openai/deployments/NAME",
+                    d.name
+                )));
+            }
+            if d.api_version.is_some() && d.provider != Provider::Azure {
+                return Err(ConfigError::Invalid(format!(
+                    "deployment `{}` sets api_version, which only Azure uses",
                     d.name
                 )));
             }

@@ -32,15 +32,18 @@ impl Endpoint {
     }
 }
 
-/// A provider key; never printed.
+/// A provider key and the header it goes in; never printed.
 #[derive(Clone)]
-pub struct ProviderKey(HeaderValue);
+pub struct ProviderKey(http::HeaderName, HeaderValue);
 
 impl std::fmt::Debug for ProviderKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ProviderKey(<redacted>)")
     }
 }
+
+/// The Azure OpenAI data-plane API version used when a deployment names none.
+pub const AZURE_API_VERSION: &str = "2024-10-21";
 
 /// One upstream endpoint with its credential and connection pool.
 #[derive(Debug)]
@@ -53,6 +56,7 @@ pub struct Deployment {
     urls: [reqwest::Url; 3],
     key: Option<ProviderKey>,
     client: reqwest::Client,
+    first_byte_timeout: Option<Duration>,
     /// Cool-downs and circuit state, shared by every pool it serves in.
     pub health: crate::routing::Health,
 }
@@ -125,15 +129,28 @@ impl Deployment {
             deployment: config.name.clone(),
             detail,
         };
+        let azure = config.provider == Provider::Azure;
         let key = api_key
             .map(|k| {
-                let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                // Azure takes the bare key in `api-key`; the others a bearer token.
+                let (name, text) = if azure {
+                    (http::HeaderName::from_static("api-key"), k)
+                } else {
+                    (AUTHORIZATION, format!("Bearer {k}"))
+                };
+                let mut v = HeaderValue::from_str(&text).map_err(|_| {
                     client_err("the API key has characters not allowed in a header".into())
                 })?;
                 v.set_sensitive(true);
-                Ok::<_, Error>(ProviderKey(v))
+                Ok::<_, Error>(ProviderKey(name, v))
             })
             .transpose()?;
+        let query = if azure {
+            let version = config.api_version.as_deref().unwrap_or(AZURE_API_VERSION);
+            format!("?api-version={version}")
+        } else {
+            String::new()
+        };
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
@@ -144,7 +161,7 @@ impl Deployment {
             .map_err(|e| client_err(e.to_string()))?;
         let base = base_url.trim_end_matches('/');
         let url = |e: Endpoint| {
-            reqwest::Url::parse(&format!("{base}{}", e.path()))
+            reqwest::Url::parse(&format!("{base}{}{query}", e.path()))
                 .map_err(|err| client_err(format!("base_url `{base_url}` is not a URL: {err}")))
         };
         Ok(Self {
@@ -157,6 +174,7 @@ impl Deployment {
             ],
             key,
             client,
+            first_byte_timeout: config.first_byte_timeout,
             health: crate::routing::Health::default(),
         })
     }
@@ -165,7 +183,7 @@ impl Deployment {
     pub fn default_base_url(provider: Provider) -> Option<&'static str> {
         match provider {
             Provider::Openai => Some("https://api.openai.com/v1"),
-            Provider::OpenaiCompatible | Provider::Mock => None,
+            Provider::OpenaiCompatible | Provider::Azure | Provider::Mock => None,
         }
     }
 
@@ -184,12 +202,20 @@ impl Deployment {
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body);
         if let Some(key) = &self.key {
-            req = req.header(AUTHORIZATION, key.0.clone());
+            req = req.header(key.0.clone(), key.1.clone());
         }
         for (name, value) in passthrough {
             req = req.header(name, value);
         }
-        let resp = req.send().await.map_err(|e| self.transport_error(e))?;
+        let resp = match self.first_byte_timeout {
+            Some(limit) => tokio::time::timeout(limit, req.send()).await.map_err(|_| {
+                Error::UpstreamTimeout {
+                    deployment: self.name.to_string(),
+                }
+            })?,
+            None => req.send().await,
+        }
+        .map_err(|e| self.transport_error(e))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(Outcome::Success(resp));

@@ -299,3 +299,54 @@ async fn fallbacks_follow_only_the_configured_failures() {
     assert!(!resp.headers().contains_key("x-tollgate-fallback"));
     assert_eq!(h.mock.stats().snapshot().received, 0);
 }
+
+#[tokio::test]
+async fn a_hanging_upstream_times_out_at_first_byte_and_the_next_serves() {
+    let hung = faulty(Fault::Hang).await;
+    let url = hung.base_url();
+    let h = Harness::with_clock(
+        MockConfig::default(),
+        move |c| {
+            let mut d = deployment("hung", url, &["gpt-4o-mini"]);
+            d.first_byte_timeout = Some(Duration::from_millis(200));
+            c.deployments.insert(0, d);
+        },
+        noon(),
+    )
+    .await;
+    let resp = h.post("/v1/chat/completions", BODY).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-tollgate-deployment"], "mock-a");
+    assert_eq!(resp.headers()["x-tollgate-attempts"], "2");
+    assert_eq!(hung.stats().snapshot().received, 1);
+}
+
+#[tokio::test]
+async fn an_azure_deployment_gets_its_url_shape_and_api_key_header() {
+    let azure = MockServer::start(MockConfig::default(), localhost())
+        .await
+        .expect("mock");
+    let base = format!(
+        "{}/openai/deployments/gpt4o-prod",
+        azure.base_url().trim_end_matches("/v1")
+    );
+    let h = Harness::with_clock(
+        MockConfig::default(),
+        move |c| {
+            let mut d = deployment("azure-east", base, &["gpt-4o"]);
+            d.provider = tollgate_gateway::config::Provider::Azure;
+            c.deployments = vec![d];
+        },
+        noon(),
+    )
+    .await;
+    let resp = h
+        .post(
+            "/v1/chat/completions",
+            &BODY.replace("gpt-4o-mini", "gpt-4o"),
+        )
+        .await;
+    // The simulated Azure answers only with a key it can read (`api-key`).
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+    assert_eq!(azure.stats().snapshot().completed, 1);
+}

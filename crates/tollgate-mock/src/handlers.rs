@@ -37,10 +37,27 @@ pub(crate) struct MockState {
 
 /// The mock's routes.
 pub(crate) fn router(state: Arc<MockState>) -> Router {
+    // Azure OpenAI's shape: one URL per deployment, an `api-version` on
+    // every call and the key in `api-key`, as Azure insists.
+    let azure = Router::new()
+        .route(
+            "/openai/deployments/{deployment}/chat/completions",
+            post(chat_completions),
+        )
+        .route(
+            "/openai/deployments/{deployment}/completions",
+            post(completions),
+        )
+        .route(
+            "/openai/deployments/{deployment}/embeddings",
+            post(embeddings),
+        )
+        .route_layer(axum::middleware::from_fn(azure_gate));
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .merge(azure)
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/mock/stats", get(stats))
@@ -65,6 +82,35 @@ fn openai_error(
 ) -> Response {
     let body = json!({"error": {"message": message, "type": kind, "param": param, "code": code}});
     (status, axum::Json(body)).into_response()
+}
+
+/// What Azure answers to a call without an `api-version` or an `api-key`.
+async fn azure_gate(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let versioned = req.uri().query().is_some_and(|q| {
+        q.split('&').any(|p| {
+            p.strip_prefix("api-version=")
+                .is_some_and(|v| !v.is_empty())
+        })
+    });
+    if !versioned {
+        return openai_error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("404"),
+            None,
+            "Resource not found",
+        );
+    }
+    if req.headers().get("api-key").is_none() {
+        return openai_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("401"),
+            None,
+            "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.",
+        );
+    }
+    next.run(req).await
 }
 
 fn request_id() -> String {
@@ -92,12 +138,17 @@ fn finish(mut resp: Response, started: Instant, limits: &LimitStatus) -> Respons
     resp
 }
 
+/// The caller's key: a bearer token, or Azure's `api-key` header.
 fn api_key(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(AUTHORIZATION)?.to_str().ok()?;
-    let key = v
-        .strip_prefix("Bearer ")
-        .or_else(|| v.strip_prefix("bearer "))?
-        .trim();
+    let key = match headers.get(AUTHORIZATION) {
+        Some(v) => {
+            let v = v.to_str().ok()?;
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))?
+        }
+        None => headers.get("api-key")?.to_str().ok()?,
+    }
+    .trim();
     (!key.is_empty()).then_some(key)
 }
 

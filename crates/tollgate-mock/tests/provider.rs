@@ -197,3 +197,31 @@ async fn injected_reset_breaks_the_connection_and_process_faults_hit_every_reque
         .expect("json");
     assert_eq!(stats["faulted"], 3);
 }
+
+#[tokio::test]
+async fn azure_routes_want_an_api_version_and_an_api_key() {
+    let (m, http) = start(MockConfig::default()).await;
+    let url = format!(
+        "{}/openai/deployments/gpt4o-prod/chat/completions",
+        m.base_url().trim_end_matches("/v1")
+    );
+    let send = |query: &'static str, header: (&'static str, &'static str)| {
+        http.post(format!("{url}{query}"))
+            .header(header.0, header.1)
+            .header("content-type", "application/json")
+            .body(HELLO)
+            .send()
+    };
+    let no_version = send("", ("api-key", "k")).await.expect("sent");
+    assert_eq!(no_version.status(), 404);
+    let bearer = send("?api-version=2024-10-21", ("authorization", "Bearer k"))
+        .await
+        .expect("sent");
+    assert_eq!(bearer.status(), 401);
+    let right = send("?api-version=2024-10-21", ("api-key", "k"))
+        .await
+        .expect("sent");
+    assert_eq!(right.status(), 200);
+    let body: Value = right.json().await.expect("JSON");
+    assert_eq!(body["object"], "chat.completion");
+}

@@ -40,6 +40,8 @@ fn deployment(name: &str, provider: Provider, models: Vec<String>) -> Deployment
         models,
         connect_timeout: Duration::from_secs(5),
         timeout: Duration::from_secs(600),
+        first_byte_timeout: None,
+        api_version: None,
         mock: None,
     }
 }

@@ -36,6 +36,8 @@ pub fn deployment(name: &str, base_url: String, models: &[&str]) -> DeploymentCo
         models: models.iter().map(|m| (*m).to_owned()).collect(),
         connect_timeout: Duration::from_secs(2),
         timeout: Duration::from_secs(30),
+        first_byte_timeout: None,
+        api_version: None,
         mock: None,
     }
 }
