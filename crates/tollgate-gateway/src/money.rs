@@ -110,7 +110,7 @@ pub struct Money {
     ledger: Option<Ledger>,
     unpriced: UnpricedModels,
     warned_unpriced: Mutex<HashSet<String>>,
-    alerts: Option<mpsc::UnboundedSender<MoneyAlert>>,
+    alerts: Option<mpsc::UnboundedSender<serde_json::Value>>,
     clock: Arc<dyn Clock>,
     db: Database,
     seen: tokio::sync::Mutex<Seen>,
@@ -409,27 +409,12 @@ impl Money {
         self.flush().await;
     }
 
+    /// Logs an alert and hands it to the webhook, in one shape for both.
     fn alert(&self, alert: MoneyAlert) {
-        match &alert {
-            MoneyAlert::BudgetThreshold {
-                scope,
-                window,
-                cap,
-                spent,
-                percent,
-            } => {
-                tracing::warn!(target: "tollgate::alert", %scope, %window, cap_usd = %Usd(*cap), spent_usd = %Usd(*spent), percent, "budget threshold reached")
-            }
-            MoneyAlert::LowBalance {
-                account,
-                balance,
-                threshold,
-            } => {
-                tracing::warn!(target: "tollgate::alert", %account, balance_usd = %Usd(*balance), threshold_usd = %Usd(*threshold), "account balance is low")
-            }
-        }
+        let event = alert_json(&alert);
+        tracing::warn!(target: "tollgate::alert", %event, "money alert");
         if let Some(tx) = &self.alerts {
-            let _ = tx.send(alert);
+            let _ = tx.send(event);
         }
     }
 }
@@ -546,7 +531,11 @@ impl Drop for Bill {
 }
 
 /// POSTs each alert as JSON to the webhook, retrying with backoff.
-async fn deliver_alerts(url: String, retries: u32, mut rx: mpsc::UnboundedReceiver<MoneyAlert>) {
+async fn deliver_alerts(
+    url: String,
+    retries: u32,
+    mut rx: mpsc::UnboundedReceiver<serde_json::Value>,
+) {
     use backon::{ExponentialBuilder, Retryable};
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -558,8 +547,7 @@ async fn deliver_alerts(url: String, retries: u32, mut rx: mpsc::UnboundedReceiv
             return;
         }
     };
-    while let Some(alert) = rx.recv().await {
-        let body = alert_json(&alert);
+    while let Some(body) = rx.recv().await {
         let send = || async {
             client
                 .post(&url)

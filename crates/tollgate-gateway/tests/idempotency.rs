@@ -33,12 +33,7 @@ async fn post_idem(h: &Harness, key: &str, idem: &str, body: &str) -> reqwest::R
 async fn twenty_concurrent_duplicates_execute_and_charge_once() {
     let h = Harness::with(slow_mock(), |_| {}).await;
     let key = h.key("idem", |k| k.account = Some("acme".into())).await;
-    h.gw()
-        .db
-        .add_credits("acme", 1_000_000, "test", "seed")
-        .await
-        .expect("credits");
-    h.gw().money.sync().await.expect("synced");
+    h.fund("acme", 1_000_000).await;
 
     let sends = (0..20).map(|_| post_idem(&h, &key, "order-1042", BODY));
     let mut bodies = Vec::new();

@@ -126,12 +126,7 @@ async fn a_team_budget_runs_out_after_the_expected_requests_and_a_new_day_lifts_
 async fn an_account_pays_until_402_and_a_top_up_lifts_it() {
     let h = Harness::start().await;
     let key = h.key("prepaid", |k| k.account = Some("acme".into())).await;
-    h.gw()
-        .db
-        .add_credits("acme", 1_000, "test", "seed $0.001")
-        .await
-        .expect("credits");
-    h.gw().money.sync().await.expect("synced");
+    h.fund("acme", 1_000).await;
     let body = chat("gpt-4o-mini", 100);
 
     let mut costs = Vec::new();
@@ -196,12 +191,7 @@ async fn sixty_four_clients_cannot_overdraw_one_account() {
     let h = Arc::new(Harness::start().await);
     let key = Arc::new(h.key("hammer", |k| k.account = Some("shared".into())).await);
     let credits = 50_000; // $0.05
-    h.gw()
-        .db
-        .add_credits("shared", credits, "test", "seed")
-        .await
-        .expect("credits");
-    h.gw().money.sync().await.expect("synced");
+    h.fund("shared", credits).await;
 
     let clients = (0..64).map(|i| {
         let (h, key) = (h.clone(), key.clone());
@@ -274,12 +264,7 @@ async fn sixty_four_clients_cannot_overdraw_one_account() {
 async fn a_streamed_answer_is_in_the_ledger_before_its_last_byte() {
     let h = Harness::start().await;
     let key = h.key("streamer", |k| k.account = Some("acme".into())).await;
-    h.gw()
-        .db
-        .add_credits("acme", 1_000_000, "test", "seed")
-        .await
-        .expect("credits");
-    h.gw().money.sync().await.expect("synced");
+    h.fund("acme", 1_000_000).await;
     let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"stream"}],"max_tokens":12,"stream":true}"#;
     let resp = h.post_as(&key, "/v1/chat/completions", body).await;
     assert_eq!(resp.status(), 200);

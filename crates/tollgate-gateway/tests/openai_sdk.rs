@@ -260,12 +260,7 @@ async fn official_sdk_retrying_a_lost_answer_executes_and_charges_once() {
     )
     .await;
     let key = h.key("sdk-idem", |k| k.account = Some("acme".into())).await;
-    h.gw()
-        .db
-        .add_credits("acme", 1_000_000, "test", "seed")
-        .await
-        .expect("credits");
-    h.gw().money.sync().await.expect("synced");
+    h.fund("acme", 1_000_000).await;
     run_scenario_as(&h, &key, "idempotent", &[]).await;
     assert_eq!(
         h.mock.stats().snapshot().received,

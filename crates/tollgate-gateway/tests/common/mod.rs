@@ -146,6 +146,18 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// Adds `micros` of credit to `account` and lets the gateway see it.
+    pub async fn fund(&self, account: &str, micros: i64) {
+        self.gw()
+            .db
+            .add_credits(account, micros, "test", "seed")
+            .await
+            .expect("credits");
+        self.gw().money.sync().await.expect("synced");
+    }
+}
+
 pub fn secrets(name: &str) -> Option<String> {
     match name {
         "PROVIDER_KEY" => Some(PROVIDER_KEY.to_owned()),
