@@ -14,11 +14,7 @@ TPM=${TPM:-60000}
 MAX_TOKENS=${MAX_TOKENS:-50}
 
 cargo build --release -q -p tollgate
-BIN=$PWD/target/release
-work=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/lib.sh
 
 python3 - "$work/requests.jsonl" "$N" "$MAX_TOKENS" <<'PY'
 import json, sys

@@ -18,12 +18,7 @@ CONNS=${CONNS:-32}
 ROUNDS=${ROUNDS:-2}
 
 cargo build --release -q -p tollgate -p tollgate-loadgen
-BIN=$PWD/target/release
-work=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source bench/lib.sh
 MOCK_PORT=$(free_port)
 "$BIN/tollgate" mock --listen "127.0.0.1:$MOCK_PORT" >"$work/mock.out" 2>&1 &
 

@@ -53,16 +53,8 @@ async fn twenty_concurrent_duplicates_execute_and_charge_once() {
         1,
         "one upstream execution"
     );
-    h.gw().money.flush().await;
-    let rows = h.gw().db.usage_rows().await.expect("rows");
+    let (rows, balance) = h.ledger("acme").await;
     assert_eq!(rows.len(), 1, "billed once");
-    let balance = h
-        .gw()
-        .db
-        .find_account("acme")
-        .await
-        .expect("account")
-        .balance;
     assert_eq!(balance, 1_000_000 - rows[0].cost);
 }
 

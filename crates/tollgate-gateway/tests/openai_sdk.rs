@@ -267,15 +267,7 @@ async fn official_sdk_retrying_a_lost_answer_executes_and_charges_once() {
         1,
         "one upstream execution"
     );
-    h.gw().money.flush().await;
-    let rows = h.gw().db.usage_rows().await.expect("rows");
+    let (rows, balance) = h.ledger("acme").await;
     assert_eq!(rows.len(), 1, "one charge");
-    let balance = h
-        .gw()
-        .db
-        .find_account("acme")
-        .await
-        .expect("account")
-        .balance;
     assert_eq!(balance, 1_000_000 - rows[0].cost);
 }

@@ -178,23 +178,32 @@ async fn a_caller_error_is_passed_through_and_never_retried_elsewhere() {
     assert_eq!(seen, 1, "a 4xx is never retried on another deployment");
 }
 
-#[tokio::test]
-async fn a_5xx_storm_is_retried_a_bounded_number_of_times() {
-    let broken = faulty(Fault::Status(503)).await;
+/// `broken` as the model's only deployment, retried under `routing`.
+async fn alone(broken: &MockServer, routing: RoutingConfig) -> Harness {
     let url = broken.base_url();
-    let h = Harness::with_clock(
+    Harness::with_clock(
         MockConfig::default(),
         move |c| {
             c.deployments = vec![deployment("only", url, &["gpt-4o-mini"])];
-            c.routing = RoutingConfig {
-                max_attempts: 4,
-                backoff_base: Duration::from_millis(5),
-                backoff_cap: Duration::from_millis(20),
-                circuit_failures: 0,
-                ..RoutingConfig::default()
-            };
+            c.routing = routing;
         },
         noon(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_5xx_storm_is_retried_a_bounded_number_of_times() {
+    let broken = faulty(Fault::Status(503)).await;
+    let h = alone(
+        &broken,
+        RoutingConfig {
+            max_attempts: 4,
+            backoff_base: Duration::from_millis(5),
+            backoff_cap: Duration::from_millis(20),
+            circuit_failures: 0,
+            ..RoutingConfig::default()
+        },
     )
     .await;
     let resp = h.post("/v1/chat/completions", BODY).await;
@@ -207,19 +216,14 @@ async fn a_5xx_storm_is_retried_a_bounded_number_of_times() {
 #[tokio::test]
 async fn no_retry_starts_past_the_time_budget() {
     let broken = faulty(Fault::Status(500)).await;
-    let url = broken.base_url();
-    let h = Harness::with_clock(
-        MockConfig::default(),
-        move |c| {
-            c.deployments = vec![deployment("only", url, &["gpt-4o-mini"])];
-            c.routing = RoutingConfig {
-                max_attempts: 50,
-                retry_budget: Duration::ZERO,
-                circuit_failures: 0,
-                ..RoutingConfig::default()
-            };
+    let h = alone(
+        &broken,
+        RoutingConfig {
+            max_attempts: 50,
+            retry_budget: Duration::ZERO,
+            circuit_failures: 0,
+            ..RoutingConfig::default()
         },
-        noon(),
     )
     .await;
     let resp = h.post("/v1/chat/completions", BODY).await;

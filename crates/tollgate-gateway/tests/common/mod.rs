@@ -156,6 +156,21 @@ impl Harness {
             .expect("credits");
         self.gw().money.sync().await.expect("synced");
     }
+
+    /// Every usage row once the ledger is flushed, and `account`'s balance
+    /// as the database has it.
+    pub async fn ledger(&self, account: &str) -> (Vec<tollgate_store::UsageRow>, i64) {
+        self.gw().money.flush().await;
+        let rows = self.gw().db.usage_rows().await.expect("rows");
+        let balance = self
+            .gw()
+            .db
+            .find_account(account)
+            .await
+            .expect("account")
+            .balance;
+        (rows, balance)
+    }
 }
 
 pub fn secrets(name: &str) -> Option<String> {
