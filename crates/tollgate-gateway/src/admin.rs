@@ -487,6 +487,7 @@ pub(crate) async fn deployments(State(gw): State<Arc<Gateway>>, headers: HeaderM
                 .iter()
                 .map(|d| {
                     let mut v = d.health.view(now);
+                    v["provider_limits"] = d.headroom.view(now);
                     v["name"] = json!(&*d.name);
                     v["models"] = json!(d.models);
                     v

@@ -92,6 +92,14 @@ pub struct RoutingConfig {
     /// How long an open circuit keeps a deployment out, before one probe.
     #[serde(deserialize_with = "duration")]
     pub circuit_open_for: Duration,
+    /// Longest a request waits for room under its deployments' provider
+    /// limits before the client hears 429.
+    #[serde(deserialize_with = "duration")]
+    pub max_pace_wait: Duration,
+    /// Longest timeout a request may ask for with `x-tollgate-timeout` or
+    /// `x-tollgate-first-byte-timeout`.
+    #[serde(deserialize_with = "duration")]
+    pub max_request_timeout: Duration,
 }
 
 impl Default for RoutingConfig {
@@ -111,6 +119,8 @@ impl Default for RoutingConfig {
             retry_budget: Duration::from_secs(30),
             circuit_failures: 5,
             circuit_open_for: Duration::from_secs(30),
+            max_pace_wait: Duration::from_secs(10),
+            max_request_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -326,6 +336,13 @@ pub struct DeploymentConfig {
     /// (reasoning models may think for minutes before a body answer).
     #[serde(default, deserialize_with = "opt_duration")]
     pub first_byte_timeout: Option<Duration>,
+    /// The provider's requests-per-minute limit on this deployment's key;
+    /// unset, it is learned from the provider's `x-ratelimit-*` headers.
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    /// The provider's tokens-per-minute limit, likewise.
+    #[serde(default)]
+    pub tpm: Option<u64>,
     /// Settings of an in-process mock (`provider = "mock"` only).
     #[serde(default)]
     pub mock: Option<MockSettings>,

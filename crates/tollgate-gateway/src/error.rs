@@ -99,6 +99,14 @@ pub enum Error {
         /// What it should hold.
         expected: &'static str,
     },
+    /// A duration header beyond what the gateway allows.
+    #[error("header `{header}` out of range")]
+    HeaderOutOfRange {
+        /// The header.
+        header: &'static str,
+        /// The longest allowed.
+        max: Duration,
+    },
     /// A required field is absent.
     #[error("missing required parameter `{0}`")]
     MissingField(&'static str),
@@ -174,6 +182,14 @@ pub enum Error {
         /// Until the first reopens.
         retry_after: Duration,
     },
+    /// The request exceeds every deployment's whole provider token limit.
+    #[error("request of {requested} tokens exceeds every route's limit of {limit}")]
+    TooLargeForRoutes {
+        /// The largest provider limit per minute among the routes.
+        limit: u64,
+        /// The request's estimated tokens.
+        requested: u64,
+    },
     /// Every deployment of the model has its circuit open.
     #[error("every route is down for {retry_after:?}")]
     RoutesDown {
@@ -225,12 +241,23 @@ impl Error {
                 ErrorType::RateLimitExceeded,
                 "upstream_rate_limited",
                 format!(
-                    "Every deployment serving this model is cooling down after its provider's rate limit. Please try again in {}.",
+                    "Every deployment serving this model is at its provider's rate limit. Please try again in {}.",
                     format_reset(*retry_after)
                 ),
             )
             .with_retry_after(*retry_after)
             .with_field("scope", "upstream"),
+            Error::TooLargeForRoutes { limit, requested } => ApiError::new(
+                429,
+                ErrorType::RateLimitExceeded,
+                "request_too_large",
+                format!(
+                    "Request too large for the provider on tokens per min (TPM): limit {limit}, requested {requested}. It can never fit this limit, so waiting will not help: reduce the input or max_tokens."
+                ),
+            )
+            .with_should_retry(false)
+            .with_field("scope", "upstream")
+            .with_field("limit", "tokens_per_minute"),
             Error::RoutesDown { retry_after } => ApiError::new(
                 503,
                 ErrorType::Upstream,
@@ -281,6 +308,11 @@ impl Error {
             Error::InvalidHeader { header, expected } => {
                 invalid(400, "invalid_header", format!("The header `{header}` must be {expected}."))
             }
+            Error::HeaderOutOfRange { header, max } => invalid(
+                400,
+                "invalid_header",
+                format!("The header `{header}` must be a positive duration of at most {}.", humantime::format_duration(*max)),
+            ),
             Error::MissingField(field) => {
                 invalid(400, "missing_required_parameter", format!("Missing required parameter: '{field}'.")).with_param(*field)
             }

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod headroom;
 pub mod idempotency;
 pub mod limits;
 pub mod money;
@@ -65,6 +66,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Whether a deployment paces tokens under a provider limit, so that
+    /// every request needs its token estimate.
+    pub fn paces_tokens(&self) -> bool {
+        self.deployments.iter().any(|d| d.headroom.counts_tokens())
+    }
+
     /// Builds a gateway. `secret` reads a secret by environment-variable
     /// name (the process environment in production, a map in tests); every
     /// deployment must have a base URL by now (mock deployments are started

@@ -17,8 +17,8 @@ use crate::error::{Error, api_error_response, write_retry_advice};
 use crate::limits::Plan;
 use crate::routing::{Failed, Pool, Sent, trigger_of};
 use crate::server::RequestId;
-use crate::stream::UsageTap;
-use crate::upstream::{Deployment, Endpoint, Outcome};
+use crate::stream::{Prompt, UsageTap};
+use crate::upstream::{Call, Deployment, Endpoint, Outcome, Timeouts};
 use crate::{Gateway, idempotency};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -79,7 +79,7 @@ fn attempt_count(result: &Result<Sent, Failed>) -> u32 {
 const LARGE_BODY: usize = 32 << 10;
 
 /// What routing and admission need from a request body.
-struct Summary {
+pub(crate) struct Summary {
     model: Arc<str>,
     stream: bool,
     /// The client asked for the usage chunk at the end of its stream.
@@ -89,7 +89,7 @@ struct Summary {
     /// The request's `user`.
     user: Option<Box<str>>,
     /// Token estimate, when a limit counts tokens.
-    estimate: Option<Estimate>,
+    pub(crate) estimate: Option<Estimate>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -229,18 +229,30 @@ fn end_user<'a>(headers: &'a HeaderMap, summary: &'a Summary) -> Option<&'a str>
     Some(&user[..end])
 }
 
-/// `x-tollgate-max-wait: 30s`: how long this request may queue.
-fn requested_max_wait(headers: &HeaderMap) -> Result<Option<Duration>, Error> {
-    let Some(v) = headers.get("x-tollgate-max-wait") else {
+/// A duration header such as `x-tollgate-max-wait: 30s`.
+fn duration_header(headers: &HeaderMap, header: &'static str) -> Result<Option<Duration>, Error> {
+    let Some(v) = headers.get(header) else {
         return Ok(None);
     };
     let text = v.to_str().unwrap_or_default().trim();
     humantime::parse_duration(text)
         .map(Some)
         .map_err(|_| Error::InvalidHeader {
-            header: "x-tollgate-max-wait",
+            header,
             expected: "a duration such as \"30s\" or \"500ms\"",
         })
+}
+
+/// The request's own upstream timeouts, each positive and at most `max`.
+fn requested_timeouts(headers: &HeaderMap, max: Duration) -> Result<Timeouts, Error> {
+    let bounded = |header| match duration_header(headers, header)? {
+        Some(d) if d.is_zero() || d > max => Err(Error::HeaderOutOfRange { header, max }),
+        d => Ok(d),
+    };
+    Ok(Timeouts {
+        first_byte: bounded("x-tollgate-first-byte-timeout")?,
+        total: bounded("x-tollgate-timeout")?,
+    })
 }
 
 async fn run(
@@ -259,7 +271,8 @@ async fn run(
     // 2. read
     let body = read_json_body(&parts.headers, body, gw.config.server.max_body_bytes).await?;
     let estimator =
-        (caller.policy.counts_tokens || gw.money.may_charge(&caller)).then_some(gw.estimator);
+        (caller.policy.counts_tokens || gw.money.may_charge(&caller) || gw.paces_tokens())
+            .then_some(gw.estimator);
     let summary = if estimator.is_some() && body.len() > LARGE_BODY {
         // Tokenizing runs at about 4M tokens/s: a large prompt takes
         // milliseconds, which belong on the blocking pool, not on a worker
@@ -280,7 +293,9 @@ async fn run(
     // 4. admission: money first (a spent budget is final, so it is the
     // answer even when a rate limit would also refuse), then limits.
     let user = end_user(&parts.headers, &summary);
-    let max_wait = requested_max_wait(&parts.headers)?.or(caller.policy.max_wait);
+    let max_wait =
+        duration_header(&parts.headers, "x-tollgate-max-wait")?.or(caller.policy.max_wait);
+    let timeouts = requested_timeouts(&parts.headers, gw.config.routing.max_request_timeout)?;
     let request_id = parts
         .extensions
         .get::<RequestId>()
@@ -335,9 +350,14 @@ async fn run(
     let sent = Instant::now();
     let clock = gw.limits.clock();
     let routing = &gw.config.routing;
-    let mut result = pool
-        .send(|| clock.now_ns(), routing, endpoint, &body, &passthrough)
-        .await;
+    let mut call = Call {
+        endpoint,
+        body: body.clone(),
+        passthrough: &passthrough,
+        cost,
+        timeouts,
+    };
+    let mut result = pool.send(|| clock.now_ns(), routing, &call).await;
     let mut attempts = attempt_count(&result);
     let mut walked: Vec<&str> = Vec::new();
     // Down the model's fallback chain while the failure is one it is for;
@@ -362,15 +382,8 @@ async fn run(
         walked.push(fallback);
         tracing::debug!(model = %summary.model, fallback, "falling back");
         bill.reprice(fallback);
-        result = next
-            .send(
-                || clock.now_ns(),
-                routing,
-                endpoint,
-                &Bytes::from(rewritten),
-                &passthrough,
-            )
-            .await;
+        call.body = Bytes::from(rewritten);
+        result = next.send(|| clock.now_ns(), routing, &call).await;
         attempts += attempt_count(&result);
     }
     log.attempts = attempts;
@@ -402,13 +415,15 @@ async fn run(
         Outcome::Success(upstream) if summary.stream => {
             log.upstream = Some(sent.elapsed());
             let tap = tapped.then(|| {
-                UsageTap::new(
-                    Some(admission),
-                    Some(bill),
-                    summary.estimate,
-                    gw.estimator.fallback,
-                    ask_usage,
-                )
+                let prompt = match summary.estimate {
+                    Some(e) => Prompt::Counted(e),
+                    None => Prompt::Uncounted {
+                        endpoint,
+                        body: call.body.clone(),
+                        estimator: gw.estimator,
+                    },
+                };
+                UsageTap::new(Some(admission), Some(bill), prompt, ask_usage)
             });
             relay_stream(deployment, upstream, tap)
         }
@@ -563,7 +578,7 @@ fn json_error(e: serde_json::Error) -> Error {
 
 /// Reads what routing and admission need, checking the endpoint's required
 /// fields; counts tokens only when `estimator` is given (a limit needs them).
-fn summarize(
+pub(crate) fn summarize(
     endpoint: Endpoint,
     body: &[u8],
     estimator: Option<&Estimator>,

@@ -1,7 +1,9 @@
 //! Pools: the deployments that serve one model, and the health of each.
 //!
-//! A request goes to the next healthy deployment of its model's pool, in
-//! turn. A deployment that answers 429 cools down for the provider's
+//! A request goes to the healthy deployment of its model's pool with the
+//! most headroom under its provider limits (see [`crate::headroom`]), in
+//! turn among equals; when none has room, it waits for the first that will
+//! rather than earn a 429. A deployment that answers 429 cools down for the provider's
 //! `Retry-After` and the request moves on at once, unseen by the client; one
 //! that fails (5xx, timeout, reset, garbage) counts a failure, and after
 //! `circuit_failures` in a row its circuit opens for `circuit_open_for`,
@@ -12,13 +14,14 @@
 
 use crate::config::{FallbackTrigger, RoutingConfig};
 use crate::error::Error;
-use crate::upstream::{Deployment, Endpoint, Outcome};
+use crate::headroom::Fit;
+use crate::upstream::{Call, Deployment, Outcome};
 use bytes::Bytes;
-use http::HeaderMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tollgate_core::backoff::full_jitter;
+use tollgate_core::limits::Cost;
 
 /// Cool-down after a 429 without retry advice.
 const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(1);
@@ -180,31 +183,51 @@ impl Pool {
             .unwrap_or(0)
     }
 
-    /// Sends `body` to the pool's healthy deployments in turn until one
-    /// answers, a throttled one moving the request on at once. When every
+    /// Sends `call` to the pool's healthy deployments, the one with the
+    /// most headroom first, until one answers, a throttled one moving the
+    /// request on at once. When none has room for it under its provider
+    /// limits, waits until one has (up to `max_pace_wait`). When every
     /// deployment failed, waits a full-jitter backoff and goes round again,
     /// within `retry`'s attempts and time budget.
     pub async fn send(
         &self,
         now: impl Fn() -> u64,
         retry: &RoutingConfig,
-        endpoint: Endpoint,
-        body: &Bytes,
-        passthrough: &HeaderMap,
+        call: &Call<'_>,
     ) -> Result<Sent, Failed> {
         let started = Instant::now();
         let mut attempts = 0;
+        let mut backoffs = 0;
         let mut failed: Option<(Arc<Deployment>, Error)> = None;
-        for pass in 1.. {
-            match self
-                .pass(&now, retry, endpoint, body, passthrough, &mut attempts)
-                .await
-            {
+        let mut not_before: Option<Duration> = None;
+        let mut too_large: Option<u64> = None;
+        loop {
+            match self.pass(&now, retry, call, &mut attempts).await {
                 Pass::Done(result) => return result,
                 Pass::AllFailed(d, e) => failed = Some((d, e)),
+                Pass::Paced(wait) => {
+                    // Pacing is not a failure: the request waits its turn
+                    // instead of earning the provider's 429.
+                    if started.elapsed() + wait <= retry.max_pace_wait {
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    not_before = Some(wait);
+                    break;
+                }
+                Pass::TooLarge(limit) => {
+                    too_large = Some(limit);
+                    break;
+                }
                 Pass::NoneAvailable => {}
             }
-            let wait = full_jitter(retry.backoff_base, retry.backoff_cap, pass, fastrand::f64());
+            backoffs += 1;
+            let wait = full_jitter(
+                retry.backoff_base,
+                retry.backoff_cap,
+                backoffs,
+                fastrand::f64(),
+            );
             let in_budget = started.elapsed() + wait <= retry.retry_budget;
             if failed.is_none() || attempts >= retry.max_attempts || !in_budget {
                 break;
@@ -223,17 +246,31 @@ impl Pool {
                 attempts,
             });
         }
-        // Nothing could be tried: every deployment is cooling down after a
-        // 429 (the client hears 429) or has its circuit open (503).
-        let wait = Duration::from_nanos(self.reopens_at().saturating_sub(now()));
-        let cooling = self
-            .deployments
-            .iter()
-            .any(|d| d.health.cooling_until.load(Ordering::Relaxed) > now());
-        let error = if cooling {
-            Error::RoutesCooling { retry_after: wait }
+        let error = if let Some(limit) = too_large {
+            Error::TooLargeForRoutes {
+                limit,
+                requested: call.cost.tokens,
+            }
         } else {
-            Error::RoutesDown { retry_after: wait }
+            // Nothing could be tried: every deployment is at its provider
+            // limits or cooling down after a 429 (the client hears 429), or
+            // has its circuit open (503).
+            let reopens = Duration::from_nanos(self.reopens_at().saturating_sub(now()));
+            let cooling = self
+                .deployments
+                .iter()
+                .any(|d| d.health.cooling_until.load(Ordering::Relaxed) > now());
+            match not_before {
+                Some(wait) => Error::RoutesCooling {
+                    retry_after: if cooling { wait.min(reopens) } else { wait },
+                },
+                None if cooling => Error::RoutesCooling {
+                    retry_after: reopens,
+                },
+                None => Error::RoutesDown {
+                    retry_after: reopens,
+                },
+            }
         };
         Err(Failed {
             error,
@@ -242,34 +279,64 @@ impl Pool {
         })
     }
 
-    /// One pass over the available deployments.
-    async fn pass(
-        &self,
-        now: &impl Fn() -> u64,
-        retry: &RoutingConfig,
-        endpoint: Endpoint,
-        body: &Bytes,
-        passthrough: &HeaderMap,
-        attempts: &mut u32,
-    ) -> Pass {
+    /// The available deployments, the most headroom for `cost` first (in
+    /// turn among equals); the shortest wait for one that has none, and
+    /// the provider limit of one the request can never fit.
+    fn candidates(&self, now: u64, cost: Cost) -> (Candidates, Option<Duration>, Option<u64>) {
         let n = self.deployments.len();
         let start = if n > 1 {
             self.next.fetch_add(1, Ordering::Relaxed) % n
         } else {
             0
         };
+        let mut order = Candidates::new();
+        let (mut wait, mut never) = (None::<Duration>, None);
+        for i in (0..n).map(|i| (start + i) % n) {
+            let d = &self.deployments[i];
+            if !d.health.available(now) {
+                continue;
+            }
+            match d.headroom.fit(cost, now) {
+                Fit::Leaves(share) => order.push((share, i)),
+                Fit::After(w) => wait = Some(wait.map_or(w, |v| v.min(w))),
+                Fit::Never { limit } => never = Some(limit),
+            }
+        }
+        // Stable: among equal headroom the turn order stands.
+        order.sort_by_key(|(share, _)| std::cmp::Reverse(*share));
+        (order, wait, never)
+    }
+
+    /// One pass over the available deployments.
+    async fn pass(
+        &self,
+        now: &impl Fn() -> u64,
+        retry: &RoutingConfig,
+        call: &Call<'_>,
+        attempts: &mut u32,
+    ) -> Pass {
+        let (order, mut paced, never) = self.candidates(now(), call.cost);
         // The last throttled answer: its deployment, body and whether the
         // provider said the quota (not the rate) is exhausted.
         let mut throttled: Option<(Arc<Deployment>, Bytes, bool)> = None;
         let mut failed: Option<(Arc<Deployment>, Error)> = None;
-        for i in 0..n {
-            let d = &self.deployments[(start + i) % n];
+        for (_, i) in order {
+            let d = &self.deployments[i];
             if !d.health.available(now()) || *attempts >= retry.max_attempts.max(1) {
                 continue;
             }
+            let reservation = match d.headroom.reserve(call.cost, now()) {
+                Ok(r) => r,
+                // Another request took the room since the candidates were read.
+                Err(Fit::After(w)) => {
+                    paced = Some(paced.map_or(w, |v| v.min(w)));
+                    continue;
+                }
+                Err(_) => continue,
+            };
             *attempts += 1;
             let attempts = *attempts;
-            match d.send(endpoint, body.clone(), passthrough).await {
+            match d.send(call, reservation, now).await {
                 Ok(Outcome::Throttled {
                     body,
                     retry_after,
@@ -322,12 +389,17 @@ impl Pool {
                 attempts: *attempts,
             }));
         }
-        match failed {
-            Some((d, e)) => Pass::AllFailed(d, e),
-            None => Pass::NoneAvailable,
+        match (failed, paced, never) {
+            (Some((d, e)), _, _) => Pass::AllFailed(d, e),
+            (None, Some(wait), _) => Pass::Paced(wait),
+            (None, None, Some(limit)) => Pass::TooLarge(limit),
+            (None, None, None) => Pass::NoneAvailable,
         }
     }
 }
+
+/// A pass's deployments (headroom ‰, index), on the stack for small pools.
+type Candidates = smallvec::SmallVec<[(u32, usize); 4]>;
 
 /// How one pass over a pool ended.
 enum Pass {
@@ -335,6 +407,10 @@ enum Pass {
     Done(Result<Sent, Failed>),
     /// Every deployment tried failed; the last failure.
     AllFailed(Arc<Deployment>, Error),
+    /// No deployment has room under its provider limits for this long.
+    Paced(Duration),
+    /// The request exceeds every deployment's whole provider token limit.
+    TooLarge(u64),
     /// No deployment could be tried.
     NoneAvailable,
 }

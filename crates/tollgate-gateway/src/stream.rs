@@ -5,9 +5,11 @@
 
 use crate::limits::Admission;
 use crate::money::Bill;
+use crate::pipeline::summarize;
+use crate::upstream::Endpoint;
 use bytes::{Bytes, BytesMut};
 use tollgate_core::openai::{StreamChunk, Usage};
-use tollgate_core::tokens::{Encoding, Estimate};
+use tollgate_core::tokens::{Encoding, Estimate, Estimator};
 use tollgate_store::ledger::Durable;
 
 /// The event that ends an OpenAI stream.
@@ -23,11 +25,42 @@ pub(crate) struct UsageTap {
     usage: Option<Usage>,
     served_model: Option<String>,
     delivered: String,
-    estimate: Option<Estimate>,
-    encoding: Encoding,
+    prompt: Prompt,
     admission: Option<Admission>,
     bill: Option<Bill>,
     done_held: bool,
+}
+
+/// The request's prompt, counted at admission when a limit or a price
+/// needed it, otherwise only if the stream ends without a usage chunk.
+#[derive(Debug)]
+pub(crate) enum Prompt {
+    /// Counted already.
+    Counted(Estimate),
+    /// Not yet: the request, to count on demand.
+    Uncounted {
+        /// Its endpoint.
+        endpoint: Endpoint,
+        /// Its body.
+        body: Bytes,
+        /// How to count it.
+        estimator: Estimator,
+    },
+}
+
+impl Prompt {
+    fn estimate(&self) -> Option<Estimate> {
+        match self {
+            Prompt::Counted(e) => Some(*e),
+            Prompt::Uncounted {
+                endpoint,
+                body,
+                estimator,
+            } => summarize(*endpoint, body, Some(estimator))
+                .ok()
+                .and_then(|s| s.estimate),
+        }
+    }
 }
 
 /// The end of one SSE event in `buf`: the index just past its blank line.
@@ -58,14 +91,13 @@ fn data_of(event: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl UsageTap {
-    /// A tap for a stream admitted with `estimate` (when one was made);
-    /// `strip_usage` when the gateway asked for usage on the client's behalf;
-    /// `encoding` counts delivered text when the stream ends without usage.
+    /// A tap for a stream of a request whose `prompt` counts when the
+    /// stream ends without usage; `strip_usage` when the gateway asked for
+    /// usage on the client's behalf.
     pub(crate) fn new(
         admission: Option<Admission>,
         bill: Option<Bill>,
-        estimate: Option<Estimate>,
-        encoding: Encoding,
+        prompt: Prompt,
         strip_usage: bool,
     ) -> Self {
         Self {
@@ -74,8 +106,7 @@ impl UsageTap {
             usage: None,
             served_model: None,
             delivered: String::new(),
-            estimate,
-            encoding,
+            prompt,
             admission,
             bill,
             done_held: false,
@@ -137,8 +168,9 @@ impl UsageTap {
         match self.usage {
             Some(u) => u,
             None => {
-                let prompt = self.estimate.map_or(0, |e| e.prompt);
-                let encoding = self.estimate.map_or(self.encoding, |e| e.encoding);
+                let estimate = self.prompt.estimate();
+                let prompt = estimate.map_or(0, |e| e.prompt);
+                let encoding = estimate.map_or(Encoding::O200k, |e| e.encoding);
                 let completion = encoding.count(&self.delivered);
                 tracing::debug!(
                     prompt,

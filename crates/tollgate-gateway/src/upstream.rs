@@ -4,11 +4,13 @@
 
 use crate::config::{DeploymentConfig, Provider};
 use crate::error::Error;
+use crate::headroom::{Headroom, Reservation};
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{HeaderMap, StatusCode};
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate_core::limits::{Cost, LimitSet};
 
 /// The OpenAI endpoints the gateway forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +32,31 @@ impl Endpoint {
             Endpoint::Embeddings => "/embeddings",
         }
     }
+}
+
+/// One request as each deployment of a pool is sent it.
+#[derive(Debug, Clone)]
+pub struct Call<'a> {
+    /// Which endpoint.
+    pub endpoint: Endpoint,
+    /// The body, with the model the pool serves.
+    pub body: Bytes,
+    /// Client headers meant for the provider (`x-mock-*`).
+    pub passthrough: &'a HeaderMap,
+    /// What it costs against a deployment's provider limits.
+    pub cost: Cost,
+    /// The request's own timeouts, overriding the deployment's.
+    pub timeouts: Timeouts,
+}
+
+/// Timeouts a request sets for itself (`x-tollgate-timeout`,
+/// `x-tollgate-first-byte-timeout`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Time to the response's headers.
+    pub first_byte: Option<Duration>,
+    /// The whole call, a stream's body included.
+    pub total: Option<Duration>,
 }
 
 /// A provider key and the header it goes in; never printed.
@@ -59,6 +86,8 @@ pub struct Deployment {
     first_byte_timeout: Option<Duration>,
     /// Cool-downs and circuit state, shared by every pool it serves in.
     pub health: crate::routing::Health,
+    /// Its provider limits and what is sent against them.
+    pub headroom: Headroom,
 }
 
 /// What an upstream call produced.
@@ -176,6 +205,11 @@ impl Deployment {
             client,
             first_byte_timeout: config.first_byte_timeout,
             health: crate::routing::Health::default(),
+            headroom: Headroom::new(LimitSet {
+                rpm: config.rpm,
+                tpm: config.tpm,
+                ..LimitSet::default()
+            }),
         })
     }
 
@@ -187,27 +221,30 @@ impl Deployment {
         }
     }
 
-    /// Sends `body` to `endpoint`; `passthrough` are client headers meant for
-    /// the provider (`x-mock-*`).
+    /// Sends `call`, charged as `reservation` on this deployment's
+    /// headroom until the answer's rate-limit headers are read.
     pub async fn send(
         &self,
-        endpoint: Endpoint,
-        body: Bytes,
-        passthrough: &HeaderMap,
+        call: &Call<'_>,
+        reservation: Reservation<'_>,
+        now: impl Fn() -> u64,
     ) -> Result<Outcome, Error> {
-        let url = self.urls[endpoint as usize].clone();
+        let url = self.urls[call.endpoint as usize].clone();
         let mut req = self
             .client
             .post(url)
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .body(body);
+            .body(call.body.clone());
         if let Some(key) = &self.key {
             req = req.header(key.0.clone(), key.1.clone());
         }
-        for (name, value) in passthrough {
+        for (name, value) in call.passthrough {
             req = req.header(name, value);
         }
-        let resp = match self.first_byte_timeout {
+        if let Some(total) = call.timeouts.total {
+            req = req.timeout(total);
+        }
+        let resp = match call.timeouts.first_byte.or(self.first_byte_timeout) {
             Some(limit) => tokio::time::timeout(limit, req.send()).await.map_err(|_| {
                 Error::UpstreamTimeout {
                     deployment: self.name.to_string(),
@@ -216,6 +253,7 @@ impl Deployment {
             None => req.send().await,
         }
         .map_err(|e| self.transport_error(e))?;
+        self.headroom.observe(resp.headers(), now(), reservation);
         let status = resp.status();
         if status.is_success() {
             return Ok(Outcome::Success(resp));

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Harness, error_of, parse_sse};
+use common::{Harness, PROVIDER_KEY, error_of, parse_sse};
 use tollgate_mock::MockConfig;
 
 const CHAT: &str =
@@ -298,7 +298,18 @@ async fn provider_rate_limits_pass_through_with_their_retry_advice() {
         |_| {},
     )
     .await;
-    assert_eq!(h.post("/v1/chat/completions", CHAT).await.status(), 200);
+    // Another client of the same provider key spends its one request a
+    // minute: the gateway cannot know, so the provider's own 429 answers.
+    let direct = h
+        .http
+        .post(format!("{}/chat/completions", h.mock.base_url()))
+        .bearer_auth(PROVIDER_KEY)
+        .header("content-type", "application/json")
+        .body(CHAT)
+        .send()
+        .await
+        .expect("the mock answers");
+    assert_eq!(direct.status(), 200);
     let resp = h.post("/v1/chat/completions", CHAT).await;
     assert!(resp.headers().contains_key("retry-after"));
     let (s, c, retry, body) = error_of(resp).await;
@@ -379,4 +390,15 @@ async fn a_stream_cut_by_the_upstream_ends_with_an_error_event() {
     );
     let last = events.last().expect("events");
     assert_eq!(last["error"]["code"], "upstream_stream_interrupted");
+    // Settled, durably before the error event left, on what was delivered:
+    // the prompt and the three one-token chunks, not the 10 asked for.
+    let rows = h.gw().db.usage_rows().await.expect("rows");
+    let [row] = rows.as_slice() else {
+        panic!("one usage row: {rows:?}")
+    };
+    assert_eq!(
+        (row.output_tokens, row.status, row.streamed),
+        (3, 502, true)
+    );
+    assert!(row.input_tokens > 0 && row.cost > 0, "{row:?}");
 }

@@ -325,6 +325,80 @@ async fn a_hanging_upstream_times_out_at_first_byte_and_the_next_serves() {
     assert_eq!(hung.stats().snapshot().received, 1);
 }
 
+/// POSTs [`BODY`] with the request's own timeout header.
+async fn post_with(h: &Harness, header: &str, value: &str) -> reqwest::Response {
+    h.http
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(&h.key)
+        .header("content-type", "application/json")
+        .header(header, value)
+        .body(BODY)
+        .send()
+        .await
+        .expect("sent")
+}
+
+#[tokio::test]
+async fn a_request_sets_its_own_timeouts_within_the_gateways_bounds() {
+    let hung = faulty(Fault::Hang).await;
+    let url = hung.base_url();
+    let h = Harness::with_clock(
+        MockConfig::default(),
+        move |c| {
+            c.deployments
+                .insert(0, deployment("hung", url, &["gpt-4o-mini"]));
+            c.routing.max_request_timeout = Duration::from_secs(60);
+        },
+        noon(),
+    )
+    .await;
+    // No first-byte timeout configured: the request's own moves it on.
+    let resp = post_with(&h, "x-tollgate-first-byte-timeout", "200ms").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-tollgate-deployment"], "mock-a");
+    assert_eq!(resp.headers()["x-tollgate-attempts"], "2");
+    assert_eq!(hung.stats().snapshot().received, 1);
+
+    for (header, value) in [
+        ("x-tollgate-timeout", "61s"),
+        ("x-tollgate-first-byte-timeout", "0s"),
+        ("x-tollgate-timeout", "soon"),
+    ] {
+        let (status, code, _, body) = error_of(post_with(&h, header, value).await).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (400, "invalid_header"),
+            "{header}: {value}"
+        );
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(header),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_requests_total_timeout_bounds_a_hung_call() {
+    let hung = faulty(Fault::Hang).await;
+    let h = alone(
+        &hung,
+        RoutingConfig {
+            max_attempts: 1,
+            ..RoutingConfig::default()
+        },
+    )
+    .await;
+    let (status, code, retry, _) =
+        error_of(post_with(&h, "x-tollgate-timeout", "300ms").await).await;
+    assert_eq!(
+        (status, code.as_str(), retry.as_str()),
+        (504, "upstream_timeout", "true")
+    );
+}
+
 #[tokio::test]
 async fn an_azure_deployment_gets_its_url_shape_and_api_key_header() {
     let azure = MockServer::start(MockConfig::default(), localhost())

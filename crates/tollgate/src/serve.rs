@@ -41,6 +41,8 @@ fn deployment(name: &str, provider: Provider, models: Vec<String>) -> Deployment
         connect_timeout: Duration::from_secs(5),
         timeout: Duration::from_secs(600),
         first_byte_timeout: None,
+        rpm: None,
+        tpm: None,
         api_version: None,
         mock: None,
     }

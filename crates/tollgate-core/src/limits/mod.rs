@@ -169,7 +169,8 @@ impl SubjectState {
 impl SubjectState {
     /// The bucket's `tat` for a limit of `amount` per minute: what is
     /// outstanding stays the same number of units when the amount changed.
-    pub(crate) fn tat_for(&self, slot: usize, amount: u64, now: u64) -> u64 {
+    /// `slot` is 0 for requests, 1 for tokens.
+    pub fn tat_for(&self, slot: usize, amount: u64, now: u64) -> u64 {
         let (tat, old) = (self.tat[slot], self.rate[slot]);
         if old == 0 || old == amount || tat <= now {
             return tat;

@@ -37,6 +37,8 @@ pub fn deployment(name: &str, base_url: String, models: &[&str]) -> DeploymentCo
         connect_timeout: Duration::from_secs(2),
         timeout: Duration::from_secs(30),
         first_byte_timeout: None,
+        rpm: None,
+        tpm: None,
         api_version: None,
         mock: None,
     }
