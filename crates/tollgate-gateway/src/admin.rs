@@ -19,16 +19,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tollgate_core::limits::KeyLimits;
 use tollgate_core::money::{Budget, Usd, Window, check_scope, parse_usd, parse_utc_date};
 use tollgate_store::ledger::GroupBy;
-use tollgate_store::{KeyRecord, LimitsUpdate, NewKey, SecretHash, SecretKey};
+use tollgate_store::{KeyRecord, LimitsUpdate, NewKey, SecretKey};
 
 fn check_admin(gw: &Gateway, headers: &HeaderMap) -> Result<(), Error> {
-    let expected = gw.admin_key.as_ref().ok_or(Error::AdminDisabled)?;
-    let presented = bearer(headers).ok_or(Error::AdminUnauthorized)?;
-    if SecretHash::of(presented).ct_eq(expected) {
-        Ok(())
-    } else {
-        Err(Error::AdminUnauthorized)
+    if !gw.admin_enabled() {
+        return Err(Error::AdminDisabled);
     }
+    gw.check_admin_key(bearer(headers).ok_or(Error::AdminUnauthorized)?)
 }
 
 /// Body of `POST /admin/keys`.
@@ -481,18 +478,7 @@ pub(crate) async fn deployments(State(gw): State<Arc<Gateway>>, headers: HeaderM
     result(
         async {
             check_admin(&gw, &headers)?;
-            let now = gw.limits.clock().now_ns();
-            let data: Vec<_> = gw
-                .deployments
-                .iter()
-                .map(|d| {
-                    let mut v = d.health.view(now);
-                    v["provider_limits"] = d.headroom.view(now);
-                    v["name"] = json!(&*d.name);
-                    v["models"] = json!(d.models);
-                    v
-                })
-                .collect();
+            let data = gw.deployments_view();
             Ok(Json(json!({"data": data})).into_response())
         }
         .await,

@@ -203,6 +203,20 @@ impl Headroom {
         }
     }
 
+    /// The share (0–1) of each known limit left now: `("requests", …)`,
+    /// `("tokens", …)`.
+    pub fn shares(&self, now: u64) -> impl Iterator<Item = (&'static str, f64)> {
+        let m = *self.mirror();
+        [("requests", 0, m.limits.rpm), ("tokens", 1, m.limits.tpm)]
+            .into_iter()
+            .filter_map(move |(name, slot, amount)| {
+                let amount = amount.filter(|a| *a > 0)?;
+                let tat = m.state.tat_for(slot, amount, now);
+                let left = Gcra::new(amount, MINUTE).remaining(tat, now);
+                Some((name, left as f64 / amount as f64))
+            })
+    }
+
     /// What `/admin/deployments` shows.
     pub fn view(&self, now: u64) -> serde_json::Value {
         let m = *self.mirror();

@@ -312,6 +312,7 @@ fn replay(answer: &Stored, key_name: &Arc<str>) -> Response {
     );
     resp.extensions_mut().insert(RequestLog {
         key: Some(key_name.clone()),
+        decision: crate::metrics::Decision::Replayed,
         ..RequestLog::default()
     });
     resp

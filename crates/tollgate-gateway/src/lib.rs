@@ -8,10 +8,12 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod headroom;
 pub mod idempotency;
 pub mod limits;
+pub mod metrics;
 pub mod money;
 pub mod pipeline;
 pub mod routing;
@@ -61,6 +63,8 @@ pub struct Gateway {
     pub idempotency: Arc<IdempotencyStore>,
     /// How requests' tokens are estimated before the call.
     pub estimator: Estimator,
+    /// The `/ui` dashboard's sessions and refusal counts.
+    pub dashboard: dashboard::Dashboard,
     admin_key: Option<SecretHash>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -157,12 +161,40 @@ impl Gateway {
             money,
             idempotency,
             estimator,
+            dashboard: Default::default(),
             admin_key,
             tasks: Default::default(),
         });
         gw.start_key_refresh();
         gw.start_limit_eviction();
+        gw.keep_task(tokio::spawn(metrics::upkeep(metrics::handle())));
         Ok(gw)
+    }
+
+    /// Checks `presented` against the admin key, in constant time.
+    pub fn check_admin_key(&self, presented: &str) -> Result<(), Error> {
+        let expected = self.admin_key.as_ref().ok_or(Error::AdminDisabled)?;
+        if SecretHash::of(presented).ct_eq(expected) {
+            Ok(())
+        } else {
+            Err(Error::AdminUnauthorized)
+        }
+    }
+
+    /// Each deployment's models, health and provider limits, as
+    /// `/admin/deployments` and the dashboard show them.
+    pub fn deployments_view(&self) -> Vec<serde_json::Value> {
+        let now = self.limits.clock().now_ns();
+        self.deployments
+            .iter()
+            .map(|d| {
+                let mut v = d.health.view(now);
+                v["provider_limits"] = d.headroom.view(now);
+                v["name"] = serde_json::json!(&*d.name);
+                v["models"] = serde_json::json!(d.models);
+                v
+            })
+            .collect()
     }
 
     /// Whether `/admin` is enabled.

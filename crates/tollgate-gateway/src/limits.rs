@@ -129,6 +129,16 @@ impl Plan {
         self.entries.is_empty()
     }
 
+    /// The kind of subject `index` is, as metrics label it.
+    pub fn kind(&self, index: usize) -> &'static str {
+        match self.entries.get(index).map(|(s, _)| s) {
+            Some(Subject::Key(_)) | None => "key",
+            Some(Subject::KeyModel(..)) => "key_model",
+            Some(Subject::KeyUser(..)) => "key_user",
+            Some(Subject::Team(_)) => "team",
+        }
+    }
+
     /// `key:NAME`, `key:NAME/model:M`, `key:NAME/user:U` or `team:T`: the
     /// scope a refusal names.
     pub fn scope(&self, index: usize, key_name: &str) -> String {
@@ -245,25 +255,32 @@ impl Limits {
     ) -> Result<Admission, Error> {
         let started = self.clock.now_ns();
         let outcome = if plan.is_empty() {
-            Ok((Grant::default(), started))
+            Ok((Grant::default(), started, Duration::ZERO))
         } else {
             match self.decide(&plan, cost) {
-                (Ok(grant), at) => Ok((grant, at)),
+                (Ok(grant), at) => Ok((grant, at, Duration::ZERO)),
                 (Err(refusal), _) => {
                     let budget = max_wait.unwrap_or_default().min(self.max_queue_wait);
-                    self.queue(&plan, cost, key_id, refusal, budget).await
+                    self.queue(&plan, cost, key_id, refusal, budget)
+                        .await
+                        .map(|(grant, at)| {
+                            (grant, at, Duration::from_nanos(at.saturating_sub(started)))
+                        })
                 }
             }
         };
         match outcome {
-            Ok((grant, at)) => Ok(Admission {
-                limits: self.clone(),
-                plan,
-                estimate: cost.tokens,
-                at,
-                grant,
-                waited: Duration::from_nanos(at.saturating_sub(started)),
-            }),
+            Ok((grant, at, waited)) => {
+                crate::metrics::admitted(&plan, &grant, waited);
+                Ok(Admission {
+                    limits: self.clone(),
+                    plan,
+                    estimate: cost.tokens,
+                    at,
+                    grant,
+                    waited,
+                })
+            }
             Err(refusal) => Err(Error::RateLimited(Box::new(RateLimited {
                 scope: plan.scope(refusal.subject, key_name),
                 refusal,
@@ -289,6 +306,7 @@ impl Limits {
             return Err(refusal);
         }
         let deadline = tokio::time::Instant::now() + budget;
+        let _waiting = crate::metrics::QueuedRequest::enter();
         let queue = self
             .queues
             .lock()

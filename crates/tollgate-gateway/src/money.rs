@@ -391,6 +391,11 @@ impl Money {
         Ok(())
     }
 
+    /// A budget scope's spend and reservations in its current window.
+    pub fn spend(&self, scope: &str, window: Window, now_ns: u64) -> (Micros, Micros) {
+        self.book.spend(scope, window, now_ns)
+    }
+
     /// An account's balance and holds in memory.
     pub fn funds(&self, account: &str) -> Option<(Micros, Micros)> {
         self.book.funds(account)
@@ -489,6 +494,11 @@ impl Bill {
         };
         for a in alerts {
             self.money.alert(a);
+        }
+        if let Some(row) = &self.row {
+            let u = usage.unwrap_or_default();
+            let key = row.key_name.clone().unwrap_or_else(|| Arc::from("-"));
+            crate::metrics::settled(key, row.model.clone(), u.input, u.output, cost);
         }
         let durable = match (self.row.take(), &self.money.ledger) {
             (Some(mut row), Some(ledger)) => {

@@ -13,8 +13,10 @@
 //! 7. **settle** — limits and bill corrected to the real usage, and the
 //!    usage row made durable before the answer's last byte goes out.
 
+use crate::dashboard::budget_reason;
 use crate::error::{Error, api_error_response, write_retry_advice};
 use crate::limits::Plan;
+use crate::metrics::Decision;
 use crate::routing::{Failed, Pool, Sent, trigger_of};
 use crate::server::RequestId;
 use crate::stream::{Prompt, UsageTap};
@@ -39,7 +41,7 @@ use tollgate_core::openai::{
 };
 use tollgate_core::tokens::{Estimate, Estimator};
 use tollgate_core::{ApiError, ErrorType};
-use tollgate_store::book::Remaining;
+use tollgate_store::book::{MoneyRefusal, Remaining};
 use tollgate_store::{KeyRecord, UsageRow};
 
 /// What the access log line says about a proxied request.
@@ -65,6 +67,8 @@ pub(crate) struct RequestLog {
     pub(crate) attempts: u32,
     /// The fallback chain walked (`gpt-4o>gpt-4o-mini`), when one was.
     pub(crate) fallback: Option<String>,
+    /// What admission decided.
+    pub(crate) decision: Decision,
 }
 
 /// Upstream calls a pool's result took.
@@ -122,8 +126,37 @@ pub(crate) async fn proxy(gw: &Gateway, endpoint: Endpoint, req: Request) -> Res
     let mut resp = match run(gw, endpoint, req, &mut log, &mut standing).await {
         Ok(resp) => resp,
         Err(e) => {
-            if let Error::RateLimited(r) = &e {
-                standing = r.refusal.standing;
+            let throttles = &gw.dashboard.throttles;
+            let now_ms = (gw.limits.clock().now_ns() / 1_000_000) as i64;
+            match &e {
+                Error::RateLimited(r) => {
+                    standing = r.refusal.standing;
+                    log.decision = Decision::RateLimited;
+                    throttles.record(Arc::from(r.scope.as_str()), r.refusal.kind.as_str(), now_ms);
+                }
+                Error::Money(r) => match &**r {
+                    MoneyRefusal::Budget { scope, window, .. } => {
+                        log.decision = Decision::BudgetExceeded;
+                        throttles.record(scope.clone(), budget_reason(*window), now_ms);
+                    }
+                    MoneyRefusal::Credits { account, .. } => {
+                        log.decision = Decision::InsufficientCredits;
+                        throttles.record(
+                            Arc::from(format!("account:{account}")),
+                            "credits",
+                            now_ms,
+                        );
+                    }
+                },
+                Error::RoutesCooling { .. } | Error::TooLargeForRoutes { .. } => {
+                    let model = log.model.as_deref().unwrap_or("-");
+                    throttles.record(
+                        Arc::from(format!("upstream:{model}")),
+                        "provider_limit",
+                        now_ms,
+                    );
+                }
+                _ => {}
             }
             e.into_response()
         }
@@ -267,6 +300,7 @@ async fn run(
     // 1. auth
     let caller = gw.keys.authenticate(&parts.headers).await?;
     log.key = Some(caller.name.clone());
+    tracing::Span::current().record("key", &*caller.name);
 
     // 2. read
     let body = read_json_body(&parts.headers, body, gw.config.server.max_body_bytes).await?;
@@ -285,6 +319,7 @@ async fn run(
         summarize(endpoint, &body, estimator.as_ref())?
     };
     log.model = Some(summary.model.clone());
+    tracing::Span::current().record("model", &*summary.model);
     log.stream = summary.stream;
 
     // 3. route
@@ -337,6 +372,11 @@ async fn run(
     *standing = admission.grant;
     log.estimate = summary.estimate.map(|e| e.total());
     log.queued = Some(admission.waited).filter(|w| !w.is_zero());
+    log.decision = if log.queued.is_some() {
+        Decision::Queued
+    } else {
+        Decision::Admitted
+    };
 
     // 5. upstream. A stream is settled on its usage chunk; ask for one.
     let tapped = summary.stream && (summary.estimate.is_some() || gw.money.keeps_ledger());
@@ -381,6 +421,7 @@ async fn run(
         }
         walked.push(fallback);
         tracing::debug!(model = %summary.model, fallback, "falling back");
+        crate::metrics::fallback(summary.model.clone(), Arc::from(fallback.as_str()));
         bill.reprice(fallback);
         call.body = Bytes::from(rewritten);
         result = next.send(|| clock.now_ns(), routing, &call).await;

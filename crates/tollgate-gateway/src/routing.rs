@@ -154,6 +154,20 @@ pub fn trigger_of(result: &Result<Sent, Failed>) -> Option<FallbackTrigger> {
     }
 }
 
+/// An upstream call's outcome as the `outcome` label says it.
+fn outcome_label(result: &Result<Outcome, Error>) -> &'static str {
+    match result {
+        Ok(Outcome::Success(_)) => "ok",
+        Ok(Outcome::Throttled { .. }) => "throttled",
+        Ok(Outcome::CallerError { .. }) => "caller_error",
+        Err(Error::UpstreamTimeout { .. }) => "timeout",
+        Err(Error::UpstreamUnreachable { .. }) => "unreachable",
+        Err(Error::UpstreamInvalid { .. }) => "invalid",
+        Err(Error::UpstreamAuth { .. }) => "auth",
+        Err(_) => "server_error",
+    }
+}
+
 fn worth_another_route(e: &Error) -> bool {
     matches!(
         e,
@@ -336,7 +350,9 @@ impl Pool {
             };
             *attempts += 1;
             let attempts = *attempts;
-            match d.send(call, reservation, now).await {
+            let result = d.send(call, reservation, now).await;
+            crate::metrics::attempt(d.name.clone(), outcome_label(&result));
+            match result {
                 Ok(Outcome::Throttled {
                     body,
                     retry_after,

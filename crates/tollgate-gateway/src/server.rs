@@ -4,7 +4,7 @@
 
 use crate::error::{Error, api_error_response};
 use crate::pipeline::{self, RequestLog};
-use crate::{Gateway, admin};
+use crate::{Gateway, admin, dashboard, metrics};
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 /// The id of the request being served (the client's `x-request-id` if it
 /// sent a sane one).
@@ -56,10 +57,20 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         )
         .route("/admin/usage", get(admin::usage))
         .route("/admin/deployments", get(admin::deployments))
+        .route("/metrics", get(metrics_text))
+        .route("/ui", get(dashboard::index))
+        .route("/ui/app.js", get(dashboard::app_js))
+        .route("/ui/style.css", get(dashboard::style_css))
+        .route("/ui/login", post(dashboard::login))
+        .route("/ui/logout", post(dashboard::logout))
+        .route("/ui/api/summary", get(dashboard::summary))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(pipeline::unknown_url)
-        .layer(middleware::from_fn(request_id_and_access_log))
+        .layer(middleware::from_fn_with_state(
+            gw.clone(),
+            request_id_and_access_log,
+        ))
         .with_state(gw)
 }
 
@@ -68,7 +79,11 @@ fn sane_request_id(v: &HeaderValue) -> bool {
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
 }
 
-async fn request_id_and_access_log(mut req: Request, next: Next) -> Response {
+async fn request_id_and_access_log(
+    State(gw): State<Arc<Gateway>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let id = req
         .headers()
@@ -82,21 +97,42 @@ async fn request_id_and_access_log(mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     req.extensions_mut().insert(RequestId(id.clone()));
-    let mut resp = next.run(req).await;
-    let log = resp
-        .extensions_mut()
-        .remove::<RequestLog>()
-        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "request",
+        request_id = id.to_str().unwrap_or_default(),
+        key = tracing::field::Empty,
+        model = tracing::field::Empty,
+    );
+    let mut resp = next.run(req).instrument(span).await;
+    let proxied = resp.extensions_mut().remove::<RequestLog>();
+    let api = proxied.is_some();
+    let log = proxied.unwrap_or_default();
     let latency = started.elapsed();
+    let status = resp.status().as_u16();
+    if api {
+        let key = log.key.clone().unwrap_or_else(|| Arc::from("-"));
+        metrics::request(
+            key,
+            metrics::model_label(&gw, log.model.as_ref()),
+            status,
+            log.decision,
+        );
+        if let (Some(d), Some(waited)) = (&log.deployment, log.upstream) {
+            metrics::upstream(d.clone(), waited);
+        }
+    }
     tracing::info!(
         target: "tollgate::access",
         request_id = id.to_str().unwrap_or_default(),
         %method,
         path,
-        status = resp.status().as_u16(),
+        status,
         key = log.key.as_deref(),
         model = log.model.as_deref(),
+        decision = api.then_some(log.decision.as_str()),
         deployment = log.deployment.as_deref(),
+        attempts = api.then_some(log.attempts),
+        fallback = log.fallback.as_deref(),
         stream = log.stream,
         estimate = log.estimate,
         queued_ms = log.queued.map(|q| q.as_millis() as u64),
@@ -107,6 +143,17 @@ async fn request_id_and_access_log(mut req: Request, next: Next) -> Response {
     );
     resp.headers_mut().insert("x-request-id", id);
     resp
+}
+
+async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        metrics::render(&gw),
+    )
+        .into_response()
 }
 
 async fn healthz() -> Response {

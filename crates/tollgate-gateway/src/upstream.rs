@@ -244,6 +244,7 @@ impl Deployment {
         if let Some(total) = call.timeouts.total {
             req = req.timeout(total);
         }
+        let sent = std::time::Instant::now();
         let resp = match call.timeouts.first_byte.or(self.first_byte_timeout) {
             Some(limit) => tokio::time::timeout(limit, req.send()).await.map_err(|_| {
                 Error::UpstreamTimeout {
@@ -253,6 +254,7 @@ impl Deployment {
             None => req.send().await,
         }
         .map_err(|e| self.transport_error(e))?;
+        crate::metrics::first_byte(self.name.clone(), sent.elapsed());
         self.headroom.observe(resp.headers(), now(), reservation);
         let status = resp.status();
         if status.is_success() {

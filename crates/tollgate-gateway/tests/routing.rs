@@ -249,6 +249,40 @@ fn retry_delays_are_spread_by_full_jitter() {
     assert!(distinct.len() > 90, "retries must not move in lockstep");
 }
 
+#[tokio::test]
+async fn the_gateways_retries_are_jittered_end_to_end() {
+    let broken = faulty(Fault::Status(503)).await;
+    let ceiling = Duration::from_millis(40);
+    let h = alone(
+        &broken,
+        RoutingConfig {
+            max_attempts: 2,
+            backoff_base: ceiling,
+            backoff_cap: ceiling,
+            circuit_failures: 0,
+            ..RoutingConfig::default()
+        },
+    )
+    .await;
+    // Each run is two calls and one backoff drawn from [0, 40 ms): a fixed
+    // delay would put every run above 40 ms, lockstep ones all together.
+    let mut took = Vec::new();
+    for _ in 0..100 {
+        let started = std::time::Instant::now();
+        let resp = h.post("/v1/chat/completions", BODY).await;
+        took.push(started.elapsed());
+        assert_eq!(resp.headers()["x-tollgate-attempts"], "2");
+    }
+    assert_eq!(broken.stats().snapshot().received, 200);
+    let half = ceiling / 2;
+    let quick = took.iter().filter(|t| **t < half).count();
+    let slow = took.iter().filter(|t| **t >= half).count();
+    assert!(
+        quick >= 10 && slow >= 10,
+        "{quick} runs under {half:?}, {slow} over: {took:?}"
+    );
+}
+
 /// gpt-4o on a throttled provider, gpt-4o-mini on a healthy one, and a
 /// fallback chain from the first to the second.
 async fn chain(throttled: &MockServer, fallback_on: Option<Vec<FallbackTrigger>>) -> Harness {

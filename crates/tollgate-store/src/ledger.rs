@@ -255,9 +255,15 @@ async fn write_loop(
             }
         }
         let mut attempt = 0;
+        let started = std::time::Instant::now();
         loop {
             match write_batch(&mut conn, &batch).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    metrics::histogram!("tollgate_ledger_commit_seconds").record(started.elapsed());
+                    metrics::histogram!("tollgate_ledger_batch_rows")
+                        .record(batch.rows.len() as f64);
+                    break;
+                }
                 Err(e) if attempt < 5 => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, rows = batch.rows.len(), "ledger batch failed; retrying");
@@ -430,6 +436,21 @@ pub struct UsageLine {
     pub cost: Micros,
 }
 
+/// Usage in one time bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct UsagePoint {
+    /// The bucket's start, Unix milliseconds.
+    pub at: i64,
+    /// Requests served.
+    pub requests: i64,
+    /// Input tokens.
+    pub input_tokens: i64,
+    /// Output tokens.
+    pub output_tokens: i64,
+    /// Cost, micro-USD.
+    pub cost: Micros,
+}
+
 impl Database {
     /// Usage between `since_ms` (inclusive) and `until_ms` (exclusive),
     /// grouped, most expensive first.
@@ -457,6 +478,37 @@ impl Database {
                     requests: r.try_get("requests")?,
                     input_tokens: r.try_get("input")?,
                     cached_tokens: r.try_get("cached")?,
+                    output_tokens: r.try_get("output")?,
+                    cost: r.try_get("cost")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Usage between `since_ms` and `until_ms` in buckets of `bucket_ms`,
+    /// oldest first; buckets without traffic are absent.
+    pub async fn usage_series(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        bucket_ms: i64,
+    ) -> Result<Vec<UsagePoint>, Error> {
+        let rows = sqlx::query(
+            "SELECT (at / ?1) * ?1 AS t, COUNT(*) AS requests, SUM(input_tokens) AS input,
+                    SUM(output_tokens) AS output, SUM(cost_micros) AS cost
+             FROM usage WHERE at >= ?2 AND at < ?3 GROUP BY t ORDER BY t",
+        )
+        .bind(bucket_ms.max(1))
+        .bind(since_ms)
+        .bind(until_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsagePoint {
+                    at: r.try_get("t")?,
+                    requests: r.try_get("requests")?,
+                    input_tokens: r.try_get("input")?,
                     output_tokens: r.try_get("output")?,
                     cost: r.try_get("cost")?,
                 })

@@ -5,6 +5,7 @@ mod keys;
 mod mock;
 mod money;
 mod serve;
+mod top;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -57,6 +58,9 @@ enum Command {
     Budgets(money::BudgetsCommand),
     /// Usage and spend from the ledger, grouped.
     Usage(money::UsageArgs),
+    /// Live traffic per key (requests/s, tokens/s, refusals/s, spend),
+    /// read from the gateway's /metrics every second.
+    Top(top::TopArgs),
     /// Send OpenAI batch-format JSONL through a paced, retrying client;
     /// resumable. Exit codes: 0 done, 3 budget cap, 4 insufficient credits,
     /// 5 daily cap, 1 error.
@@ -109,6 +113,7 @@ fn main() -> anyhow::Result<ExitCode> {
                 .await
                 .map(|()| ExitCode::SUCCESS),
             Command::Batch(args) => batch::run(args).await,
+            Command::Top(args) => top::run(args).await.map(|()| ExitCode::SUCCESS),
         }
     })
 }

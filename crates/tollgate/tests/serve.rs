@@ -169,3 +169,65 @@ async fn no_secret_reaches_a_log_line_or_an_error_body() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn top_shows_live_traffic_per_key() {
+    let dir = tempfile::tempdir().expect("dir");
+    let s = serve(
+        dir.path(),
+        &["serve", "--listen", "127.0.0.1:0"],
+        &dir.path().join("log"),
+    );
+    let key = dev_key(&s.banner);
+    // Traffic keeps flowing until top has taken its two frames.
+    let url = s.url.clone();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = tokio::spawn({
+        let done = done.clone();
+        async move {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                assert_eq!(chat(&url, &key, None).await.0, 200);
+            }
+        }
+    });
+    let top = tokio::task::spawn_blocking({
+        let url = s.url.clone();
+        move || {
+            tollgate()
+                .args([
+                    "top",
+                    "--url",
+                    &url,
+                    "--every",
+                    "200ms",
+                    "--iterations",
+                    "2",
+                ])
+                .output()
+                .expect("top runs")
+        }
+    })
+    .await
+    .expect("top joined");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic.await.expect("traffic");
+    stop(s);
+    assert!(
+        top.status.success(),
+        "{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    let out = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        out.contains("REQ/S") && out.contains("SPEND (USD)"),
+        "{out}"
+    );
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .filter(|l| l.starts_with("dev"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "one row per frame: {out}");
+    let rate: f64 = rows[0][1].parse().expect("req/s");
+    assert!(rate > 0.0, "requests were flowing: {out}");
+}

@@ -1,0 +1,285 @@
+//! Prometheus metrics: the `metrics` facade, recorded where things happen,
+//! rendered by `/metrics`.
+//!
+//! Labels are bounded: key *names* (never secrets), configured model and
+//! deployment names, status codes and fixed words. No end user, request id
+//! or client-chosen string ever becomes a label: a model the gateway does
+//! not serve is counted as `other`.
+
+use crate::Gateway;
+use crate::limits::Plan;
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tollgate_core::limits::Grant;
+
+/// What the gateway decided about a request, as the `decision` label says it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Decision {
+    /// Turned away before admission: bad input, unknown model, no key.
+    #[default]
+    Rejected,
+    /// Admitted at once.
+    Admitted,
+    /// Admitted after waiting in its key's queue.
+    Queued,
+    /// Refused by a rate limit or daily cap.
+    RateLimited,
+    /// Refused by a spent budget.
+    BudgetExceeded,
+    /// Refused for lack of credit.
+    InsufficientCredits,
+    /// Answered from the idempotency store, not executed again.
+    Replayed,
+}
+
+impl Decision {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Rejected => "rejected",
+            Decision::Admitted => "admitted",
+            Decision::Queued => "queued",
+            Decision::RateLimited => "rate_limited",
+            Decision::BudgetExceeded => "budget_exceeded",
+            Decision::InsufficientCredits => "insufficient_credits",
+            Decision::Replayed => "replayed",
+        }
+    }
+}
+
+/// The process's Prometheus recorder, installed once: metrics are process-
+/// wide, like the port a gateway listens on.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let seconds = [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0,
+        ];
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("tollgate_ledger_batch_rows".into()),
+                    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("tollgate_limit_utilization_ratio".into()),
+                    &[0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0],
+                )
+            });
+        let recorder = match builder {
+            Ok(b) => b.build_recorder(),
+            // Only an empty bucket list fails, and these are constants.
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!(
+                "another metrics recorder is installed; /metrics shows only what reaches this one"
+            );
+        }
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "tollgate_requests_total",
+        "API requests by key name, model, status and admission decision"
+    );
+    describe_counter!(
+        "tollgate_tokens_total",
+        "Tokens settled, by key name, model and direction (input, output)"
+    );
+    describe_counter!(
+        "tollgate_cost_micro_usd_total",
+        "Spend settled in micro-USD, by key name and model"
+    );
+    describe_histogram!(
+        "tollgate_limit_utilization_ratio",
+        "Share of the tightest limit used after an admission, by subject kind and dimension"
+    );
+    describe_gauge!(
+        "tollgate_queue_depth",
+        "Requests waiting in a key's queue for a limit"
+    );
+    describe_histogram!(
+        "tollgate_queue_wait_seconds",
+        "Time admitted requests spent queued"
+    );
+    describe_histogram!(
+        "tollgate_upstream_first_byte_seconds",
+        "Time to the upstream's response headers, by deployment"
+    );
+    describe_histogram!(
+        "tollgate_upstream_seconds",
+        "Time waiting on the upstream (whole body, or headers for a stream), by deployment"
+    );
+    describe_counter!(
+        "tollgate_upstream_attempts_total",
+        "Upstream calls by deployment and outcome (ok, throttled, caller_error, timeout, unreachable, invalid, server_error, auth)"
+    );
+    describe_counter!(
+        "tollgate_fallbacks_total",
+        "Requests moved down a fallback chain, by model asked for and fallback"
+    );
+    describe_gauge!(
+        "tollgate_deployment_circuit_open",
+        "1 while a deployment's circuit is open"
+    );
+    describe_gauge!(
+        "tollgate_deployment_available",
+        "1 while a deployment takes traffic (not cooling down, circuit closed)"
+    );
+    describe_gauge!(
+        "tollgate_deployment_headroom_ratio",
+        "Share of a deployment's provider limit left, by dimension"
+    );
+    describe_histogram!(
+        "tollgate_ledger_commit_seconds",
+        "Time to commit one batch of usage rows"
+    );
+    describe_histogram!("tollgate_ledger_batch_rows", "Usage rows per ledger commit");
+}
+
+/// Drains histogram samples into their buckets every few seconds, so that
+/// memory stays flat between scrapes.
+pub async fn upkeep(handle: &'static PrometheusHandle) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+/// The label for a model: its name when the gateway serves it, else `other`.
+pub fn model_label(gw: &Gateway, model: Option<&Arc<str>>) -> Arc<str> {
+    static OTHER: OnceLock<Arc<str>> = OnceLock::new();
+    match model {
+        Some(m) if gw.routes.contains_key(&**m) => m.clone(),
+        _ => OTHER.get_or_init(|| Arc::from("other")).clone(),
+    }
+}
+
+/// One API request answered.
+pub fn request(key: Arc<str>, model: Arc<str>, status: u16, decision: Decision) {
+    counter!(
+        "tollgate_requests_total",
+        "key" => key,
+        "model" => model,
+        "status" => status_label(status),
+        "decision" => decision.as_str(),
+    )
+    .increment(1);
+}
+
+/// A status code as a label, without allocating for the common ones.
+fn status_label(status: u16) -> metrics::SharedString {
+    match status {
+        200 => "200".into(),
+        400 => "400".into(),
+        401 => "401".into(),
+        402 => "402".into(),
+        403 => "403".into(),
+        404 => "404".into(),
+        429 => "429".into(),
+        499 => "499".into(),
+        500 => "500".into(),
+        502 => "502".into(),
+        503 => "503".into(),
+        504 => "504".into(),
+        other => other.to_string().into(),
+    }
+}
+
+/// Tokens and spend of one settled request.
+pub fn settled(key: Arc<str>, model: Arc<str>, input: u64, output: u64, cost: i64) {
+    counter!("tollgate_tokens_total", "key" => key.clone(), "model" => model.clone(), "direction" => "input")
+        .increment(input);
+    counter!("tollgate_tokens_total", "key" => key.clone(), "model" => model.clone(), "direction" => "output")
+        .increment(output);
+    if cost > 0 {
+        counter!("tollgate_cost_micro_usd_total", "key" => key, "model" => model)
+            .increment(cost as u64);
+    }
+}
+
+/// The time an upstream took, by deployment.
+pub fn upstream(deployment: Arc<str>, waited: Duration) {
+    histogram!("tollgate_upstream_seconds", "deployment" => deployment).record(waited);
+}
+
+/// An admitted request: how full its tightest limits are now, and how long
+/// it queued.
+pub fn admitted(plan: &Plan, grant: &Grant, waited: Duration) {
+    for (dimension, reading) in [("requests", grant.requests), ("tokens", grant.tokens)] {
+        if let Some(r) = reading.filter(|r| r.limit > 0) {
+            let used = r.limit.saturating_sub(r.remaining) as f64 / r.limit as f64;
+            histogram!("tollgate_limit_utilization_ratio", "subject" => plan.kind(r.subject), "dimension" => dimension)
+                .record(used);
+        }
+    }
+    if !waited.is_zero() {
+        histogram!("tollgate_queue_wait_seconds").record(waited);
+    }
+}
+
+/// A request waiting in a key's queue: counted in `tollgate_queue_depth`
+/// while it lives.
+#[derive(Debug)]
+pub struct QueuedRequest(());
+
+impl QueuedRequest {
+    /// Counts one more waiting request.
+    pub fn enter() -> Self {
+        gauge!("tollgate_queue_depth").increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for QueuedRequest {
+    fn drop(&mut self) {
+        gauge!("tollgate_queue_depth").decrement(1.0);
+    }
+}
+
+/// One upstream call and how it ended.
+pub fn attempt(deployment: Arc<str>, outcome: &'static str) {
+    counter!("tollgate_upstream_attempts_total", "deployment" => deployment, "outcome" => outcome)
+        .increment(1);
+}
+
+/// The time to an upstream's response headers.
+pub fn first_byte(deployment: Arc<str>, waited: Duration) {
+    histogram!("tollgate_upstream_first_byte_seconds", "deployment" => deployment).record(waited);
+}
+
+/// A request moved down its model's fallback chain.
+pub fn fallback(from: Arc<str>, to: Arc<str>) {
+    counter!("tollgate_fallbacks_total", "from" => from, "to" => to).increment(1);
+}
+
+/// Refreshes the gauges that are read off live state, then renders.
+pub fn render(gw: &Gateway) -> String {
+    let now = gw.limits.clock().now_ns();
+    for d in &gw.deployments {
+        let name = d.name.clone();
+        gauge!("tollgate_deployment_circuit_open", "deployment" => name.clone())
+            .set(f64::from(u8::from(d.health.circuit_open(now))));
+        gauge!("tollgate_deployment_available", "deployment" => name.clone())
+            .set(f64::from(u8::from(d.health.reopens_at() <= now)));
+        for (dimension, share) in d.headroom.shares(now) {
+            gauge!("tollgate_deployment_headroom_ratio", "deployment" => name.clone(), "dimension" => dimension)
+                .set(share);
+        }
+    }
+    handle().render()
+}
