@@ -7,6 +7,10 @@
 # Markdown tables.
 #
 #   bench/overhead.sh [DURATION_SECONDS]      (default 10)
+#   DASHBOARD=1 bench/overhead.sh 8           the same with the dashboard open:
+#       a session polls /ui/api/summary and /metrics every second (the page
+#       polls every 5 s, `tollgate top` /metrics every second), and at the
+#       end Chromium loads the page and reports its load time
 #
 # Everything runs on loopback; the load generator, gateway and mock share the
 # machine's cores, which is stated next to the numbers in BENCHMARKS.md.
@@ -37,11 +41,22 @@ TOML
 (cd "$work" && "$BIN/tollgate" keys create --name bench-limits --rpm 1000000000 --tpm 1000000000000 \
   --rpd 1000000000000 --tpd 1000000000000000 --json >"$work/limited.json")
 LIMITED_KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/limited.json")
-(cd "$work" && exec env BENCH_UPSTREAM_KEY=sk-bench-upstream RUST_LOG=${GATEWAY_LOG:-info} "$BIN/tollgate" --log-format json serve >"$work/serve.out" 2>"$work/serve.log") &
+ADMIN_KEY=bench-admin-key-0123456789abcdef
+(cd "$work" && exec env BENCH_UPSTREAM_KEY=sk-bench-upstream TOLLGATE_ADMIN_KEY=$ADMIN_KEY RUST_LOG=${GATEWAY_LOG:-info} "$BIN/tollgate" --log-format json serve >"$work/serve.out" 2>"$work/serve.log") &
 for _ in $(seq 1 100); do grep -q "listening on" "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
 KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/serve.out" | head -1 || true)
 [ -z "$KEY" ] && KEY=$(cd "$work" && "$BIN/tollgate" keys create --name bench --json | grep -o 'tg-[0-9a-f]\{64\}')
 [ -n "$KEY" ] || { echo "gateway did not start"; cat "$work/serve.out" "$work/serve.log"; exit 1; }
+
+if [ "${DASHBOARD:-0}" = 1 ]; then
+  curl -sf -c "$work/cookies" -H 'content-type: application/json' -d "{\"key\":\"$ADMIN_KEY\"}" \
+    "http://127.0.0.1:$GW_PORT/ui/login" || { echo "dashboard login failed"; exit 1; }
+  (while true; do
+    curl -sf -b "$work/cookies" "http://127.0.0.1:$GW_PORT/ui/api/summary?window=hour" -o /dev/null -w '%{time_total}\n' >>"$work/summary-times"
+    curl -sf "http://127.0.0.1:$GW_PORT/metrics" -o /dev/null
+    sleep 1
+  done) &
+fi
 
 results="$work/results.jsonl"
 for rate in $RATES; do
@@ -58,6 +73,20 @@ for rate in $RATES; do
     --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
   tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate-limits.log"
 done
+
+if [ "${DASHBOARD:-0}" = 1 ]; then
+  echo "dashboard summary polls: $(wc -l <"$work/summary-times"), slowest $(sort -n "$work/summary-times" | tail -1) s, median $(sort -n "$work/summary-times" | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}') s"
+  node_dir=target/tmp/ui-node
+  if [ ! -d "$node_dir/node_modules/playwright-core" ]; then
+    node_dir=$work/ui-node && mkdir -p "$node_dir"
+    cp crates/tollgate-gateway/tests/ui/package*.json "$node_dir" && (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+  cp crates/tollgate-gateway/tests/ui/dashboard.mjs "$node_dir/"
+  for _ in 1 2 3; do
+    node "$node_dir/dashboard.mjs" "http://127.0.0.1:$GW_PORT" "$ADMIN_KEY" "$work/shot.png" |
+      python3 -c 'import json,sys; d=json.load(sys.stdin); print(f"page load (Chromium navigation timing): {d[\"load_ms\"]:.0f} ms, {d[\"requests\"]} requests charted")'
+  done
+fi
 
 python3 - "$results" <<'PY'
 import json, sys

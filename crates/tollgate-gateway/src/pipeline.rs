@@ -126,38 +126,10 @@ pub(crate) async fn proxy(gw: &Gateway, endpoint: Endpoint, req: Request) -> Res
     let mut resp = match run(gw, endpoint, req, &mut log, &mut standing).await {
         Ok(resp) => resp,
         Err(e) => {
-            let throttles = &gw.dashboard.throttles;
-            let now_ms = (gw.limits.clock().now_ns() / 1_000_000) as i64;
-            match &e {
-                Error::RateLimited(r) => {
-                    standing = r.refusal.standing;
-                    log.decision = Decision::RateLimited;
-                    throttles.record(Arc::from(r.scope.as_str()), r.refusal.kind.as_str(), now_ms);
-                }
-                Error::Money(r) => match &**r {
-                    MoneyRefusal::Budget { scope, window, .. } => {
-                        log.decision = Decision::BudgetExceeded;
-                        throttles.record(scope.clone(), budget_reason(*window), now_ms);
-                    }
-                    MoneyRefusal::Credits { account, .. } => {
-                        log.decision = Decision::InsufficientCredits;
-                        throttles.record(
-                            Arc::from(format!("account:{account}")),
-                            "credits",
-                            now_ms,
-                        );
-                    }
-                },
-                Error::RoutesCooling { .. } | Error::TooLargeForRoutes { .. } => {
-                    let model = log.model.as_deref().unwrap_or("-");
-                    throttles.record(
-                        Arc::from(format!("upstream:{model}")),
-                        "provider_limit",
-                        now_ms,
-                    );
-                }
-                _ => {}
+            if let Error::RateLimited(r) = &e {
+                standing = r.refusal.standing;
             }
+            note_refusal(gw, &e, &mut log);
             e.into_response()
         }
     };
@@ -191,6 +163,42 @@ pub(crate) async fn proxy(gw: &Gateway, endpoint: Endpoint, req: Request) -> Res
     }
     resp.extensions_mut().insert(log);
     resp
+}
+
+/// Labels a refusal's decision for the metrics and counts its subject for
+/// the dashboard's top throttled list.
+fn note_refusal(gw: &Gateway, e: &Error, log: &mut RequestLog) {
+    let (decision, scope, reason): (_, Arc<str>, _) = match e {
+        Error::RateLimited(r) => (
+            Decision::RateLimited,
+            Arc::from(r.scope.as_str()),
+            r.refusal.kind.as_str(),
+        ),
+        Error::Money(r) => match &**r {
+            MoneyRefusal::Budget { scope, window, .. } => (
+                Decision::BudgetExceeded,
+                scope.clone(),
+                budget_reason(*window),
+            ),
+            MoneyRefusal::Credits { account, .. } => (
+                Decision::InsufficientCredits,
+                Arc::from(format!("account:{account}")),
+                "credits",
+            ),
+        },
+        Error::RoutesCooling { .. } | Error::TooLargeForRoutes { .. } => {
+            let model = log.model.as_deref().unwrap_or("-");
+            (
+                log.decision,
+                Arc::from(format!("upstream:{model}")),
+                "provider_limit",
+            )
+        }
+        _ => return,
+    };
+    log.decision = decision;
+    let now_ms = (gw.limits.clock().now_ns() / 1_000_000) as i64;
+    gw.dashboard.throttles.record(scope, reason, now_ms);
 }
 
 /// `x-tollgate-cost-usd`, `x-tollgate-budget-remaining-usd` and
