@@ -83,8 +83,12 @@ if [ "${DASHBOARD:-0}" = 1 ]; then
   fi
   cp crates/tollgate-gateway/tests/ui/dashboard.mjs "$node_dir/"
   for _ in 1 2 3; do
-    node "$node_dir/dashboard.mjs" "http://127.0.0.1:$GW_PORT" "$ADMIN_KEY" "$work/shot.png" |
-      python3 -c 'import json,sys; d=json.load(sys.stdin); print(f"page load (Chromium navigation timing): {d[\"load_ms\"]:.0f} ms, {d[\"requests\"]} requests charted")'
+    node "$node_dir/dashboard.mjs" "http://127.0.0.1:$GW_PORT" "$ADMIN_KEY" "$work/shot.png" >"$work/page.json"
+    python3 - "$work/page.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(f"page load (Chromium navigation timing): {d['load_ms']:.0f} ms, {d['requests']} requests charted")
+PY
   done
 fi
 

@@ -27,6 +27,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "money",
         include_str!("../migrations/sqlite/0003_money.sql"),
     ),
+    (
+        4,
+        "usage rollups",
+        include_str!("../migrations/sqlite/0004_usage_rollups.sql"),
+    ),
 ];
 
 /// A connection pool to Tollgate's database.

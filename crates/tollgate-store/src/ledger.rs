@@ -299,6 +299,35 @@ async fn connect(options: &SqliteConnectOptions) -> SqliteConnection {
     }
 }
 
+const MINUTE_MS: i64 = 60_000;
+const HOUR_MS: i64 = 60 * MINUTE_MS;
+
+/// A rollup group: bucket start, key name, team, model.
+type RollupKey<'a> = (i64, &'a str, &'a str, &'a str);
+
+/// A batch's rows summed per `width` bucket, key, team and model (usually
+/// one or two groups for a whole batch).
+fn rollup(rows: &[UsageRow], width: i64) -> Vec<(RollupKey<'_>, UsagePoint)> {
+    let mut sums: HashMap<RollupKey<'_>, UsagePoint> = HashMap::new();
+    for r in rows {
+        let key = (
+            r.at - r.at.rem_euclid(width),
+            r.key_name.as_deref().unwrap_or("-"),
+            r.team.as_deref().unwrap_or("-"),
+            &*r.model,
+        );
+        let s = sums.entry(key).or_default();
+        s.requests += 1;
+        s.input_tokens += r.input_tokens as i64;
+        s.output_tokens += r.output_tokens as i64;
+        s.cost += r.cost;
+    }
+    // A stable order keeps the statement text, and so its cache entry, the same.
+    let mut sums: Vec<_> = sums.into_iter().collect();
+    sums.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    sums
+}
+
 /// Writes a batch as one multi-statement query: one round trip to SQLite's
 /// worker thread instead of one per statement, which is most of a small
 /// batch's cost.
@@ -344,6 +373,29 @@ async fn write_batch(conn: &mut SqliteConnection, batch: &Batch) -> Result<(), E
                 .push_bind(r.streamed);
         });
         q.push(";");
+    }
+    for (table, width) in [("usage_minutes", MINUTE_MS), ("usage_hours", HOUR_MS)] {
+        let sums = rollup(&batch.rows, width);
+        for chunk in sums.chunks(ROWS_PER_INSERT) {
+            q.push("INSERT INTO ").push(table).push(
+                " (at, key_name, team, model, requests, input_tokens, output_tokens, cost_micros) ",
+            );
+            q.push_values(chunk, |mut b, ((at, key, team, model), s)| {
+                b.push_bind(*at)
+                    .push_bind(*key)
+                    .push_bind(*team)
+                    .push_bind(*model)
+                    .push_bind(s.requests)
+                    .push_bind(s.input_tokens)
+                    .push_bind(s.output_tokens)
+                    .push_bind(s.cost);
+            });
+            q.push(
+                " ON CONFLICT (at, key_name, team, model) DO UPDATE SET requests = requests + excluded.requests, \
+                 input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens, \
+                 cost_micros = cost_micros + excluded.cost_micros;",
+            );
+        }
     }
     let mut charged: HashMap<&str, Micros> = HashMap::new();
     for r in &batch.rows {
@@ -436,6 +488,27 @@ pub struct UsageLine {
     pub cost: Micros,
 }
 
+/// What the rollups are kept by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollupBy {
+    /// Key name.
+    Key,
+    /// Team.
+    Team,
+    /// Model asked for.
+    Model,
+}
+
+/// The rollup a bucket of `bucket_ms` is read from: hours when it is a
+/// whole number of them, else minutes.
+fn rollup_table(bucket_ms: i64) -> &'static str {
+    if bucket_ms % HOUR_MS == 0 {
+        "usage_hours"
+    } else {
+        "usage_minutes"
+    }
+}
+
 /// Usage in one time bucket.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct UsagePoint {
@@ -485,30 +558,73 @@ impl Database {
             .collect()
     }
 
-    /// Usage between `since_ms` and `until_ms` in buckets of `bucket_ms`,
-    /// oldest first; buckets without traffic are absent.
+    /// Usage between `since_ms` and `until_ms` in buckets of `bucket_ms` (a
+    /// whole number of minutes), oldest first; buckets without traffic are
+    /// absent. Read from the per-minute or per-hour rollups, not the rows.
     pub async fn usage_series(
         &self,
         since_ms: i64,
         until_ms: i64,
         bucket_ms: i64,
     ) -> Result<Vec<UsagePoint>, Error> {
-        let rows = sqlx::query(
-            "SELECT (at / ?1) * ?1 AS t, COUNT(*) AS requests, SUM(input_tokens) AS input,
+        let sql = format!(
+            "SELECT (at / ?1) * ?1 AS t, SUM(requests) AS requests, SUM(input_tokens) AS input,
                     SUM(output_tokens) AS output, SUM(cost_micros) AS cost
-             FROM usage WHERE at >= ?2 AND at < ?3 GROUP BY t ORDER BY t",
-        )
-        .bind(bucket_ms.max(1))
-        .bind(since_ms)
-        .bind(until_ms)
-        .fetch_all(&self.pool)
-        .await?;
+             FROM {} WHERE at >= ?2 AND at < ?3 GROUP BY t ORDER BY t",
+            rollup_table(bucket_ms)
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(bucket_ms.max(MINUTE_MS))
+            .bind(since_ms)
+            .bind(until_ms)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(UsagePoint {
                     at: r.try_get("t")?,
                     requests: r.try_get("requests")?,
                     input_tokens: r.try_get("input")?,
+                    output_tokens: r.try_get("output")?,
+                    cost: r.try_get("cost")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Usage between `since_ms` and `until_ms` (both on `bucket_ms`
+    /// boundaries) grouped by key, team or model, most expensive first,
+    /// from the rollups.
+    pub async fn usage_rollup_report(
+        &self,
+        by: RollupBy,
+        since_ms: i64,
+        until_ms: i64,
+        bucket_ms: i64,
+    ) -> Result<Vec<UsageLine>, Error> {
+        let column = match by {
+            RollupBy::Key => "key_name",
+            RollupBy::Team => "team",
+            RollupBy::Model => "model",
+        };
+        let sql = format!(
+            "SELECT {column} AS grp, SUM(requests) AS requests, SUM(input_tokens) AS input, 0 AS cached,
+                    SUM(output_tokens) AS output, SUM(cost_micros) AS cost
+             FROM {} WHERE at >= ? AND at < ? GROUP BY grp ORDER BY cost DESC, grp",
+            rollup_table(bucket_ms)
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(since_ms)
+            .bind(until_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageLine {
+                    group: r.try_get("grp")?,
+                    requests: r.try_get("requests")?,
+                    input_tokens: r.try_get("input")?,
+                    cached_tokens: r.try_get("cached")?,
                     output_tokens: r.try_get("output")?,
                     cost: r.try_get("cost")?,
                 })
@@ -597,6 +713,61 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["b"]
         );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn rollups_sum_exactly_what_the_rows_hold() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Random(e.to_string()))?;
+        let db = Database::open(&dir.path().join("r.db").to_string_lossy()).await?;
+        let ledger = Ledger::start(&db)?;
+        let t0 = 1_800_000_000_000 - 1_800_000_000_000 % HOUR_MS;
+        // 500 rows over three hours, two keys, two models, with and without
+        // a team, in many batches (flushes split them), so that groups are
+        // updated across batches.
+        for i in 0..500_i64 {
+            ledger.record_detached(UsageRow {
+                request_id: format!("r{i}"),
+                at: t0 + i * 23_456,
+                key_name: Some(Arc::from(if i % 3 == 0 { "web" } else { "batch" })),
+                team: (i % 5 == 0).then(|| Arc::from("search")),
+                model: Arc::from(if i % 2 == 0 { "gpt-4o" } else { "gpt-4o-mini" }),
+                input_tokens: i as u64,
+                output_tokens: 2 * i as u64,
+                cost: 7 * i,
+                status: 200,
+                ..UsageRow::default()
+            });
+            if i % 37 == 0 {
+                ledger.flush().await;
+            }
+        }
+        ledger.flush().await;
+        let until = t0 + 4 * HOUR_MS;
+        for bucket in [MINUTE_MS, 15 * MINUTE_MS, HOUR_MS] {
+            let series = db.usage_series(t0, until, bucket).await?;
+            let requests: i64 = series.iter().map(|p| p.requests).sum();
+            let cost: i64 = series.iter().map(|p| p.cost).sum();
+            assert_eq!((requests, cost), (500, 7 * (0..500).sum::<i64>()));
+            let by_raw = db.usage_report(GroupBy::Model, t0, until).await?;
+            let by_rollup = db
+                .usage_rollup_report(RollupBy::Model, t0, until, bucket)
+                .await?;
+            assert_eq!(by_rollup, by_raw, "bucket {bucket}");
+            let by_raw = db.usage_report(GroupBy::Team, t0, until).await?;
+            let by_rollup = db
+                .usage_rollup_report(RollupBy::Team, t0, until, bucket)
+                .await?;
+            assert_eq!(by_rollup, by_raw, "bucket {bucket}");
+        }
+        // The second hour alone, from minutes and from hours.
+        let hour2 =
+            |bucket| db.usage_rollup_report(RollupBy::Key, t0 + HOUR_MS, t0 + 2 * HOUR_MS, bucket);
+        let raw = db
+            .usage_report(GroupBy::Key, t0 + HOUR_MS, t0 + 2 * HOUR_MS)
+            .await?;
+        assert_eq!(hour2(MINUTE_MS).await?, raw);
+        assert_eq!(hour2(HOUR_MS).await?, raw);
         Ok(())
     }
 }
