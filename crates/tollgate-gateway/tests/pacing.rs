@@ -137,16 +137,7 @@ async fn a_minute_at_150_percent_of_one_deployment_spreads_without_429s() {
         let resp = h.post("/v1/chat/completions", &chat(TPM - prompt)).await;
         assert_eq!(resp.status(), 200);
     }
-    let deployments: serde_json::Value = h
-        .http
-        .get(h.url("/admin/deployments"))
-        .bearer_auth(common::ADMIN_KEY)
-        .send()
-        .await
-        .expect("admin")
-        .json()
-        .await
-        .expect("json");
+    let deployments = h.admin_json("/admin/deployments").await;
     for d in deployments["data"].as_array().expect("list") {
         assert_eq!(d["provider_limits"]["tokens"]["limit"], TPM, "{d}");
         assert_eq!(d["provider_limits"]["learned"], true);

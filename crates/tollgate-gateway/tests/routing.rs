@@ -88,16 +88,7 @@ async fn a_failing_deployment_opens_its_circuit() {
     let open_after = u64::from(RoutingConfig::default().circuit_failures);
     assert_eq!(broken.stats().snapshot().received, open_after);
     assert!(attempts.iter().any(|a| a == "2"), "{attempts:?}");
-    let shown: serde_json::Value = h
-        .http
-        .get(h.url("/admin/deployments"))
-        .bearer_auth(common::ADMIN_KEY)
-        .send()
-        .await
-        .expect("sent")
-        .json()
-        .await
-        .expect("JSON");
+    let shown = h.admin_json("/admin/deployments").await;
     let mock0 = &shown["data"][0];
     assert_eq!(mock0["name"], "mock-0");
     assert_eq!(mock0["circuit"], "open");

@@ -539,6 +539,17 @@ impl Database {
              FROM usage WHERE at >= ? AND at < ? GROUP BY grp ORDER BY cost DESC, grp",
             g = by.expr()
         );
+        self.usage_lines(sql, since_ms, until_ms).await
+    }
+
+    /// Runs a report query (`grp`, `requests`, `input`, `cached`, `output`,
+    /// `cost` over `at >= ? AND at < ?`).
+    async fn usage_lines(
+        &self,
+        sql: String,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<UsageLine>, Error> {
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(since_ms)
             .bind(until_ms)
@@ -613,23 +624,7 @@ impl Database {
              FROM {} WHERE at >= ? AND at < ? GROUP BY grp ORDER BY cost DESC, grp",
             rollup_table(bucket_ms)
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(since_ms)
-            .bind(until_ms)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(UsageLine {
-                    group: r.try_get("grp")?,
-                    requests: r.try_get("requests")?,
-                    input_tokens: r.try_get("input")?,
-                    cached_tokens: r.try_get("cached")?,
-                    output_tokens: r.try_get("output")?,
-                    cost: r.try_get("cost")?,
-                })
-            })
-            .collect()
+        self.usage_lines(sql, since_ms, until_ms).await
     }
 
     /// Every usage row, oldest first (for audits and tests).

@@ -135,6 +135,19 @@ impl Harness {
             .expect("request sent")
     }
 
+    /// GETs an admin path with the admin key; its JSON body.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .expect("admin request sent")
+            .json()
+            .await
+            .expect("admin answer is JSON")
+    }
+
     /// Creates a key named `name` shaped by `edit`; returns its secret.
     pub async fn key(&self, name: &str, edit: impl FnOnce(&mut NewKey)) -> String {
         let mut new = NewKey {
