@@ -1,6 +1,7 @@
 //! Tollgate's state: virtual keys, budgets, credits and the usage ledger in
-//! the database; limiter and money books in memory. The embedded backend is one SQLite file in
-//! WAL mode; the gateway never sees which database it runs on.
+//! the database; limiter state in memory or in Redis ([`LimitStore`]), and
+//! money books in memory. The embedded backend is one SQLite file in WAL
+//! mode; the gateway never sees which backend it runs on.
 
 pub mod book;
 mod database;
@@ -8,7 +9,9 @@ pub mod keys;
 pub mod ledger;
 pub mod limiter;
 pub mod money;
+pub mod redis;
 pub mod secret;
+pub mod state;
 
 pub use book::MoneyBook;
 pub use database::Database;
@@ -16,6 +19,7 @@ pub use keys::{KeyRecord, LimitsUpdate, NewKey};
 pub use ledger::{Ledger, UsageRow};
 pub use limiter::MemoryLimiter;
 pub use secret::{SecretHash, SecretKey};
+pub use state::LimitStore;
 
 /// Errors of the state layer.
 #[derive(Debug, thiserror::Error)]
@@ -49,4 +53,7 @@ pub enum Error {
     /// The operating system's random source failed.
     #[error("no randomness available: {0}")]
     Random(String),
+    /// Redis refused, failed or could not be reached.
+    #[error("redis: {0}")]
+    Redis(::redis::RedisError),
 }

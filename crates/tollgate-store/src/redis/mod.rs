@@ -1,0 +1,205 @@
+//! Limit state in Redis, shared by every replica: one script call per
+//! admission decision covering every limit of every subject of the request
+//! (GCRA buckets and daily counters), one per reconciliation, both on
+//! Redis's own clock so replicas with skewed clocks still agree.
+//!
+//! The scripts are loaded once and called by SHA (`EVALSHA`, falling back to
+//! `EVAL` after a Redis restart forgot them). State keys expire as soon as
+//! forgetting them changes no decision.
+//!
+//! **Placement for Redis Cluster**: every key of one decision carries the
+//! same hash tag, so a script touches one slot. The caller names it: the
+//! key's team when it has one (whether or not the team has limits of its
+//! own), else the key. A team's keys therefore live together in the team's
+//! slot, and a subject's state stays under one tag for as long as the key
+//! stays in its team.
+
+use crate::Error;
+use redis::aio::ConnectionManager;
+use std::time::Duration;
+use tollgate_core::limits::{
+    Cost, Grant, LimitKind, LimitSet, Reading, Refusal, RefusalKind, Subject,
+};
+
+const ADMIT: &str = include_str!("admit.lua");
+const RECONCILE: &str = include_str!("reconcile.lua");
+
+/// A decision and the moment (ns, on the deciding clock) it was made at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// The grant, or why not; a refusal changed nothing.
+    pub result: Result<Grant, Refusal>,
+    /// When it was decided, for the reconciliation.
+    pub at: u64,
+}
+
+/// Limit state in one Redis (or one Redis Cluster slot per decision).
+#[derive(Clone)]
+pub struct RedisLimiter {
+    conn: ConnectionManager,
+    admit: redis::Script,
+    reconcile: redis::Script,
+    prefix: String,
+}
+
+impl std::fmt::Debug for RedisLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLimiter {
+    /// Connects to `url` (`redis://127.0.0.1:6379`); state keys start with
+    /// `prefix` so that several gateways (or test runs) can share a Redis.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, Error> {
+        let client = redis::Client::open(url).map_err(Error::Redis)?;
+        let conn = ConnectionManager::new(client).await.map_err(Error::Redis)?;
+        Ok(Self {
+            conn,
+            admit: redis::Script::new(ADMIT),
+            reconcile: redis::Script::new(RECONCILE),
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// The state keys of `subjects`, all under the hash tag `placement`.
+    fn keys(&self, placement: &str, subjects: &[(Subject, LimitSet)]) -> Vec<String> {
+        let tag = placement.replace(['{', '}'], "_");
+        subjects
+            .iter()
+            .map(|(s, _)| {
+                let p = &self.prefix;
+                match s {
+                    Subject::Key(k) => format!("{p}:{{{tag}}}:k:{k}"),
+                    Subject::KeyModel(k, m) => format!("{p}:{{{tag}}}:m:{k}:{m}"),
+                    Subject::KeyUser(k, u) => format!("{p}:{{{tag}}}:u:{k}:{u}"),
+                    Subject::Team(t) => format!("{p}:{{{tag}}}:t:{t}"),
+                }
+            })
+            .collect()
+    }
+
+    /// Charges `cost` on every limit of every subject, or on none; the
+    /// subjects' state lives under the hash tag `placement`.
+    pub async fn admit(
+        &self,
+        placement: &str,
+        subjects: &[(Subject, LimitSet)],
+        cost: Cost,
+    ) -> Result<Decision, Error> {
+        let mut call = self.admit.prepare_invoke();
+        for k in self.keys(placement, subjects) {
+            call.key(k);
+        }
+        call.arg(cost.requests).arg(cost.tokens);
+        for (_, limits) in subjects {
+            for kind in LimitKind::ALL {
+                call.arg(
+                    limits
+                        .get(kind)
+                        .map_or(-1, |a| a.min(i64::MAX as u64) as i64),
+                );
+            }
+        }
+        let reply: Vec<i64> = call
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(Error::Redis)?;
+        decode(&reply).ok_or_else(|| Error::Redis(redis_reply_error(&reply)))
+    }
+
+    /// Corrects the token charge of a request admitted at `admitted_at`
+    /// (the [`Decision::at`] of its admission) by `delta` tokens.
+    pub async fn reconcile(
+        &self,
+        placement: &str,
+        subjects: &[(Subject, LimitSet)],
+        delta: i64,
+        admitted_at: u64,
+    ) -> Result<(), Error> {
+        if delta == 0 {
+            return Ok(());
+        }
+        let mut call = self.reconcile.prepare_invoke();
+        for k in self.keys(placement, subjects) {
+            call.key(k);
+        }
+        call.arg(delta).arg(admitted_at / 1_000);
+        for (_, limits) in subjects {
+            for amount in [limits.tpm, limits.tpd] {
+                call.arg(amount.map_or(-1, |a| a.min(i64::MAX as u64) as i64));
+            }
+        }
+        let _: i64 = call
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(Error::Redis)?;
+        Ok(())
+    }
+}
+
+fn redis_reply_error(reply: &[i64]) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "the admission script answered an unexpected shape",
+        format!("{} values", reply.len()),
+    ))
+}
+
+fn kind_of(n: i64) -> Option<LimitKind> {
+    LimitKind::ALL.get(usize::try_from(n - 1).ok()?).copied()
+}
+
+fn micros(n: i64) -> Duration {
+    Duration::from_micros(n.max(0) as u64)
+}
+
+/// Two readings (requests, tokens) of six values each.
+fn readings(v: &[i64]) -> Option<Grant> {
+    let one = |r: &[i64]| -> Option<Option<Reading>> {
+        if r[0] == 0 {
+            return Some(None);
+        }
+        Some(Some(Reading {
+            kind: kind_of(r[1])?,
+            subject: usize::try_from(r[2]).ok()?,
+            limit: r[3].max(0) as u64,
+            remaining: r[4].max(0) as u64,
+            reset: micros(r[5]),
+        }))
+    };
+    Some(Grant {
+        requests: one(v.get(0..6)?)?,
+        tokens: one(v.get(6..12)?)?,
+    })
+}
+
+fn decode(v: &[i64]) -> Option<Decision> {
+    let at = (*v.get(1)?).max(0) as u64 * 1_000;
+    if *v.first()? == 1 {
+        return Some(Decision {
+            result: Ok(readings(v.get(2..14)?)?),
+            at,
+        });
+    }
+    let f = v.get(2..9)?;
+    let why = match f[2] {
+        0 => RefusalKind::Wait(micros(f[3])),
+        1 => RefusalKind::DailyCap(micros(f[3])),
+        _ => RefusalKind::NeverFits,
+    };
+    Some(Decision {
+        result: Err(Refusal {
+            subject: usize::try_from(f[0]).ok()?,
+            kind: kind_of(f[1])?,
+            why,
+            limit: f[4].max(0) as u64,
+            used: f[5].max(0) as u64,
+            requested: f[6].max(0) as u64,
+            standing: readings(v.get(9..21)?)?,
+        }),
+        at,
+    })
+}

@@ -1,0 +1,292 @@
+//! One suite of limit decisions, run unchanged against the in-memory store
+//! and against the real Redis on this machine (127.0.0.1:6379, or
+//! `TOLLGATE_TEST_REDIS_URL`). A Redis that cannot be reached fails the
+//! Redis half loudly; nothing is skipped.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tollgate_core::clock::SystemClock;
+use tollgate_core::limits::{Cost, LimitKind, LimitSet, RefusalKind, Subject};
+use tollgate_store::redis::RedisLimiter;
+use tollgate_store::{LimitStore, MemoryLimiter};
+
+/// Every scenario's subjects share one placement, as a key's always do.
+const PLACE: &str = "team-of-the-test";
+
+fn memory() -> LimitStore {
+    LimitStore::Memory(MemoryLimiter::new(), Arc::new(SystemClock::new()))
+}
+
+async fn redis() -> LimitStore {
+    let url = std::env::var("TOLLGATE_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let limiter = RedisLimiter::connect(&url, "tollgate-test")
+        .await
+        .unwrap_or_else(|e| panic!("the Redis half of this suite needs Redis at {url}: {e}"));
+    LimitStore::Redis(limiter)
+}
+
+/// A key id no earlier run used (Redis keeps state between runs).
+fn unique(name: &str) -> Arc<str> {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    Arc::from(format!("{name}-{nanos}-{}", std::process::id()).as_str())
+}
+
+fn key(id: &Arc<str>, limits: LimitSet) -> (Subject, LimitSet) {
+    (Subject::Key(id.clone()), limits)
+}
+
+fn requests(n: u64) -> Cost {
+    Cost {
+        requests: n,
+        tokens: 0,
+    }
+}
+
+fn tokens(n: u64) -> Cost {
+    Cost {
+        requests: 1,
+        tokens: n,
+    }
+}
+
+async fn a_bucket_admits_its_capacity_then_says_how_long_to_wait(store: &LimitStore) {
+    let k = unique("capacity");
+    let subjects = [key(
+        &k,
+        LimitSet {
+            rpm: Some(5),
+            ..LimitSet::default()
+        },
+    )];
+    for i in 0..5 {
+        let d = store
+            .admit(PLACE, &subjects, requests(1))
+            .await
+            .expect("decided");
+        let grant = d.result.expect("within capacity");
+        assert_eq!(grant.requests.map(|r| r.remaining), Some(4 - i));
+    }
+    let refusal = store
+        .admit(PLACE, &subjects, requests(1))
+        .await
+        .expect("decided")
+        .result
+        .expect_err("over capacity");
+    assert_eq!(refusal.kind, LimitKind::RequestsPerMinute);
+    assert_eq!((refusal.limit, refusal.used, refusal.requested), (5, 5, 1));
+    match refusal.why {
+        RefusalKind::Wait(w) => {
+            assert!(w > Duration::ZERO && w <= Duration::from_secs(12), "{w:?}")
+        }
+        other => panic!("a rolling limit waits: {other:?}"),
+    }
+}
+
+async fn a_refusal_by_one_subject_charges_none(store: &LimitStore) {
+    let k = unique("all-or-nothing");
+    let team: Arc<str> = unique("team");
+    let both = [
+        key(
+            &k,
+            LimitSet {
+                tpm: Some(100),
+                ..LimitSet::default()
+            },
+        ),
+        (
+            Subject::Team(team),
+            LimitSet {
+                tpm: Some(50),
+                ..LimitSet::default()
+            },
+        ),
+    ];
+    assert!(
+        store
+            .admit(PLACE, &both, tokens(30))
+            .await
+            .expect("decided")
+            .result
+            .is_ok()
+    );
+    let refusal = store
+        .admit(PLACE, &both, tokens(30))
+        .await
+        .expect("decided")
+        .result
+        .expect_err("the team has 20 left");
+    assert_eq!(
+        (refusal.subject, refusal.kind),
+        (1, LimitKind::TokensPerMinute)
+    );
+    // The key was charged 30 once, not twice: 70 fit, then nothing.
+    let alone = [both[0].clone()];
+    assert!(
+        store
+            .admit(PLACE, &alone, tokens(70))
+            .await
+            .expect("decided")
+            .result
+            .is_ok()
+    );
+    assert!(
+        store
+            .admit(PLACE, &alone, tokens(1))
+            .await
+            .expect("decided")
+            .result
+            .is_err()
+    );
+}
+
+async fn too_large_never_fits_and_a_daily_cap_waits_for_midnight(store: &LimitStore) {
+    let k = unique("caps");
+    let subjects = [key(
+        &k,
+        LimitSet {
+            tpm: Some(100),
+            rpd: Some(3),
+            ..LimitSet::default()
+        },
+    )];
+    let r = store
+        .admit(PLACE, &subjects, tokens(101))
+        .await
+        .expect("decided")
+        .result;
+    assert_eq!(r.expect_err("too large").why, RefusalKind::NeverFits);
+    for _ in 0..3 {
+        assert!(
+            store
+                .admit(PLACE, &subjects, tokens(1))
+                .await
+                .expect("decided")
+                .result
+                .is_ok()
+        );
+    }
+    let refusal = store
+        .admit(PLACE, &subjects, tokens(1))
+        .await
+        .expect("decided")
+        .result
+        .expect_err("daily cap");
+    assert_eq!(refusal.kind, LimitKind::RequestsPerDay);
+    match refusal.why {
+        RefusalKind::DailyCap(d) => assert!(d <= Duration::from_secs(86_400)),
+        other => panic!("{other:?}"),
+    }
+    assert!(!refusal.should_retry());
+}
+
+async fn reconciliation_refunds_and_charges_the_difference(store: &LimitStore) {
+    let k = unique("reconcile");
+    let subjects = [key(
+        &k,
+        LimitSet {
+            tpm: Some(100),
+            tpd: Some(1_000),
+            ..LimitSet::default()
+        },
+    )];
+    let first = store
+        .admit(PLACE, &subjects, tokens(80))
+        .await
+        .expect("decided");
+    assert!(first.result.is_ok());
+    // It used 20 of the 80 estimated.
+    store
+        .reconcile(PLACE, &subjects, -60, first.at)
+        .await
+        .expect("reconciled");
+    let second = store
+        .admit(PLACE, &subjects, tokens(80))
+        .await
+        .expect("decided");
+    let grant = second.result.expect("the refund made room");
+    assert_eq!(
+        grant.tokens.map(|r| (r.kind, r.remaining)),
+        Some((LimitKind::TokensPerMinute, 0))
+    );
+    // It used 90: ten more are charged, and the day counter holds 110.
+    store
+        .reconcile(PLACE, &subjects, 10, second.at)
+        .await
+        .expect("reconciled");
+    let refusal = store
+        .admit(PLACE, &subjects, tokens(1))
+        .await
+        .expect("decided")
+        .result
+        .expect_err("in debt by ten");
+    assert_eq!(refusal.used, 100);
+    let day = refusal
+        .standing
+        .tokens
+        .filter(|r| r.kind == LimitKind::TokensPerDay);
+    assert!(day.is_none() || day.is_some_and(|r| r.remaining == 890));
+}
+
+async fn concurrent_admissions_get_exactly_the_capacity(store: Arc<LimitStore>) {
+    let k = unique("race");
+    let subjects = Arc::new([key(
+        &k,
+        LimitSet {
+            rpd: Some(50),
+            ..LimitSet::default()
+        },
+    )]);
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let (store, subjects) = (store.clone(), subjects.clone());
+            tokio::spawn(async move {
+                store
+                    .admit(PLACE, &subjects[..], requests(1))
+                    .await
+                    .expect("decided")
+                    .result
+                    .is_ok()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += u32::from(t.await.expect("task"));
+    }
+    assert_eq!(admitted, 50);
+}
+
+macro_rules! on_both_stores {
+    ($($scenario:ident),* $(,)?) => {
+        mod in_memory {
+            $(#[tokio::test]
+            async fn $scenario() {
+                super::$scenario(&super::memory()).await
+            })*
+            #[tokio::test(flavor = "multi_thread")]
+            async fn concurrent_admissions_get_exactly_the_capacity() {
+                super::concurrent_admissions_get_exactly_the_capacity(std::sync::Arc::new(super::memory())).await
+            }
+        }
+        mod in_redis {
+            $(#[tokio::test]
+            async fn $scenario() {
+                super::$scenario(&super::redis().await).await
+            })*
+            #[tokio::test(flavor = "multi_thread")]
+            async fn concurrent_admissions_get_exactly_the_capacity() {
+                super::concurrent_admissions_get_exactly_the_capacity(std::sync::Arc::new(super::redis().await)).await
+            }
+        }
+    };
+}
+
+on_both_stores!(
+    a_bucket_admits_its_capacity_then_says_how_long_to_wait,
+    a_refusal_by_one_subject_charges_none,
+    too_large_never_fits_and_a_daily_cap_waits_for_midnight,
+    reconciliation_refunds_and_charges_the_difference,
+);
