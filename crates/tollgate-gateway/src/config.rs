@@ -46,6 +46,9 @@ pub struct Config {
     /// Retries over a model's deployments.
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// `[state]`: where limit state lives (this process, or Redis).
+    #[serde(default)]
+    pub state: StateConfig,
     /// Prices over the shipped table (`[prices."my-model"]`).
     #[serde(default)]
     pub prices: BTreeMap<String, PriceText>,
@@ -121,6 +124,26 @@ impl Default for RoutingConfig {
             circuit_open_for: Duration::from_secs(30),
             max_pace_wait: Duration::from_secs(10),
             max_request_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `[state]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// Redis for limit state shared by every replica (`redis://host:6379`);
+    /// unset, limits live in this process.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so that gateways can share a Redis.
+    pub redis_prefix: String,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            redis_prefix: "tollgate".into(),
         }
     }
 }

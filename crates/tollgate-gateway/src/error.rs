@@ -190,6 +190,10 @@ pub enum Error {
         /// The request's estimated tokens.
         requested: u64,
     },
+    /// The shared limit state (Redis) cannot be reached: refused rather
+    /// than admitted unchecked.
+    #[error("limit state unavailable")]
+    LimitsUnavailable,
     /// Every deployment of the model has its circuit open.
     #[error("every route is down for {retry_after:?}")]
     RoutesDown {
@@ -258,6 +262,13 @@ impl Error {
             .with_should_retry(false)
             .with_field("scope", "upstream")
             .with_field("limit", "tokens_per_minute"),
+            Error::LimitsUnavailable => ApiError::new(
+                503,
+                ErrorType::Server,
+                "limits_unavailable",
+                "The gateway cannot reach its shared limit state, so it cannot check this request's limits. Please retry shortly.".to_owned(),
+            )
+            .with_should_retry(true),
             Error::RoutesDown { retry_after } => ApiError::new(
                 503,
                 ErrorType::Upstream,

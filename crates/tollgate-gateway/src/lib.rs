@@ -37,7 +37,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tollgate_core::clock::{Clock, SystemClock};
 use tollgate_core::tokens::Estimator;
-use tollgate_store::{Database, SecretHash};
+use tollgate_store::redis::RedisLimiter;
+use tollgate_store::{Database, LimitStore, MemoryLimiter, SecretHash};
 use upstream::Deployment;
 
 /// A gateway ready to serve: configuration, key table, deployments.
@@ -99,7 +100,15 @@ impl Gateway {
         let db = Database::open(&config.database.url).await?;
         let keys = KeyCache::load(db.clone(), config.clone()).await?;
         let money = Arc::new(Money::load(db.clone(), &config, clock.clone()).await?);
-        let limits = Arc::new(Limits::new(clock, &config));
+        let store = match &config.state.redis_url {
+            Some(url) => {
+                let redis = RedisLimiter::connect(url, &config.state.redis_prefix).await?;
+                tracing::info!(prefix = %config.state.redis_prefix, "limit state in Redis, shared by every replica");
+                LimitStore::Redis(redis)
+            }
+            None => LimitStore::Memory(MemoryLimiter::new(), clock.clone()),
+        };
+        let limits = Arc::new(Limits::new(store, clock, &config));
         let estimator = Estimator {
             fallback: config.limits.fallback_encoding.into(),
             default_output: config.limits.default_output_tokens,

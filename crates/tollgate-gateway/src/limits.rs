@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tollgate_core::clock::Clock;
 use tollgate_core::limits::{Cost, Grant, LimitSet, Refusal, Subject};
-use tollgate_store::{KeyRecord, MemoryLimiter};
+use tollgate_store::{KeyRecord, LimitStore};
 
 /// A key's limits with its preset and team resolved.
 #[derive(Debug, Clone, Default)]
@@ -98,6 +98,9 @@ pub fn check_names(
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     entries: Vec<(Subject, LimitSet)>,
+    /// Where their state lives together in a Redis Cluster: the key's team
+    /// when it has one, else the key.
+    placement: Arc<str>,
 }
 
 impl Plan {
@@ -121,7 +124,11 @@ impl Plan {
         if let Some((team, l)) = policy.team.as_ref().filter(|(_, l)| !l.is_empty()) {
             entries.push((Subject::Team(team.clone()), *l));
         }
-        Self { entries }
+        let placement = match &policy.team {
+            Some((team, _)) => team.clone(),
+            None => key_id.clone(),
+        };
+        Self { entries, placement }
     }
 
     /// No limit applies.
@@ -162,7 +169,7 @@ pub struct RateLimited {
 
 /// Every limit decision of the gateway.
 pub struct Limits {
-    limiter: MemoryLimiter,
+    store: Arc<LimitStore>,
     clock: Arc<dyn Clock>,
     max_queue_wait: Duration,
     /// One FIFO per key: a queued request holds its key's turn while it
@@ -173,7 +180,7 @@ pub struct Limits {
 impl std::fmt::Debug for Limits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Limits")
-            .field("tracked_subjects", &self.limiter.len())
+            .field("store", &self.store)
             .finish_non_exhaustive()
     }
 }
@@ -193,23 +200,27 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Replaces the estimate with the real token count on every limit.
+    /// Replaces the estimate with the real token count on every limit
+    /// (in the background when the state is remote: the answer is not held
+    /// up for it).
     pub fn settle(self, actual_tokens: u64) {
         let delta = actual_tokens as i64 - self.estimate as i64;
         if delta != 0 && !self.plan.is_empty() {
-            let now = self.limits.clock.now_ns();
-            self.limits
-                .limiter
-                .reconcile(&self.plan.entries, delta, self.at, now);
+            self.limits.store.reconcile_detached(
+                self.plan.placement.clone(),
+                self.plan.entries.clone(),
+                delta,
+                self.at,
+            );
         }
     }
 }
 
 impl Limits {
-    /// An empty limiter on `clock`.
-    pub fn new(clock: Arc<dyn Clock>, config: &Config) -> Self {
+    /// Limits kept in `store`; `clock` times queues and evictions.
+    pub fn new(store: LimitStore, clock: Arc<dyn Clock>, config: &Config) -> Self {
         Self {
-            limiter: MemoryLimiter::new(),
+            store: Arc::new(store),
             clock,
             max_queue_wait: config.limits.max_queue_wait,
             queues: Mutex::default(),
@@ -221,14 +232,20 @@ impl Limits {
         &self.clock
     }
 
-    /// Subjects with live state (for the eviction log and metrics).
+    /// Where limit state lives and whether it answers (for `/readyz`).
+    pub async fn check_store(&self) -> (&'static str, bool) {
+        let (backend, answer) = self.store.check().await;
+        (backend, answer.is_ok())
+    }
+
+    /// Subjects with live state in this process (Redis keeps its own).
     pub fn tracked(&self) -> usize {
-        self.limiter.len()
+        self.store.tracked()
     }
 
     /// Drops idle state; returns how many subjects went.
     pub fn evict_idle(&self) -> usize {
-        let dropped = self.limiter.evict_idle(self.clock.now_ns());
+        let dropped = self.store.evict_idle(self.clock.now_ns());
         self.queues
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -236,9 +253,20 @@ impl Limits {
         dropped
     }
 
-    fn decide(&self, plan: &Plan, cost: Cost) -> (Result<Grant, Refusal>, u64) {
-        let now = self.clock.now_ns();
-        (self.limiter.admit(&plan.entries, cost, now), now)
+    async fn decide(
+        &self,
+        plan: &Plan,
+        cost: Cost,
+    ) -> Result<(Result<Grant, Refusal>, u64), Error> {
+        let d = self
+            .store
+            .admit(&plan.placement, &plan.entries, cost)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "limit state unavailable; refusing (fail closed)");
+                Error::LimitsUnavailable
+            })?;
+        Ok((d.result, d.at))
     }
 
     /// Charges `cost` on every limit of `plan`. With a `max_wait`, a request
@@ -253,19 +281,17 @@ impl Limits {
         key_name: &str,
         max_wait: Option<Duration>,
     ) -> Result<Admission, Error> {
-        let started = self.clock.now_ns();
         let outcome = if plan.is_empty() {
-            Ok((Grant::default(), started, Duration::ZERO))
+            Ok((Grant::default(), self.clock.now_ns(), Duration::ZERO))
         } else {
-            match self.decide(&plan, cost) {
+            match self.decide(&plan, cost).await? {
                 (Ok(grant), at) => Ok((grant, at, Duration::ZERO)),
                 (Err(refusal), _) => {
+                    let started = tokio::time::Instant::now();
                     let budget = max_wait.unwrap_or_default().min(self.max_queue_wait);
                     self.queue(&plan, cost, key_id, refusal, budget)
-                        .await
-                        .map(|(grant, at)| {
-                            (grant, at, Duration::from_nanos(at.saturating_sub(started)))
-                        })
+                        .await?
+                        .map(|(grant, at)| (grant, at, started.elapsed()))
                 }
             }
         };
@@ -298,12 +324,12 @@ impl Limits {
         key_id: &Arc<str>,
         mut refusal: Refusal,
         budget: Duration,
-    ) -> Result<(Grant, u64), Refusal> {
+    ) -> Result<Result<(Grant, u64), Refusal>, Error> {
         let curable = |r: &Refusal, left: Duration| {
             r.should_retry() && r.retry_after().is_some_and(|w| w <= left)
         };
         if !curable(&refusal, budget) {
-            return Err(refusal);
+            return Ok(Err(refusal));
         }
         let deadline = tokio::time::Instant::now() + budget;
         let _waiting = crate::metrics::QueuedRequest::enter();
@@ -317,13 +343,13 @@ impl Limits {
         // Holding the key's turn keeps its waiting requests in arrival order.
         let _turn = tokio::time::timeout_at(deadline, queue.lock()).await;
         loop {
-            match self.decide(plan, cost) {
-                (Ok(grant), at) => return Ok((grant, at)),
+            match self.decide(plan, cost).await? {
+                (Ok(grant), at) => return Ok(Ok((grant, at))),
                 (Err(r), _) => refusal = r,
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if !curable(&refusal, left) {
-                return Err(refusal);
+                return Ok(Err(refusal));
             }
             if let Some(wait) = refusal.retry_after() {
                 tokio::time::sleep(wait).await;

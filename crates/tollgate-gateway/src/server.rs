@@ -161,19 +161,26 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
-    match gw.db.ping().await {
-        Ok(()) => {
-            axum::Json(serde_json::json!({"status": "ready", "database": "ok"})).into_response()
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness check: database not answering");
-            (
-                http::StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(serde_json::json!({"status": "not_ready", "database": "unavailable"})),
-            )
-                .into_response()
-        }
+    let database = gw.db.ping().await;
+    if let Err(e) = &database {
+        tracing::warn!(error = %e, "readiness check: database not answering");
     }
+    let (backend, limits_ok) = gw.limits.check_store().await;
+    if !limits_ok {
+        tracing::warn!(backend, "readiness check: limit state not answering");
+    }
+    let ready = database.is_ok() && limits_ok;
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "database": if database.is_ok() { "ok" } else { "unavailable" },
+        "limits": { "store": backend, "state": if limits_ok { "ok" } else { "unavailable" } },
+    });
+    let status = if ready {
+        http::StatusCode::OK
+    } else {
+        http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight requests (streams

@@ -48,6 +48,59 @@ impl LimitStore {
         }
     }
 
+    /// [`LimitStore::reconcile`] without waiting: at once in memory, on a
+    /// task for Redis (a failure is logged; the bucket then stays charged
+    /// with the estimate, the conservative side).
+    pub fn reconcile_detached(
+        &self,
+        placement: Arc<str>,
+        subjects: Vec<(Subject, LimitSet)>,
+        delta: i64,
+        admitted_at: u64,
+    ) {
+        match self {
+            LimitStore::Memory(limiter, clock) => {
+                limiter.reconcile(&subjects, delta, admitted_at, clock.now_ns());
+            }
+            LimitStore::Redis(redis) => {
+                let redis = redis.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = redis
+                        .reconcile(&placement, &subjects, delta, admitted_at)
+                        .await
+                    {
+                        tracing::warn!(error = %e, delta, "could not reconcile a request's tokens in Redis");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Where the state lives, and whether it answers: `"memory"`, or
+    /// `"redis"` with Redis's answer to a PING.
+    pub async fn check(&self) -> (&'static str, Result<(), Error>) {
+        match self {
+            LimitStore::Memory(..) => ("memory", Ok(())),
+            LimitStore::Redis(redis) => ("redis", redis.ping().await),
+        }
+    }
+
+    /// Subjects tracked in this process (Redis expires its own: 0).
+    pub fn tracked(&self) -> usize {
+        match self {
+            LimitStore::Memory(limiter, _) => limiter.len(),
+            LimitStore::Redis(_) => 0,
+        }
+    }
+
+    /// Forgets idle in-process state; returns how many subjects went.
+    pub fn evict_idle(&self, now: u64) -> usize {
+        match self {
+            LimitStore::Memory(limiter, _) => limiter.evict_idle(now),
+            LimitStore::Redis(_) => 0,
+        }
+    }
+
     /// Corrects the token charge of a request admitted at `admitted_at` by
     /// `delta` tokens (real minus estimated).
     pub async fn reconcile(

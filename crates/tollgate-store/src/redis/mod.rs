@@ -15,7 +15,7 @@
 //! stays in its team.
 
 use crate::Error;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::time::Duration;
 use tollgate_core::limits::{
     Cost, Grant, LimitKind, LimitSet, Reading, Refusal, RefusalKind, Subject,
@@ -55,7 +55,18 @@ impl RedisLimiter {
     /// `prefix` so that several gateways (or test runs) can share a Redis.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, Error> {
         let client = redis::Client::open(url).map_err(Error::Redis)?;
-        let conn = ConnectionManager::new(client).await.map_err(Error::Redis)?;
+        // A request must not wait seconds on a Redis that is gone: one quick
+        // reconnection attempt, then the error (the caller fails closed);
+        // the next request tries again.
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(200))
+            .set_connection_timeout(Some(Duration::from_millis(250)))
+            .set_response_timeout(Some(Duration::from_secs(1)));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(Error::Redis)?;
         Ok(Self {
             conn,
             admit: redis::Script::new(ADMIT),
@@ -108,6 +119,15 @@ impl RedisLimiter {
             .await
             .map_err(Error::Redis)?;
         decode(&reply).ok_or_else(|| Error::Redis(redis_reply_error(&reply)))
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        redis::cmd("PING")
+            .query_async::<String>(&mut self.conn.clone())
+            .await
+            .map(drop)
+            .map_err(Error::Redis)
     }
 
     /// Corrects the token charge of a request admitted at `admitted_at`

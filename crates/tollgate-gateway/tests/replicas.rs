@@ -1,0 +1,309 @@
+//! Three gateway replicas on different ports sharing one database and the
+//! real Redis on this machine (127.0.0.1:6379, or `TOLLGATE_TEST_REDIS_URL`):
+//! a key's limits hold across all of them as if there were one gateway.
+//! The same three replicas with limits in process memory admit three times
+//! as much, which is what the shared state is for.
+
+mod common;
+
+use common::{deployment, localhost, secrets};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tollgate_core::limits::KeyLimits;
+use tollgate_gateway::{Config, Gateway, RunningGateway};
+use tollgate_mock::{MockConfig, MockServer};
+use tollgate_store::NewKey;
+
+const CHAT: &str =
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"share me"}],"max_tokens":40}"#;
+
+fn redis_url() -> String {
+    std::env::var("TOLLGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+struct Replicas {
+    _mock: MockServer,
+    _dir: tempfile::TempDir,
+    gateways: Vec<RunningGateway>,
+    http: reqwest::Client,
+}
+
+/// `n` gateways over one SQLite file and one mock; limits in Redis when
+/// `shared`, else in each process.
+async fn replicas(n: usize, shared: bool) -> Replicas {
+    let mock = MockServer::start(MockConfig::default(), localhost())
+        .await
+        .expect("mock starts");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config::default();
+    config.database.url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+    config
+        .deployments
+        .push(deployment("mock-a", mock.base_url(), &["gpt-4o-mini"]));
+    if shared {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        config.state.redis_url = Some(redis_url());
+        // A prefix of this run's own: Redis keeps state between runs.
+        config.state.redis_prefix = format!("tollgate-test-{nanos}");
+    }
+    let mut gateways = Vec::new();
+    for _ in 0..n {
+        let gw = Gateway::build(config.clone(), secrets)
+            .await
+            .unwrap_or_else(|e| panic!("replica builds (Redis at {}?): {e}", redis_url()));
+        gateways.push(
+            RunningGateway::start(gw, localhost())
+                .await
+                .expect("replica starts"),
+        );
+    }
+    Replicas {
+        _mock: mock,
+        _dir: dir,
+        gateways,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Replicas {
+    /// `/readyz` of the first replica: status and body.
+    async fn ready(&self) -> (u16, serde_json::Value) {
+        let resp = self
+            .http
+            .get(format!("{}/readyz", self.gateways[0].url()))
+            .send()
+            .await
+            .expect("sent");
+        (resp.status().as_u16(), resp.json().await.expect("json"))
+    }
+
+    /// A key made on the first replica, then loaded by all.
+    async fn key(&self, limits: KeyLimits) -> String {
+        let first = self.gateways[0].gateway();
+        let (_, secret) = first
+            .db
+            .create_key(NewKey {
+                name: "shared".into(),
+                limits,
+                ..NewKey::default()
+            })
+            .await
+            .expect("key");
+        for g in &self.gateways {
+            g.gateway().keys.reload().await.expect("reload");
+        }
+        secret.expose().to_owned()
+    }
+
+    /// `total` requests at once, spread round-robin; how many were admitted.
+    async fn burst(&self, key: &str, total: usize) -> (usize, usize) {
+        let tasks: Vec<_> = (0..total)
+            .map(|i| {
+                let url = format!(
+                    "{}/v1/chat/completions",
+                    self.gateways[i % self.gateways.len()].url()
+                );
+                let (http, key) = (self.http.clone(), key.to_owned());
+                tokio::spawn(async move {
+                    http.post(url)
+                        .bearer_auth(key)
+                        .header("content-type", "application/json")
+                        .body(CHAT)
+                        .send()
+                        .await
+                        .expect("sent")
+                        .status()
+                        .as_u16()
+                })
+            })
+            .collect();
+        let (mut ok, mut limited) = (0, 0);
+        for t in tasks {
+            match t.await.expect("task") {
+                200 => ok += 1,
+                429 => limited += 1,
+                other => panic!("only 200 or 429, got {other}"),
+            }
+        }
+        (ok, limited)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_share_one_rpm_limit_through_redis() {
+    let r = replicas(3, true).await;
+    let key = r
+        .key(KeyLimits {
+            rpm: Some(60),
+            ..KeyLimits::default()
+        })
+        .await;
+    let started = std::time::Instant::now();
+    let (ok, limited) = r.burst(&key, 300).await;
+    // 60 at once, plus one more for each second the burst took to refill.
+    let refill = started.elapsed().as_secs() as usize;
+    assert!(
+        (60..=61 + refill).contains(&ok),
+        "{ok} admitted across three replicas"
+    );
+    assert_eq!(ok + limited, 300);
+    eprintln!("shared: {ok} of 300 admitted across 3 replicas");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_share_one_token_bucket_through_redis() {
+    let r = replicas(3, true).await;
+    let key = r
+        .key(KeyLimits {
+            tpm: Some(1_000),
+            ..KeyLimits::default()
+        })
+        .await;
+    let started = std::time::Instant::now();
+    let (ok, _) = r.burst(&key, 120).await;
+    // Each request is estimated at its prompt plus max_tokens (40): the
+    // bucket of 1,000 takes 20 of them, plus the refill of the burst.
+    let refill_tokens = 1_000 * started.elapsed().as_millis() as usize / 60_000;
+    let estimate = 1_000 / 20;
+    assert!(ok >= 18, "{ok}");
+    assert!(
+        ok * 49 <= 1_000 + refill_tokens + estimate,
+        "{ok} admitted: their estimates exceed the bucket"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_without_shared_state_admit_three_times_the_limit() {
+    let r = replicas(3, false).await;
+    let key = r
+        .key(KeyLimits {
+            rpm: Some(60),
+            ..KeyLimits::default()
+        })
+        .await;
+    let (ok, _) = r.burst(&key, 300).await;
+    assert!((180..=183).contains(&ok), "{ok}: 60 per replica");
+    let (status, ready) = r.ready().await;
+    assert_eq!(
+        (status, &ready["limits"]["store"]),
+        (200, &serde_json::json!("memory"))
+    );
+    eprintln!("per replica: {ok} of 300 admitted across 3 replicas");
+}
+
+/// A Redis of this test's own on `port` (the machine's is shared by
+/// every test running in parallel, so it is never the one stopped).
+fn own_redis(port: u16) -> std::process::Child {
+    let mut child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server starts (the Redis tests need the redis-server binary)");
+    // Ready when it accepts a connection.
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("redis-server did not listen on {port}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn while_redis_is_down_requests_get_503_and_come_back_after() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut redis = own_redis(port);
+    let r = {
+        let mock = MockServer::start(MockConfig::default(), localhost())
+            .await
+            .expect("mock starts");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::default();
+        config.database.url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+        config
+            .deployments
+            .push(deployment("mock-a", mock.base_url(), &["gpt-4o-mini"]));
+        config.state.redis_url = Some(format!("redis://127.0.0.1:{port}"));
+        let gw = Gateway::build(config, secrets).await.expect("builds");
+        Replicas {
+            gateways: vec![
+                RunningGateway::start(gw, localhost())
+                    .await
+                    .expect("starts"),
+            ],
+            _mock: mock,
+            _dir: dir,
+            http: reqwest::Client::new(),
+        }
+    };
+    let key = r
+        .key(KeyLimits {
+            rpm: Some(600),
+            ..KeyLimits::default()
+        })
+        .await;
+    assert_eq!(r.burst(&key, 5).await, (5, 0));
+    let (status, ready) = r.ready().await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        ready["limits"],
+        serde_json::json!({"store": "redis", "state": "ok"})
+    );
+
+    redis.kill().expect("stop redis");
+    redis.wait().expect("stopped");
+    let resp = r
+        .http
+        .post(format!("{}/v1/chat/completions", r.gateways[0].url()))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(CHAT)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(
+        resp.status(),
+        503,
+        "fail closed: nothing is admitted unchecked"
+    );
+    assert_eq!(resp.headers()["x-should-retry"], "true");
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "limits_unavailable");
+    let (status, ready) = r.ready().await;
+    assert_eq!(
+        (status, &ready["limits"]["state"]),
+        (503, &serde_json::json!("unavailable"))
+    );
+
+    // Back again (empty: its state was lost), and so are the decisions.
+    let mut redis = own_redis(port);
+    // The connection manager reconnects in the background; /readyz says
+    // when it has.
+    let mut recovered = false;
+    for _ in 0..100 {
+        if r.ready().await.0 == 200 {
+            recovered = r.burst(&key, 1).await == (1, 0);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = redis.kill();
+    let _ = redis.wait();
+    assert!(recovered, "decisions resume once Redis is back");
+}
