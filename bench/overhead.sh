@@ -7,6 +7,7 @@
 # Markdown tables.
 #
 #   bench/overhead.sh [DURATION_SECONDS]      (default 10)
+#   REDIS=redis://127.0.0.1:6379 bench/overhead.sh 8   limits decided in Redis
 #   DASHBOARD=1 bench/overhead.sh 8           the same with the dashboard open:
 #       a session polls /ui/api/summary and /metrics every second (the page
 #       polls every 5 s, `tollgate top` /metrics every second), and at the
@@ -37,6 +38,9 @@ base_url = "http://127.0.0.1:$MOCK_PORT/v1"
 api_key_env = "BENCH_UPSTREAM_KEY"
 models = ["gpt-4o-mini"]
 TOML
+if [ -n "${REDIS:-}" ]; then
+  printf '\n[state]\nredis_url = "%s"\nredis_prefix = "tollgate-bench-%s"\n' "$REDIS" "$$" >>"$work/tollgate.toml"
+fi
 # A key under limits far above what the run sends: the cost of deciding, not of refusing.
 (cd "$work" && "$BIN/tollgate" keys create --name bench-limits --rpm 1000000000 --tpm 1000000000000 \
   --rpd 1000000000000 --tpd 1000000000000000 --json >"$work/limited.json")

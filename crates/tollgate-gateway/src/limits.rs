@@ -263,9 +263,11 @@ impl Limits {
             .admit(&plan.placement, &plan.entries, cost)
             .await
             .map_err(|e| {
+                crate::metrics::limit_store_available(false);
                 tracing::error!(error = %e, "limit state unavailable; refusing (fail closed)");
                 Error::LimitsUnavailable
             })?;
+        crate::metrics::limit_store_available(true);
         Ok((d.result, d.at))
     }
 

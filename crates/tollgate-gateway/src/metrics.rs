@@ -143,6 +143,18 @@ fn describe() {
         "Share of a deployment's provider limit left, by dimension"
     );
     describe_histogram!(
+        "tollgate_redis_seconds",
+        "Round trip of one limit script call to Redis, by op (admit, reconcile)"
+    );
+    describe_counter!(
+        "tollgate_redis_errors_total",
+        "Limit script calls to Redis that failed"
+    );
+    describe_gauge!(
+        "tollgate_limit_store_available",
+        "1 while limit decisions reach their store; 0 while the gateway fails closed"
+    );
+    describe_histogram!(
         "tollgate_ledger_commit_seconds",
         "Time to commit one batch of usage rows"
     );
@@ -249,6 +261,11 @@ impl Drop for QueuedRequest {
     fn drop(&mut self) {
         gauge!("tollgate_queue_depth").decrement(1.0);
     }
+}
+
+/// Whether the last limit decision could reach the limit store (Redis).
+pub fn limit_store_available(up: bool) {
+    gauge!("tollgate_limit_store_available").set(f64::from(u8::from(up)));
 }
 
 /// One upstream call and how it ended.

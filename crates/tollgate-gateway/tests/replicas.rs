@@ -149,6 +149,23 @@ async fn three_replicas_share_one_rpm_limit_through_redis() {
     );
     assert_eq!(ok + limited, 300);
     eprintln!("shared: {ok} of 300 admitted across 3 replicas");
+    // Each decision was one script call, timed (other tests of this binary
+    // may have added theirs: at least these 300).
+    let metrics = r
+        .http
+        .get(format!("{}/metrics", r.gateways[0].url()))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    let calls: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"tollgate_redis_seconds_count{op="admit"} "#))
+        .and_then(|v| v.parse().ok())
+        .expect("the admit round trips are measured");
+    assert!(calls >= 300.0, "{calls}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -114,10 +114,13 @@ impl RedisLimiter {
                 );
             }
         }
-        let reply: Vec<i64> = call
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(Error::Redis)?;
+        let started = std::time::Instant::now();
+        let reply: Result<Vec<i64>, _> = call.invoke_async(&mut self.conn.clone()).await;
+        metrics::histogram!("tollgate_redis_seconds", "op" => "admit").record(started.elapsed());
+        let reply = reply.map_err(|e| {
+            metrics::counter!("tollgate_redis_errors_total").increment(1);
+            Error::Redis(e)
+        })?;
         decode(&reply).ok_or_else(|| Error::Redis(redis_reply_error(&reply)))
     }
 
@@ -152,11 +155,14 @@ impl RedisLimiter {
                 call.arg(amount.map_or(-1, |a| a.min(i64::MAX as u64) as i64));
             }
         }
-        let _: i64 = call
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(Error::Redis)?;
-        Ok(())
+        let started = std::time::Instant::now();
+        let reply: Result<i64, _> = call.invoke_async(&mut self.conn.clone()).await;
+        metrics::histogram!("tollgate_redis_seconds", "op" => "reconcile")
+            .record(started.elapsed());
+        reply.map(drop).map_err(|e| {
+            metrics::counter!("tollgate_redis_errors_total").increment(1);
+            Error::Redis(e)
+        })
     }
 }
 
