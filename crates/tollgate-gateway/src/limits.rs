@@ -136,6 +136,11 @@ impl Plan {
         self.entries.is_empty()
     }
 
+    /// Whether a limit counts tokens (only those are reconciled).
+    pub fn counts_tokens(&self) -> bool {
+        self.entries.iter().any(|(_, l)| l.counts_tokens())
+    }
+
     /// The kind of subject `index` is, as metrics label it.
     pub fn kind(&self, index: usize) -> &'static str {
         match self.entries.get(index).map(|(s, _)| s) {
@@ -205,7 +210,7 @@ impl Admission {
     /// up for it).
     pub fn settle(self, actual_tokens: u64) {
         let delta = actual_tokens as i64 - self.estimate as i64;
-        if delta != 0 && !self.plan.is_empty() {
+        if delta != 0 && self.plan.counts_tokens() {
             self.limits.store.reconcile_detached(
                 self.plan.placement.clone(),
                 self.plan.entries.clone(),
