@@ -7,7 +7,9 @@
 mod common;
 
 use common::{deployment, localhost, secrets};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tollgate_core::clock::{Clock, SystemClock};
 use tollgate_core::limits::KeyLimits;
 use tollgate_gateway::{Config, Gateway, RunningGateway};
 use tollgate_mock::{MockConfig, MockServer};
@@ -30,6 +32,26 @@ struct Replicas {
 /// `n` gateways over one SQLite file and one mock; limits in Redis when
 /// `shared`, else in each process.
 async fn replicas(n: usize, shared: bool) -> Replicas {
+    let clocks = (0..n)
+        .map(|_| Arc::new(SystemClock::new()) as Arc<dyn Clock>)
+        .collect();
+    replicas_on(clocks, shared).await
+}
+
+/// A clock running `offset` ahead of the real one.
+struct AheadClock {
+    real: SystemClock,
+    offset: Duration,
+}
+
+impl Clock for AheadClock {
+    fn now_ns(&self) -> u64 {
+        self.real.now_ns() + self.offset.as_nanos() as u64
+    }
+}
+
+/// One replica per clock.
+async fn replicas_on(clocks: Vec<Arc<dyn Clock>>, shared: bool) -> Replicas {
     let mock = MockServer::start(MockConfig::default(), localhost())
         .await
         .expect("mock starts");
@@ -47,9 +69,11 @@ async fn replicas(n: usize, shared: bool) -> Replicas {
         // A prefix of this run's own: Redis keeps state between runs.
         config.state.redis_prefix = format!("tollgate-test-{nanos}");
     }
+    // Key changes on one replica reach the others within this.
+    config.server.key_refresh = Duration::from_millis(200);
     let mut gateways = Vec::new();
-    for _ in 0..n {
-        let gw = Gateway::build(config.clone(), secrets)
+    for clock in clocks {
+        let gw = Gateway::build_with_clock(config.clone(), secrets, clock)
             .await
             .unwrap_or_else(|e| panic!("replica builds (Redis at {}?): {e}", redis_url()));
         gateways.push(
@@ -207,6 +231,72 @@ async fn three_replicas_without_shared_state_admit_three_times_the_limit() {
         (200, &serde_json::json!("memory"))
     );
     eprintln!("per replica: {ok} of 300 admitted across 3 replicas");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_whose_clock_runs_five_seconds_ahead_still_agrees() {
+    let ahead: Arc<dyn Clock> = Arc::new(AheadClock {
+        real: SystemClock::new(),
+        offset: Duration::from_secs(5),
+    });
+    let clocks = vec![
+        Arc::new(SystemClock::new()) as Arc<dyn Clock>,
+        ahead,
+        Arc::new(SystemClock::new()),
+    ];
+    let r = replicas_on(clocks, true).await;
+    let key = r
+        .key(KeyLimits {
+            rpm: Some(60),
+            ..KeyLimits::default()
+        })
+        .await;
+    let started = std::time::Instant::now();
+    let (ok, _) = r.burst(&key, 300).await;
+    // Decisions run on Redis's clock: the skewed replica's five seconds
+    // would otherwise have refilled five more.
+    let refill = started.elapsed().as_secs() as usize;
+    assert!((60..=61 + refill).contains(&ok), "{ok} admitted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_revoked_on_one_replica_is_refused_on_the_others() {
+    let r = replicas(3, true).await;
+    let key = r.key(KeyLimits::default()).await;
+    assert_eq!(r.burst(&key, 3).await, (3, 0));
+    r.gateways[0]
+        .gateway()
+        .db
+        .revoke_key("shared")
+        .await
+        .expect("revoked");
+    let revoked = std::time::Instant::now();
+    for g in &r.gateways[1..] {
+        // Each replica polls the key table every 200 ms here (1 s by default).
+        let mut status = 0;
+        for _ in 0..100 {
+            status = r
+                .http
+                .post(format!("{}/v1/chat/completions", g.url()))
+                .bearer_auth(&key)
+                .header("content-type", "application/json")
+                .body(CHAT)
+                .send()
+                .await
+                .expect("sent")
+                .status()
+                .as_u16();
+            if status == 401 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(status, 401, "the revocation reached {}", g.url());
+    }
+    eprintln!(
+        "revocation seen by every replica after {:?}",
+        revoked.elapsed()
+    );
 }
 
 /// A Redis of this test's own on `port` (the machine's is shared by
