@@ -18,8 +18,8 @@ function el(name, attrs = {}, parent = null) {
 
 function usd(micros) {
   const dollars = micros / 1e6;
+  // Micro-dollars are the ledger's unit: shown whole below $100.
   if (dollars >= 100) return "$" + dollars.toFixed(2);
-  if (dollars >= 1) return "$" + dollars.toFixed(4);
   return "$" + dollars.toFixed(6);
 }
 
