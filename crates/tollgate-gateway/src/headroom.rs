@@ -21,6 +21,13 @@ use tollgate_core::limits::{
 
 const MINUTE: Duration = Duration::from_secs(60);
 
+/// How much sooner than the gateway a call may be counted by the provider:
+/// the provider charges a call when it arrives, later than the gateway
+/// reserved it, so an earlier call that is still on its way can land after
+/// a later one. A call is sent only if it would have fitted this long ago,
+/// which costs 50 ms of refill (under 0.1 % of a per-minute limit).
+pub const ARRIVAL_ALLOWANCE: Duration = Duration::from_millis(50);
+
 /// One deployment's provider limits and what the gateway has sent against them.
 #[derive(Debug, Default)]
 pub struct Headroom {
@@ -110,7 +117,8 @@ impl Headroom {
         self.mirror().limits
     }
 
-    /// Whether charging `cost` now would fit, without charging.
+    /// Whether charging `cost` now would fit, without charging: it must
+    /// have fitted [`ARRIVAL_ALLOWANCE`] ago already.
     pub fn fit(&self, cost: Cost, now: u64) -> Fit {
         let mut check = {
             let m = self.mirror();
@@ -119,17 +127,25 @@ impl Headroom {
             }
             Check::new(m.limits, m.state)
         };
-        fit_of(std::slice::from_mut(&mut check), cost, now)
+        let earlier = now.saturating_sub(ARRIVAL_ALLOWANCE.as_nanos() as u64);
+        fit_of(std::slice::from_mut(&mut check), cost, earlier)
     }
 
-    /// Charges `cost` if it fits now; otherwise says when it would.
+    /// Charges `cost` (at `now`) if it fits by [`Headroom::fit`]; otherwise
+    /// says when it would.
     pub fn reserve(&self, cost: Cost, now: u64) -> Result<Reservation<'_>, Fit> {
         {
             let mut m = self.mirror();
             if !m.limits.is_empty() {
+                let earlier = now.saturating_sub(ARRIVAL_ALLOWANCE.as_nanos() as u64);
                 let mut check = Check::new(m.limits, m.state);
-                match fit_of(std::slice::from_mut(&mut check), cost, now) {
-                    Fit::Leaves(_) => m.state = check.state,
+                match fit_of(std::slice::from_mut(&mut check), cost, earlier) {
+                    // What fitted earlier fits now: charge it at now.
+                    Fit::Leaves(_) => {
+                        let mut check = Check::new(m.limits, m.state);
+                        fit_of(std::slice::from_mut(&mut check), cost, now);
+                        m.state = check.state;
+                    }
                     refused => return Err(refused),
                 }
             }
@@ -293,14 +309,21 @@ mod tests {
             ..LimitSet::default()
         });
         let now = 100 * S;
-        for _ in 0..6 {
-            let r = h.reserve(cost(100), now).expect("fits");
-            drop(r);
+        let allowance = ARRIVAL_ALLOWANCE.as_nanos() as u64;
+        for _ in 0..5 {
+            drop(h.reserve(cost(100), now).expect("fits"));
         }
+        // The last 100 of the burst must have fitted the allowance ago too.
+        assert!(matches!(h.fit(cost(100), now), Fit::After(_)));
+        drop(h.reserve(cost(100), now + allowance).expect("fits"));
         // 600 per minute refills 100 every 10 s.
-        assert_eq!(h.fit(cost(100), now), Fit::After(Duration::from_secs(10)));
+        assert_eq!(
+            h.fit(cost(100), now + allowance),
+            Fit::After(Duration::from_secs(10))
+        );
         assert_eq!(h.fit(cost(601), now), Fit::Never { limit: 600 });
-        assert_eq!(h.fit(cost(100), now + 10 * S), Fit::Leaves(0));
+        assert!(matches!(h.fit(cost(100), now + 10 * S), Fit::After(_)));
+        assert_eq!(h.fit(cost(100), now + 10 * S + allowance), Fit::Leaves(0));
     }
 
     #[test]
@@ -318,9 +341,11 @@ mod tests {
             answered,
         );
         assert_eq!(h.limits().tpm, Some(1000));
-        // 400 left at the provider, 50 of them already promised.
-        assert_eq!(h.fit(cost(350), now), Fit::Leaves(0));
-        assert!(matches!(h.fit(cost(351), now), Fit::After(_)));
+        // 400 left at the provider, 50 of them already promised (read the
+        // arrival allowance later, when what fitted at `now` may be sent).
+        let later = now + ARRIVAL_ALLOWANCE.as_nanos() as u64;
+        assert_eq!(h.fit(cost(350), later), Fit::Leaves(0));
+        assert!(matches!(h.fit(cost(351), later), Fit::After(_)));
         drop(still_flying);
         // A later, higher report does not open the mirror wider.
         let r = h.reserve(cost(0), now).expect("free");
@@ -329,7 +354,7 @@ mod tests {
             now,
             r,
         );
-        assert!(matches!(h.fit(cost(351), now), Fit::After(_)));
+        assert!(matches!(h.fit(cost(351), later), Fit::After(_)));
     }
 
     #[test]
