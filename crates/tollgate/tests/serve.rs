@@ -179,7 +179,9 @@ async fn top_shows_live_traffic_per_key() {
         &dir.path().join("log"),
     );
     let key = dev_key(&s.banner);
-    // Traffic keeps flowing until top has taken its two frames.
+    // The key's counters exist before top's first scrape; then traffic
+    // keeps flowing until top has taken its two frames.
+    assert_eq!(chat(&s.url, &key, None).await.0, 200);
     let url = s.url.clone();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let traffic = tokio::spawn({
