@@ -35,7 +35,7 @@ async fn replicas(n: usize, shared: bool) -> Replicas {
     let clocks = (0..n)
         .map(|_| Arc::new(SystemClock::new()) as Arc<dyn Clock>)
         .collect();
-    replicas_on(clocks, shared).await
+    replicas_on(clocks, shared.then(redis_url)).await
 }
 
 /// A clock running `offset` ahead of the real one.
@@ -50,8 +50,8 @@ impl Clock for AheadClock {
     }
 }
 
-/// One replica per clock.
-async fn replicas_on(clocks: Vec<Arc<dyn Clock>>, shared: bool) -> Replicas {
+/// One replica per clock; limits in the Redis at `redis` when given.
+async fn replicas_on(clocks: Vec<Arc<dyn Clock>>, redis: Option<String>) -> Replicas {
     let mock = MockServer::start(MockConfig::default(), localhost())
         .await
         .expect("mock starts");
@@ -61,11 +61,11 @@ async fn replicas_on(clocks: Vec<Arc<dyn Clock>>, shared: bool) -> Replicas {
     config
         .deployments
         .push(deployment("mock-a", mock.base_url(), &["gpt-4o-mini"]));
-    if shared {
+    if let Some(url) = redis {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        config.state.redis_url = Some(redis_url());
+        config.state.redis_url = Some(url);
         // A prefix of this run's own: Redis keeps state between runs.
         config.state.redis_prefix = format!("tollgate-test-{nanos}");
     }
@@ -244,7 +244,7 @@ async fn a_replica_whose_clock_runs_five_seconds_ahead_still_agrees() {
         ahead,
         Arc::new(SystemClock::new()),
     ];
-    let r = replicas_on(clocks, true).await;
+    let r = replicas_on(clocks, Some(redis_url())).await;
     let (ok, _, most) = r.burst_at_rpm_60().await;
     // Decisions run on Redis's clock: the skewed replica's five seconds
     // would otherwise have refilled five more.
@@ -328,29 +328,11 @@ async fn while_redis_is_down_requests_get_503_and_come_back_after() {
         .expect("addr")
         .port();
     let mut redis = own_redis(port);
-    let r = {
-        let mock = MockServer::start(MockConfig::default(), localhost())
-            .await
-            .expect("mock starts");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = Config::default();
-        config.database.url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
-        config
-            .deployments
-            .push(deployment("mock-a", mock.base_url(), &["gpt-4o-mini"]));
-        config.state.redis_url = Some(format!("redis://127.0.0.1:{port}"));
-        let gw = Gateway::build(config, secrets).await.expect("builds");
-        Replicas {
-            gateways: vec![
-                RunningGateway::start(gw, localhost())
-                    .await
-                    .expect("starts"),
-            ],
-            _mock: mock,
-            _dir: dir,
-            http: reqwest::Client::new(),
-        }
-    };
+    let r = replicas_on(
+        vec![Arc::new(SystemClock::new())],
+        Some(format!("redis://127.0.0.1:{port}")),
+    )
+    .await;
     let key = r
         .key(KeyLimits {
             rpm: Some(600),
