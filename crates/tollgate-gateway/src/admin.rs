@@ -396,7 +396,7 @@ pub(crate) async fn show_credits(
                 .await
                 .map_err(admin_store_error)?;
             let entries = gw.db.credit_entries(Some(&account), 0).await?;
-            let held = gw.money.funds(&account).map_or(0, |(_, held)| held);
+            let held = gw.money.funds(&account).await?.map_or(0, |(_, held)| held);
             Ok(Json(json!({
                 "account": a.name,
                 "balance_usd": Usd(a.balance).to_string(),

@@ -137,6 +137,9 @@ pub struct StateConfig {
     pub redis_url: Option<String>,
     /// Prefix of every Redis key, so that gateways can share a Redis.
     pub redis_prefix: String,
+    /// The database of keys, budgets, credits and the ledger, when it is
+    /// shared (`postgres://…`); overrides `[database] url`.
+    pub database_url: Option<String>,
 }
 
 impl Default for StateConfig {
@@ -144,6 +147,7 @@ impl Default for StateConfig {
         Self {
             redis_url: None,
             redis_prefix: "tollgate".into(),
+            database_url: None,
         }
     }
 }
@@ -301,7 +305,7 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// `sqlite://PATH` (created if missing).
+    /// `sqlite://PATH` (created if missing) or `postgres://USER@HOST/DB`.
     pub url: String,
 }
 
@@ -440,6 +444,14 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The database URL: `[state] database_url` when set, else `[database] url`.
+    pub fn database_url(&self) -> &str {
+        self.state
+            .database_url
+            .as_deref()
+            .unwrap_or(&self.database.url)
+    }
+
     /// Loads `path` (if given) and applies `TOLLGATE_*__*` overrides from `env`.
     pub fn load(
         path: Option<&Path>,

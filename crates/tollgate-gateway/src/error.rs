@@ -194,6 +194,11 @@ pub enum Error {
     /// than admitted unchecked.
     #[error("limit state unavailable")]
     LimitsUnavailable,
+    /// The shared budget and credit state (Redis) cannot be reached: a
+    /// request charged to a budget or an account is refused rather than
+    /// let through unchecked (money never fails open).
+    #[error("budget and credit state unavailable")]
+    MoneyUnavailable,
     /// Every deployment of the model has its circuit open.
     #[error("every route is down for {retry_after:?}")]
     RoutesDown {
@@ -262,6 +267,13 @@ impl Error {
             .with_should_retry(false)
             .with_field("scope", "upstream")
             .with_field("limit", "tokens_per_minute"),
+            Error::MoneyUnavailable => ApiError::new(
+                503,
+                ErrorType::Server,
+                "money_unavailable",
+                "The gateway cannot reach its shared budget and credit state, so it cannot check what this request may spend. Please retry shortly.".to_owned(),
+            )
+            .with_should_retry(true),
             Error::LimitsUnavailable => ApiError::new(
                 503,
                 ErrorType::Server,

@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 use tollgate_core::clock::{Clock, SystemClock};
 use tollgate_core::tokens::Estimator;
 use tollgate_store::redis::RedisLimiter;
-use tollgate_store::{Database, LimitStore, MemoryLimiter, SecretHash};
+use tollgate_store::{Database, LimitStore, MemoryLimiter, MoneyBook, MoneyStore, SecretHash};
 use upstream::Deployment;
 
 /// A gateway ready to serve: configuration, key table, deployments.
@@ -97,17 +97,21 @@ impl Gateway {
     ) -> Result<Arc<Self>, Error> {
         // reqwest is built without a default crypto provider; ring is ours.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let db = Database::open(&config.database.url).await?;
+        let db = Database::open(config.database_url()).await?;
         let keys = KeyCache::load(db.clone(), config.clone()).await?;
-        let money = Arc::new(Money::load(db.clone(), &config, clock.clone()).await?);
-        let store = match &config.state.redis_url {
+        let (store, book) = match &config.state.redis_url {
             Some(url) => {
                 let redis = RedisLimiter::connect(url, &config.state.redis_prefix).await?;
-                tracing::info!(prefix = %config.state.redis_prefix, "limit state in Redis, shared by every replica");
-                LimitStore::Redis(redis)
+                tracing::info!(prefix = %config.state.redis_prefix, "limit, budget and credit state in Redis, shared by every replica");
+                let money = redis.money();
+                (LimitStore::Redis(redis), MoneyStore::Redis(money))
             }
-            None => LimitStore::Memory(MemoryLimiter::new(), clock.clone()),
+            None => (
+                LimitStore::Memory(MemoryLimiter::new(), clock.clone()),
+                MoneyStore::Memory(MoneyBook::new()),
+            ),
         };
+        let money = Arc::new(Money::load(db.clone(), &config, clock.clone(), book).await?);
         let limits = Arc::new(Limits::new(store, clock, &config));
         let estimator = Estimator {
             fallback: config.limits.fallback_encoding.into(),

@@ -2,10 +2,11 @@
 //! reserving its estimated cost at admission, settling the real cost into
 //! the ledger afterwards, and announcing thresholds it crosses.
 //!
-//! The decisions run on the in-memory [`MoneyBook`]; the database is read
-//! at start and polled for changes made elsewhere (CLI top-ups, budgets
-//! set on another replica), and written only through the group-committed
-//! [`Ledger`].
+//! The decisions run on a [`MoneyStore`]: this process's memory, or Redis
+//! shared by every replica. The database is the truth the store is seeded
+//! from: read at start, polled for changes made elsewhere (CLI top-ups,
+//! budgets set on another replica), summed again for a count Redis lost,
+//! and written only through the group-committed [`Ledger`].
 
 use crate::auth::Caller;
 use crate::config::{Config, UnpricedModels};
@@ -23,7 +24,8 @@ use tollgate_core::tokens::Estimate;
 use tollgate_store::book::{BudgetCharge, MoneyAlert, Remaining};
 use tollgate_store::ledger::{Durable, HoldRow};
 use tollgate_store::money::{BudgetsVersion, SpendColumn};
-use tollgate_store::{Database, Ledger, MoneyBook, UsageRow};
+use tollgate_store::redis::{Reserve, Unknown};
+use tollgate_store::{Database, Ledger, MoneyStore, UsageRow};
 
 /// Budgets by scope, as the database holds them.
 #[derive(Debug, Default)]
@@ -102,7 +104,7 @@ struct Seen {
 
 /// Budgets, credits, prices and the ledger.
 pub struct Money {
-    book: MoneyBook,
+    book: Arc<MoneyStore>,
     prices: PriceTable,
     rules: RwLock<Arc<BudgetRules>>,
     /// Whether `rules` holds any budget (read without the lock).
@@ -160,7 +162,12 @@ pub struct Settled {
 impl Money {
     /// Reads prices, accounts, budgets and their spend; releases the holds
     /// a previous run left; starts the ledger writer.
-    pub async fn load(db: Database, config: &Config, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+    pub async fn load(
+        db: Database,
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        book: MoneyStore,
+    ) -> Result<Self, Error> {
         let prices = tollgate_core::money::PriceTable::with_overrides(&config.prices)
             .map_err(|e| Error::Config(crate::config::ConfigError::Invalid(e.to_string())))?;
         let stale = db.release_stale_holds().await?;
@@ -182,7 +189,7 @@ impl Money {
             tx
         });
         let money = Self {
-            book: MoneyBook::new(),
+            book: Arc::new(book),
             prices,
             rules: RwLock::default(),
             any_budget: AtomicBool::new(false),
@@ -194,12 +201,15 @@ impl Money {
             db,
             seen: tokio::sync::Mutex::default(),
         };
-        for account in money.db.list_accounts().await? {
+        let (accounts, last_entry) = money.db.accounts_snapshot(None).await?;
+        for a in accounts {
             money
                 .book
-                .set_account(&account.name, account.balance, account.low_balance);
+                .seed_account(&a.name, a.balance, a.low_balance, last_entry)
+                .await
+                .map_err(unavailable)?;
         }
-        money.seen.lock().await.last_entry = money.db.last_credit_entry().await?;
+        money.seen.lock().await.last_entry = last_entry;
         money.sync().await?;
         Ok(money)
     }
@@ -280,7 +290,7 @@ impl Money {
 
     /// Reserves the estimated cost of a request on its budgets and account,
     /// or refuses it. `row` is its usage row so far.
-    pub fn open(
+    pub async fn open(
         self: &Arc<Self>,
         plan: MoneyPlan,
         estimate: Option<Estimate>,
@@ -297,10 +307,7 @@ impl Money {
         let mut remaining = Remaining::default();
         if !plan.budgets.is_empty() || plan.account.is_some() {
             let now = self.clock.now_ns();
-            remaining = self
-                .book
-                .reserve(&plan.budgets, plan.account.as_ref(), reserved, now)
-                .map_err(|r| Error::Money(Box::new(r)))?;
+            remaining = self.reserve(&plan, reserved, now).await?;
             if let (Some(account), Some(ledger)) = (&plan.account, &self.ledger) {
                 ledger.hold(HoldRow {
                     request_id: row.request_id.clone(),
@@ -322,25 +329,101 @@ impl Money {
         })
     }
 
+    /// Reserves `amount` on the plan's budgets and account, seeding from the
+    /// database whatever count the store does not know yet.
+    async fn reserve(
+        &self,
+        plan: &MoneyPlan,
+        amount: Micros,
+        now: u64,
+    ) -> Result<Remaining, Error> {
+        // Seeding twice in a row would mean another replica keeps losing
+        // the same counts: give up rather than spin.
+        for _ in 0..3 {
+            let decided = self
+                .book
+                .reserve(&plan.budgets, plan.account.as_ref(), amount, now)
+                .await
+                .map_err(unavailable)?;
+            match decided {
+                Reserve::Done(r) => return r.map_err(|r| Error::Money(Box::new(r))),
+                Reserve::Unknown(unknown) => self.seed(plan, &unknown, now).await?,
+            }
+        }
+        Err(Error::MoneyUnavailable)
+    }
+
+    /// Sums what the store does not know from the database.
+    async fn seed(&self, plan: &MoneyPlan, unknown: &[Unknown], now: u64) -> Result<(), Error> {
+        // This replica's settled rows must be in the sums.
+        self.flush().await;
+        for u in unknown {
+            match *u {
+                Unknown::Budget(i) => {
+                    if let Some(b) = plan.budgets.get(i) {
+                        let spent = self.ledger_spend(&b.scope, b.budget.window, now).await?;
+                        self.book
+                            .seed_budget(&b.scope, b.budget.window, spent, now)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                }
+                Unknown::Account => {
+                    let Some(name) = &plan.account else { continue };
+                    let (found, last_entry) = self.db.accounts_snapshot(Some(name)).await?;
+                    let (balance, low) = found
+                        .first()
+                        .map_or((0, None), |a| (a.balance, a.low_balance));
+                    self.book
+                        .seed_account(name, balance, low, last_entry)
+                        .await
+                        .map_err(unavailable)?;
+                }
+            }
+        }
+        tracing::info!(
+            unknown = unknown.len(),
+            "seeded shared money counts from the ledger"
+        );
+        Ok(())
+    }
+
+    /// The ledger's spend of one budget scope (`user:alice`) in the window
+    /// holding `now_ns`.
+    async fn ledger_spend(
+        &self,
+        scope: &str,
+        window: Window,
+        now_ns: u64,
+    ) -> Result<Micros, Error> {
+        let Some((column, name)) = SpendColumn::of_scope(scope) else {
+            return Ok(0);
+        };
+        let since_ms = (window.start(now_ns) / 1_000_000) as i64;
+        let sums = self.db.spend_since(column, name, since_ms).await?;
+        Ok(sums.first().map_or(0, |(_, spent)| *spent))
+    }
+
     /// Picks up changes made outside this process: budgets set or removed,
     /// credit entries added, low-balance marks changed.
     pub async fn sync(&self) -> Result<(), Error> {
         let mut seen = self.seen.lock().await;
         let entries = self.db.credit_entries(None, seen.last_entry).await?;
         if !entries.is_empty() {
-            let known: HashSet<String> = self
-                .db
-                .list_accounts()
-                .await?
-                .into_iter()
-                .map(|a| {
-                    self.book.set_low_balance(&a.name, a.low_balance);
-                    a.name
-                })
-                .collect();
+            let mut known = HashSet::new();
+            for a in self.db.list_accounts().await? {
+                self.book
+                    .set_low_balance(&a.name, a.low_balance)
+                    .await
+                    .map_err(unavailable)?;
+                known.insert(a.name);
+            }
             for e in &entries {
                 if known.contains(&e.account) {
-                    self.book.credit(&e.account, e.amount);
+                    self.book
+                        .credit(&e.account, e.id, e.amount)
+                        .await
+                        .map_err(unavailable)?;
                 }
                 seen.last_entry = seen.last_entry.max(e.id);
             }
@@ -383,22 +466,39 @@ impl Money {
         let since_ms = (b.window.start(now_ns) / 1_000_000) as i64;
         let sums = self.db.spend_since(column, name, since_ms).await?;
         if name.is_some() && sums.is_empty() {
-            self.book.set_spend(&b.scope, b.window, 0, now_ns);
+            self.book
+                .seed_budget(&b.scope, b.window, 0, now_ns)
+                .await
+                .map_err(unavailable)?;
         }
         for (scope, spent) in sums {
-            self.book.set_spend(&scope, b.window, spent, now_ns);
+            self.book
+                .seed_budget(&scope, b.window, spent, now_ns)
+                .await
+                .map_err(unavailable)?;
         }
         Ok(())
     }
 
-    /// A budget scope's spend and reservations in its current window.
-    pub fn spend(&self, scope: &str, window: Window, now_ns: u64) -> (Micros, Micros) {
-        self.book.spend(scope, window, now_ns)
+    /// A budget scope's spend and reservations in its current window
+    /// (zeros when no request has met it yet).
+    pub async fn spend(
+        &self,
+        scope: &str,
+        window: Window,
+        now_ns: u64,
+    ) -> Result<(Micros, Micros), Error> {
+        let known = self
+            .book
+            .spend(scope, window, now_ns)
+            .await
+            .map_err(unavailable)?;
+        Ok(known.unwrap_or_default())
     }
 
-    /// An account's balance and holds in memory.
-    pub fn funds(&self, account: &str) -> Option<(Micros, Micros)> {
-        self.book.funds(account)
+    /// An account's balance and holds, as the store counts them.
+    pub async fn funds(&self, account: &str) -> Result<Option<(Micros, Micros)>, Error> {
+        self.book.funds(account).await.map_err(unavailable)
     }
 
     /// Waits until every usage row recorded so far is durable.
@@ -459,14 +559,9 @@ impl Bill {
     /// rate limit): no row, no charge.
     pub fn cancel(mut self) {
         let row = self.row.take();
-        let now = self.money.clock.now_ns();
-        self.money.book.settle(
-            &self.plan.budgets,
-            self.plan.account.as_ref(),
-            self.reserved,
-            0,
-            now,
-        );
+        if self.charged() {
+            self.settle_store(0);
+        }
         if let (Some(ledger), Some(row)) = (&self.money.ledger, row.filter(|r| r.held)) {
             ledger.release(&row.request_id);
         }
@@ -481,20 +576,11 @@ impl Bill {
         wait: bool,
     ) -> Settled {
         let now = self.money.clock.now_ns();
-        let (remaining, alerts) = if self.plan.budgets.is_empty() && self.plan.account.is_none() {
-            (Remaining::default(), Vec::new())
+        let remaining = if self.charged() {
+            self.settle_store(cost)
         } else {
-            self.money.book.settle(
-                &self.plan.budgets,
-                self.plan.account.as_ref(),
-                self.reserved,
-                cost,
-                now,
-            )
+            Remaining::default()
         };
-        for a in alerts {
-            self.money.alert(a);
-        }
         if let Some(row) = &self.row {
             let u = usage.unwrap_or_default();
             let key = row.key_name.clone().unwrap_or_else(|| Arc::from("-"));
@@ -526,6 +612,69 @@ impl Bill {
             durable,
         }
     }
+}
+
+impl Bill {
+    /// Whether the request reserved on any budget or account.
+    fn charged(&self) -> bool {
+        !self.plan.budgets.is_empty() || self.plan.account.is_some()
+    }
+
+    /// Replaces the reservation with `cost` in the store and returns what
+    /// is left. In memory that is immediate. In Redis the call goes out on
+    /// a task (a settlement also runs from `Drop`), retried a few times,
+    /// and what is left is the reservation's remainder moved by the
+    /// difference, which is exact unless other requests settled meanwhile.
+    fn settle_store(&self, cost: Micros) -> Remaining {
+        let money = &self.money;
+        let now = money.clock.now_ns();
+        let (budgets, account) = (&self.plan.budgets, self.plan.account.as_ref());
+        if let MoneyStore::Memory(book) = &*money.book {
+            let (remaining, alerts) = book.settle(budgets, account, self.reserved, cost, now);
+            for a in alerts {
+                money.alert(a);
+            }
+            return remaining;
+        }
+        let moved = self.reserved - cost;
+        let remaining = Remaining {
+            budget: self.remaining.budget.map(|b| b + moved),
+            credits: self.remaining.credits.map(|c| c + moved),
+        };
+        let (money, budgets, account) = (money.clone(), budgets.clone(), account.cloned());
+        let reserved = self.reserved;
+        tokio::spawn(async move {
+            use backon::{ExponentialBuilder, Retryable};
+            let settle = || {
+                money
+                    .book
+                    .settle(&budgets, account.as_ref(), reserved, cost, now)
+            };
+            let settled = settle
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(50))
+                        .with_max_times(3)
+                        .with_jitter(),
+                )
+                .await;
+            match settled {
+                Ok((_, alerts)) => alerts.into_iter().for_each(|a| money.alert(a)),
+                // The reservation stays counted until its count expires or
+                // is seeded again: the side that never overspends.
+                Err(e) => {
+                    tracing::error!(error = %e, reserved_usd = %Usd(reserved), cost_usd = %Usd(cost), "could not settle in the shared money state")
+                }
+            }
+        });
+        remaining
+    }
+}
+
+/// Maps a store failure to the 503 that says money cannot be checked.
+fn unavailable(e: tollgate_store::Error) -> Error {
+    tracing::warn!(error = %e, "shared budget and credit state unavailable");
+    Error::MoneyUnavailable
 }
 
 impl Drop for Bill {

@@ -345,20 +345,23 @@ async fn run(
         .and_then(|id| id.0.to_str().ok())
         .unwrap_or_default();
     let money_plan = gw.money.plan(&caller, user, &summary.model)?;
-    let mut bill = gw.money.open(
-        money_plan,
-        summary.estimate,
-        UsageRow {
-            request_id: request_id.to_owned(),
-            key_id: Some(caller.id.clone()),
-            key_name: Some(caller.name.clone()),
-            user: user.map(str::to_owned),
-            team: caller.team.clone(),
-            model: summary.model.clone(),
-            streamed: summary.stream,
-            ..UsageRow::default()
-        },
-    )?;
+    let mut bill = gw
+        .money
+        .open(
+            money_plan,
+            summary.estimate,
+            UsageRow {
+                request_id: request_id.to_owned(),
+                key_id: Some(caller.id.clone()),
+                key_name: Some(caller.name.clone()),
+                user: user.map(str::to_owned),
+                team: caller.team.clone(),
+                model: summary.model.clone(),
+                streamed: summary.stream,
+                ..UsageRow::default()
+            },
+        )
+        .await?;
     log.remaining = bill.remaining;
     let plan = Plan::new(&caller.id, &caller.policy, &summary.model, user);
     let estimate = summary.estimate.map_or(0, |e| e.total());

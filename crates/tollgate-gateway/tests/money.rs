@@ -227,7 +227,7 @@ async fn sixty_four_clients_cannot_overdraw_one_account() {
         "balance = top-ups − settled costs"
     );
     assert_eq!(
-        h.gw().money.funds("shared"),
+        h.gw().money.funds("shared").await.expect("funds readable"),
         Some((balance, 0)),
         "no hold left"
     );

@@ -4,7 +4,7 @@ use crate::secret::{SecretHash, SecretKey};
 use crate::{Database, Error};
 use serde::Serialize;
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tollgate_core::limits::KeyLimits;
 
@@ -113,15 +113,22 @@ macro_rules! select_keys {
     };
 }
 
-/// `updated_at = ` the bound time, but always past the table's latest, so
-/// two edits within one millisecond still move [`KeysVersion`].
+/// `updated_at = ` the time bound as `$n`, but always past the table's
+/// latest, so two edits within one millisecond still move [`KeysVersion`].
+/// (Written with CASE: SQLite's two-argument MAX is PostgreSQL's GREATEST.)
 macro_rules! next_version {
-    () => {
-        "updated_at = MAX(?, (SELECT COALESCE(MAX(updated_at), 0) + 1 FROM api_keys))"
+    ($n:literal) => {
+        concat!(
+            "updated_at = (SELECT CASE WHEN MAX(updated_at) >= $",
+            $n,
+            " THEN MAX(updated_at) + 1 ELSE $",
+            $n,
+            " END FROM api_keys)"
+        )
     };
 }
 
-fn from_row(row: &SqliteRow) -> Result<KeyRecord, Error> {
+fn from_row(row: &AnyRow) -> Result<KeyRecord, Error> {
     let hash: String = row.try_get("secret_hash")?;
     let models: Option<String> = row.try_get("models")?;
     Ok(KeyRecord {
@@ -180,7 +187,7 @@ impl Database {
             .and_then(|m| serde_json::to_string(m).ok());
         let result = sqlx::query(
             "INSERT INTO api_keys (id, name, secret_hash, prefix, models, created_at, expires_at, revoked_at, updated_at, preset, team, limits, account)
-             VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9, $10, $11, $12)",
         )
         .bind(&record.id)
         .bind(&record.name)
@@ -213,7 +220,7 @@ impl Database {
 
     /// The key whose secret hashes to `hash`, revoked or not.
     pub async fn find_key_by_hash(&self, hash: &SecretHash) -> Result<Option<KeyRecord>, Error> {
-        let row = sqlx::query(select_keys!("WHERE secret_hash = ?"))
+        let row = sqlx::query(select_keys!("WHERE secret_hash = $1"))
             .bind(hash.to_hex())
             .fetch_optional(&self.pool)
             .await?;
@@ -223,9 +230,8 @@ impl Database {
     /// The live key with this id or name (a revoked one only by id).
     pub async fn find_key(&self, id_or_name: &str) -> Result<KeyRecord, Error> {
         let row = sqlx::query(select_keys!(
-            "WHERE id = ? OR (name = ? AND revoked_at IS NULL)"
+            "WHERE id = $1 OR (name = $1 AND revoked_at IS NULL)"
         ))
-        .bind(id_or_name)
         .bind(id_or_name)
         .fetch_optional(&self.pool)
         .await?;
@@ -243,9 +249,9 @@ impl Database {
         }
         let now = now_ms();
         sqlx::query(concat!(
-            "UPDATE api_keys SET revoked_at = ?, ",
-            next_version!(),
-            " WHERE id = ?"
+            "UPDATE api_keys SET revoked_at = $1, ",
+            next_version!(2),
+            " WHERE id = $3"
         ))
         .bind(now / 1000)
         .bind(now)
@@ -264,9 +270,9 @@ impl Database {
         }
         let secret = SecretKey::generate()?;
         sqlx::query(concat!(
-            "UPDATE api_keys SET secret_hash = ?, prefix = ?, ",
-            next_version!(),
-            " WHERE id = ?"
+            "UPDATE api_keys SET secret_hash = $1, prefix = $2, ",
+            next_version!(3),
+            " WHERE id = $4"
         ))
         .bind(secret.hash().to_hex())
         .bind(secret.display_prefix())
@@ -299,9 +305,9 @@ impl Database {
             key.account = a;
         }
         sqlx::query(concat!(
-            "UPDATE api_keys SET preset = ?, team = ?, limits = ?, account = ?, ",
-            next_version!(),
-            " WHERE id = ?"
+            "UPDATE api_keys SET preset = $1, team = $2, limits = $3, account = $4, ",
+            next_version!(5),
+            " WHERE id = $6"
         ))
         .bind(&key.preset)
         .bind(&key.team)
@@ -324,108 +330,5 @@ impl Database {
             count: row.try_get("n")?,
             last_update_ms: row.try_get("t")?,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn db() -> Result<(tempfile::TempDir, Database), Error> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Random(e.to_string()))?;
-        let path = dir.path().join("t.db");
-        let db = Database::open(&path.to_string_lossy()).await?;
-        Ok((dir, db))
-    }
-
-    #[tokio::test]
-    async fn created_key_is_found_by_its_secret_hash_only() -> Result<(), Error> {
-        let (_dir, db) = db().await?;
-        let (rec, secret) = db
-            .create_key(NewKey {
-                name: "web".into(),
-                models: Some(vec!["gpt-4o".into()]),
-                expires_at: None,
-                team: Some("search".into()),
-                limits: KeyLimits {
-                    tpm: Some(30_000),
-                    ..KeyLimits::default()
-                },
-                ..NewKey::default()
-            })
-            .await?;
-        let found = db
-            .find_key_by_hash(&SecretHash::of(secret.expose()))
-            .await?;
-        assert_eq!(found.as_ref(), Some(&rec));
-        assert!(
-            db.find_key_by_hash(&SecretHash::of("tg-wrong"))
-                .await?
-                .is_none()
-        );
-        assert!(rec.allows_model("gpt-4o") && !rec.allows_model("gpt-4.1"));
-        let v = db.keys_version().await?;
-        let updated = db
-            .update_key_limits(
-                "web",
-                LimitsUpdate {
-                    preset: Some(Some("dev".into())),
-                    ..LimitsUpdate::default()
-                },
-            )
-            .await?;
-        assert_ne!(v, db.keys_version().await?, "an edit moves the version");
-        let stored = db.find_key("web").await?;
-        assert_eq!(stored, updated);
-        assert_eq!(
-            (
-                stored.preset.as_deref(),
-                stored.team.as_deref(),
-                stored.limits.tpm
-            ),
-            (Some("dev"), Some("search"), Some(30_000))
-        );
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn revoke_and_rotate_change_the_version() -> Result<(), Error> {
-        let (_dir, db) = db().await?;
-        let v0 = db.keys_version().await?;
-        let (_, old) = db
-            .create_key(NewKey {
-                name: "a".into(),
-                ..NewKey::default()
-            })
-            .await?;
-        let v1 = db.keys_version().await?;
-        assert_ne!(v0, v1);
-        let (rotated, new) = db.rotate_key("a").await?;
-        assert!(
-            db.find_key_by_hash(&old.hash()).await?.is_none(),
-            "old secret is gone"
-        );
-        assert_eq!(
-            db.find_key_by_hash(&new.hash()).await?.map(|k| k.id),
-            Some(rotated.id.clone())
-        );
-        let revoked = db.revoke_key("a").await?;
-        assert!(revoked.revoked_at.is_some());
-        assert!(matches!(db.find_key("a").await, Err(Error::KeyNotFound(_))));
-        // The name is free again once its key is revoked.
-        db.create_key(NewKey {
-            name: "a".into(),
-            ..NewKey::default()
-        })
-        .await?;
-        assert!(matches!(
-            db.create_key(NewKey {
-                name: "a".into(),
-                ..NewKey::default()
-            })
-            .await,
-            Err(Error::DuplicateName(_))
-        ));
-        Ok(())
     }
 }

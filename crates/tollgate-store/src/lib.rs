@@ -4,7 +4,7 @@
 //! mode; the gateway never sees which backend it runs on.
 
 pub mod book;
-mod database;
+pub mod database;
 pub mod keys;
 pub mod ledger;
 pub mod limiter;
@@ -19,7 +19,7 @@ pub use keys::{KeyRecord, LimitsUpdate, NewKey};
 pub use ledger::{Ledger, UsageRow};
 pub use limiter::MemoryLimiter;
 pub use secret::{SecretHash, SecretKey};
-pub use state::LimitStore;
+pub use state::{LimitStore, MoneyStore};
 
 /// Errors of the state layer.
 #[derive(Debug, thiserror::Error)]

@@ -106,7 +106,8 @@ impl Database {
     pub async fn set_budget(&self, budget: &Budget) -> Result<(), Error> {
         sqlx::query(
             "INSERT INTO budgets (scope, period, cap_micros, alert_percent, updated_at)
-             VALUES (?, ?, ?, ?, MAX(?, (SELECT COALESCE(MAX(updated_at), 0) + 1 FROM budgets)))
+             VALUES ($1, $2, $3, $4,
+                     (SELECT CASE WHEN MAX(updated_at) >= $5 THEN MAX(updated_at) + 1 ELSE $5 END FROM budgets))
              ON CONFLICT (scope, period) DO UPDATE SET cap_micros = excluded.cap_micros,
                alert_percent = excluded.alert_percent, updated_at = excluded.updated_at",
         )
@@ -122,7 +123,7 @@ impl Database {
 
     /// Removes a budget; false when there was none.
     pub async fn remove_budget(&self, scope: &str, window: Window) -> Result<bool, Error> {
-        let done = sqlx::query("DELETE FROM budgets WHERE scope = ? AND period = ?")
+        let done = sqlx::query("DELETE FROM budgets WHERE scope = $1 AND period = $2")
             .bind(scope)
             .bind(window.as_str())
             .execute(&self.pool)
@@ -175,27 +176,28 @@ impl Database {
         since_ms: i64,
     ) -> Result<Vec<(String, Micros)>, Error> {
         let col = column.column();
-        let sql = match name {
-            Some(_) => format!(
-                "SELECT {col} AS scope, COALESCE(SUM(cost_micros), 0) AS spent FROM usage
-                 WHERE at >= ? AND {col} = ? GROUP BY {col}"
+        // SUM of BIGINT is NUMERIC in PostgreSQL: cast back. PostgreSQL
+        // refuses to group by a constant, and the org sums everything anyway.
+        let sum = "CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS spent";
+        let sql = match (column, name) {
+            (SpendColumn::Org, _) => format!("SELECT {sum} FROM usage WHERE at >= $1"),
+            (_, Some(_)) => format!(
+                "SELECT {col} AS scope, {sum} FROM usage WHERE at >= $1 AND {col} = $2 GROUP BY {col}"
             ),
-            None => format!(
-                "SELECT {col} AS scope, COALESCE(SUM(cost_micros), 0) AS spent FROM usage
-                 WHERE at >= ? AND {col} IS NOT NULL GROUP BY {col}"
+            (_, None) => format!(
+                "SELECT {col} AS scope, {sum} FROM usage WHERE at >= $1 AND {col} IS NOT NULL GROUP BY {col}"
             ),
         };
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(since_ms);
-        if let Some(n) = name {
+        if let (Some(n), false) = (name, column == SpendColumn::Org) {
             q = q.bind(n);
         }
         let rows = q.fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
-                let scope: String = r.try_get("scope")?;
                 let scope = match column {
                     SpendColumn::Org => "org".to_owned(),
-                    c => format!("{}{scope}", c.prefix()),
+                    c => format!("{}{}", c.prefix(), r.try_get::<String, _>("scope")?),
                 };
                 Ok((scope, r.try_get("spent")?))
             })
@@ -214,24 +216,25 @@ impl Database {
         let at = now_ms();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO accounts (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            "INSERT INTO accounts (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
         )
         .bind(account)
         .bind(at)
         .execute(&mut *tx)
         .await?;
-        let id = sqlx::query(
-            "INSERT INTO credit_entries (account, amount_micros, who, why, at) VALUES (?, ?, ?, ?, ?)",
+        let id: i64 = sqlx::query(
+            "INSERT INTO credit_entries (account, amount_micros, who, why, at) VALUES ($1, $2, $3, $4, $5)
+             RETURNING id",
         )
         .bind(account)
         .bind(amount)
         .bind(who)
         .bind(why)
         .bind(at)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?
-        .last_insert_rowid();
-        sqlx::query("UPDATE accounts SET balance_micros = balance_micros + ? WHERE name = ?")
+        .try_get("id")?;
+        sqlx::query("UPDATE accounts SET balance_micros = balance_micros + $1 WHERE name = $2")
             .bind(amount)
             .bind(account)
             .execute(&mut *tx)
@@ -250,7 +253,7 @@ impl Database {
     /// Sets the balance below which the account's low-balance hook fires.
     pub async fn set_low_balance(&self, account: &str, mark: Option<Micros>) -> Result<(), Error> {
         sqlx::query(
-            "INSERT INTO accounts (name, low_balance_micros, created_at) VALUES (?, ?, ?)
+            "INSERT INTO accounts (name, low_balance_micros, created_at) VALUES ($1, $2, $3)
              ON CONFLICT (name) DO UPDATE SET low_balance_micros = excluded.low_balance_micros",
         )
         .bind(account)
@@ -259,6 +262,32 @@ impl Database {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Every account (or the one named), with the newest credit entry
+    /// their balances include, read in one statement so the two agree.
+    pub async fn accounts_snapshot(
+        &self,
+        only: Option<&str>,
+    ) -> Result<(Vec<Account>, i64), Error> {
+        let rows = sqlx::query(
+            "SELECT name, balance_micros, low_balance_micros,
+                    (SELECT COALESCE(MAX(id), 0) FROM credit_entries) AS last_entry
+             FROM accounts WHERE $1 IS NULL OR name = $1 ORDER BY name",
+        )
+        .bind(only)
+        .fetch_all(&self.pool)
+        .await?;
+        let last = match rows.first() {
+            Some(r) => r.try_get("last_entry")?,
+            None => self.last_credit_entry().await?,
+        };
+        Ok((
+            rows.iter()
+                .map(account_from_row)
+                .collect::<Result<_, _>>()?,
+            last,
+        ))
     }
 
     /// Every account.
@@ -274,7 +303,7 @@ impl Database {
     /// One account.
     pub async fn find_account(&self, name: &str) -> Result<Account, Error> {
         let row = sqlx::query(
-            "SELECT name, balance_micros, low_balance_micros FROM accounts WHERE name = ?",
+            "SELECT name, balance_micros, low_balance_micros FROM accounts WHERE name = $1",
         )
         .bind(name)
         .fetch_optional(&self.pool)
@@ -292,10 +321,9 @@ impl Database {
     ) -> Result<Vec<CreditEntry>, Error> {
         let rows = sqlx::query(
             "SELECT id, account, amount_micros, who, why, at FROM credit_entries
-             WHERE id > ? AND (? IS NULL OR account = ?) ORDER BY id",
+             WHERE id > $1 AND ($2 IS NULL OR account = $2) ORDER BY id",
         )
         .bind(after)
-        .bind(account)
         .bind(account)
         .fetch_all(&self.pool)
         .await?;
@@ -339,7 +367,7 @@ impl Database {
     }
 }
 
-fn account_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Account, Error> {
+fn account_from_row(r: &sqlx::any::AnyRow) -> Result<Account, Error> {
     Ok(Account {
         name: r.try_get("name")?,
         balance: r.try_get("balance_micros")?,

@@ -1,13 +1,15 @@
-//! Where limit state lives: in this process, or in Redis shared by every
-//! replica. One type with the same calls either way, so the gateway does
-//! not know which it runs on.
+//! Where limit and money state lives: in this process, or in Redis shared
+//! by every replica. One type each with the same calls either way, so the
+//! gateway does not know which it runs on.
 
 use crate::Error;
+use crate::book::{BudgetCharge, MoneyAlert, MoneyBook, Remaining};
 use crate::limiter::MemoryLimiter;
-use crate::redis::{Decision, RedisLimiter};
+use crate::redis::{Decision, RedisLimiter, RedisMoney, Reserve};
 use std::sync::Arc;
 use tollgate_core::clock::Clock;
 use tollgate_core::limits::{Cost, LimitSet, Subject};
+use tollgate_core::money::{Micros, Window};
 
 /// Limit state, embedded or distributed.
 pub enum LimitStore {
@@ -120,6 +122,139 @@ impl LimitStore {
                     .reconcile(placement, subjects, delta, admitted_at)
                     .await
             }
+        }
+    }
+}
+
+/// Budgets' spend and accounts' funds, embedded or distributed. Either way
+/// the database is the truth they are seeded from, and the ledger makes
+/// every settlement durable behind them.
+#[derive(Debug)]
+pub enum MoneyStore {
+    /// In process memory.
+    Memory(MoneyBook),
+    /// In Redis, shared by every replica.
+    Redis(RedisMoney),
+}
+
+impl MoneyStore {
+    /// Reserves `amount` on every budget and the account, or on none.
+    pub async fn reserve(
+        &self,
+        budgets: &[BudgetCharge],
+        account: Option<&Arc<str>>,
+        amount: Micros,
+        now_ns: u64,
+    ) -> Result<Reserve, Error> {
+        match self {
+            MoneyStore::Memory(book) => Ok(Reserve::Done(
+                book.reserve(budgets, account, amount, now_ns),
+            )),
+            MoneyStore::Redis(redis) => redis.reserve(budgets, account, amount, now_ns).await,
+        }
+    }
+
+    /// Replaces a reservation with the real cost; what is left, and the
+    /// thresholds crossed.
+    pub async fn settle(
+        &self,
+        budgets: &[BudgetCharge],
+        account: Option<&Arc<str>>,
+        reserved: Micros,
+        actual: Micros,
+        now_ns: u64,
+    ) -> Result<(Remaining, Vec<MoneyAlert>), Error> {
+        match self {
+            MoneyStore::Memory(book) => Ok(book.settle(budgets, account, reserved, actual, now_ns)),
+            MoneyStore::Redis(redis) => {
+                redis
+                    .settle(budgets, account, reserved, actual, now_ns)
+                    .await
+            }
+        }
+    }
+
+    /// Sets a budget scope's spend as the ledger sums it. In memory this
+    /// replaces the count; in Redis only an unknown count is set, so a
+    /// replica that starts late cannot reset what the others counted.
+    pub async fn seed_budget(
+        &self,
+        scope: &str,
+        window: Window,
+        spent: Micros,
+        now_ns: u64,
+    ) -> Result<(), Error> {
+        match self {
+            MoneyStore::Memory(book) => {
+                book.set_spend(scope, window, spent, now_ns);
+                Ok(())
+            }
+            MoneyStore::Redis(redis) => redis.seed_budget(scope, window, spent, now_ns).await,
+        }
+    }
+
+    /// Sets an account's funds as the database has them (every credit
+    /// entry up to `last_entry` included); in Redis, only if unknown.
+    pub async fn seed_account(
+        &self,
+        account: &str,
+        balance: Micros,
+        low_balance: Option<Micros>,
+        last_entry: i64,
+    ) -> Result<(), Error> {
+        match self {
+            MoneyStore::Memory(book) => {
+                book.set_account(account, balance, low_balance);
+                Ok(())
+            }
+            MoneyStore::Redis(redis) => {
+                redis
+                    .seed_account(account, balance, low_balance, last_entry)
+                    .await
+            }
+        }
+    }
+
+    /// Adds credit entry `entry` to an account's balance, once.
+    pub async fn credit(&self, account: &str, entry: i64, amount: Micros) -> Result<(), Error> {
+        match self {
+            MoneyStore::Memory(book) => {
+                book.credit(account, amount);
+                Ok(())
+            }
+            MoneyStore::Redis(redis) => redis.credit(account, entry, amount).await,
+        }
+    }
+
+    /// Changes an account's low-balance mark.
+    pub async fn set_low_balance(&self, account: &str, low: Option<Micros>) -> Result<(), Error> {
+        match self {
+            MoneyStore::Memory(book) => {
+                book.set_low_balance(account, low);
+                Ok(())
+            }
+            MoneyStore::Redis(redis) => redis.set_low_balance(account, low).await,
+        }
+    }
+
+    /// A budget scope's (spent, reserved) in its current window, if known.
+    pub async fn spend(
+        &self,
+        scope: &str,
+        window: Window,
+        now_ns: u64,
+    ) -> Result<Option<(Micros, Micros)>, Error> {
+        match self {
+            MoneyStore::Memory(book) => Ok(Some(book.spend(scope, window, now_ns))),
+            MoneyStore::Redis(redis) => redis.spend(scope, window, now_ns).await,
+        }
+    }
+
+    /// An account's (balance, held), if known.
+    pub async fn funds(&self, account: &str) -> Result<Option<(Micros, Micros)>, Error> {
+        match self {
+            MoneyStore::Memory(book) => Ok(book.funds(account)),
+            MoneyStore::Redis(redis) => redis.funds(account).await,
         }
     }
 }

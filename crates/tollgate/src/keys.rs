@@ -203,7 +203,7 @@ fn print_table(keys: &[KeyRecord]) {
 /// Runs one key command against the configured database.
 pub async fn run(config: Option<&std::path::Path>, cmd: KeysCommand) -> anyhow::Result<()> {
     let config = crate::load_config(config)?;
-    let db = Database::open(&config.database.url).await?;
+    let db = Database::open(config.database_url()).await?;
     match cmd {
         KeysCommand::Create {
             name,

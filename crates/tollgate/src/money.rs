@@ -115,7 +115,7 @@ pub struct UsageArgs {
 
 async fn open(config: Option<&std::path::Path>) -> anyhow::Result<Database> {
     let config = crate::load_config(config)?;
-    Ok(Database::open(&config.database.url).await?)
+    Ok(Database::open(config.database_url()).await?)
 }
 
 fn fmt_ms(ms: i64) -> String {

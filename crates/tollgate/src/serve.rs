@@ -170,7 +170,10 @@ pub async fn run(config_file: Option<&Path>, args: ServeArgs) -> anyhow::Result<
     }
     embedded_default(&mut config);
     let _mocks = start_mocks(&mut config).await?;
-    println!("database: {}", config.database.url);
+    println!(
+        "database: {}",
+        tollgate_store::database::redact(config.database_url())
+    );
     let listen = config.server.listen;
     let gateway = Gateway::build(config, |name| std::env::var(name).ok()).await?;
     let listener = tokio::net::TcpListener::bind(listen)

@@ -232,39 +232,31 @@ async fn collect(
     let throttled = gw.dashboard.throttles.top(first, now_ms, 10);
     let throttled_total = gw.dashboard.throttles.total(first, now_ms);
 
-    let budgets: Vec<_> = gw
-        .db
-        .list_budgets()
-        .await?
-        .into_iter()
-        .filter(|b| !b.scope.contains('*'))
-        .map(|b| {
-            let (spent, reserved) = gw.money.spend(&b.scope, b.window, now_ns);
-            json!({
-                "scope": &*b.scope,
-                "window": b.window.to_string(),
-                "cap_micros": b.cap,
-                "spent_micros": spent,
-                "reserved_micros": reserved,
-                "used": if b.cap > 0 { (spent + reserved) as f64 / b.cap as f64 } else { 1.0 },
-            })
-        })
-        .collect();
-    let accounts: Vec<_> = gw
-        .db
-        .list_accounts()
-        .await?
-        .into_iter()
-        .map(|a| {
-            let (balance, held) = gw.money.funds(&a.name).unwrap_or((a.balance, 0));
-            json!({
-                "name": a.name,
-                "balance_micros": balance,
-                "held_micros": held,
-                "low_balance_micros": a.low_balance,
-            })
-        })
-        .collect();
+    let mut budgets = Vec::new();
+    for b in gw.db.list_budgets().await? {
+        if b.scope.contains('*') {
+            continue;
+        }
+        let (spent, reserved) = gw.money.spend(&b.scope, b.window, now_ns).await?;
+        budgets.push(json!({
+            "scope": &*b.scope,
+            "window": b.window.to_string(),
+            "cap_micros": b.cap,
+            "spent_micros": spent,
+            "reserved_micros": reserved,
+            "used": if b.cap > 0 { (spent + reserved) as f64 / b.cap as f64 } else { 1.0 },
+        }));
+    }
+    let mut accounts = Vec::new();
+    for a in gw.db.list_accounts().await? {
+        let (balance, held) = gw.money.funds(&a.name).await?.unwrap_or((a.balance, 0));
+        accounts.push(json!({
+            "name": a.name,
+            "balance_micros": balance,
+            "held_micros": held,
+            "low_balance_micros": a.low_balance,
+        }));
+    }
     let deployments = gw.deployments_view();
     Ok(json!({
         "window": window,

@@ -14,6 +14,10 @@
 //! slot, and a subject's state stays under one tag for as long as the key
 //! stays in its team.
 
+mod money;
+
+pub use money::{RedisMoney, Reserve, Unknown};
+
 use crate::Error;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::time::Duration;
@@ -73,6 +77,11 @@ impl RedisLimiter {
             reconcile: redis::Script::new(RECONCILE),
             prefix: prefix.to_owned(),
         })
+    }
+
+    /// Budgets and credits on the same connection.
+    pub fn money(&self) -> RedisMoney {
+        RedisMoney::new(self.conn.clone(), &self.prefix)
     }
 
     /// The state keys of `subjects`, all under the hash tag `placement`.

@@ -1,0 +1,338 @@
+//! One suite of database behaviour (keys, money, the ledger and its
+//! reports), run unchanged against a SQLite file and against the real
+//! PostgreSQL on this machine (127.0.0.1:5432, or
+//! `TOLLGATE_TEST_POSTGRES_URL`), each test on a database of its own. A
+//! PostgreSQL that cannot be reached fails its half loudly.
+
+use std::sync::Arc;
+use std::time::Duration;
+use tollgate_core::limits::KeyLimits;
+use tollgate_store::database::{Backend, scratch};
+use tollgate_store::keys::{LimitsUpdate, NewKey};
+use tollgate_store::ledger::{GroupBy, HoldRow, RollupBy};
+use tollgate_store::money::SpendColumn;
+use tollgate_store::{Database, Error, Ledger, SecretHash, UsageRow};
+
+const MINUTE_MS: i64 = 60_000;
+const HOUR_MS: i64 = 60 * MINUTE_MS;
+
+/// A database for one test, on `backend`; the directory holds the SQLite file.
+async fn open(backend: Backend) -> Result<(tempfile::TempDir, Database), Error> {
+    let dir = tempfile::tempdir().map_err(|e| Error::Random(e.to_string()))?;
+    let url = match backend {
+        Backend::Sqlite => dir.path().join("t.db").to_string_lossy().into_owned(),
+        Backend::Postgres => scratch::postgres().await,
+    };
+    let db = Database::open(&url).await?;
+    assert_eq!(db.backend(), backend);
+    Ok((dir, db))
+}
+
+async fn created_key_is_found_by_its_secret_hash_only(backend: Backend) -> Result<(), Error> {
+    let (_dir, db) = open(backend).await?;
+    let (rec, secret) = db
+        .create_key(NewKey {
+            name: "web".into(),
+            models: Some(vec!["gpt-4o".into()]),
+            expires_at: None,
+            team: Some("search".into()),
+            limits: KeyLimits {
+                tpm: Some(30_000),
+                ..KeyLimits::default()
+            },
+            ..NewKey::default()
+        })
+        .await?;
+    let found = db
+        .find_key_by_hash(&SecretHash::of(secret.expose()))
+        .await?;
+    assert_eq!(found.as_ref(), Some(&rec));
+    assert!(
+        db.find_key_by_hash(&SecretHash::of("tg-wrong"))
+            .await?
+            .is_none()
+    );
+    assert!(rec.allows_model("gpt-4o") && !rec.allows_model("gpt-4.1"));
+    let v = db.keys_version().await?;
+    let updated = db
+        .update_key_limits(
+            "web",
+            LimitsUpdate {
+                preset: Some(Some("dev".into())),
+                ..LimitsUpdate::default()
+            },
+        )
+        .await?;
+    assert_ne!(v, db.keys_version().await?, "an edit moves the version");
+    let stored = db.find_key("web").await?;
+    assert_eq!(stored, updated);
+    assert_eq!(
+        (
+            stored.preset.as_deref(),
+            stored.team.as_deref(),
+            stored.limits.tpm
+        ),
+        (Some("dev"), Some("search"), Some(30_000))
+    );
+    Ok(())
+}
+
+async fn revoke_and_rotate_change_the_version(backend: Backend) -> Result<(), Error> {
+    let (_dir, db) = open(backend).await?;
+    let v0 = db.keys_version().await?;
+    let (_, old) = db
+        .create_key(NewKey {
+            name: "a".into(),
+            ..NewKey::default()
+        })
+        .await?;
+    let v1 = db.keys_version().await?;
+    assert_ne!(v0, v1);
+    let (rotated, new) = db.rotate_key("a").await?;
+    assert!(
+        db.find_key_by_hash(&old.hash()).await?.is_none(),
+        "old secret is gone"
+    );
+    assert_eq!(
+        db.find_key_by_hash(&new.hash()).await?.map(|k| k.id),
+        Some(rotated.id.clone())
+    );
+    let revoked = db.revoke_key("a").await?;
+    assert!(revoked.revoked_at.is_some());
+    assert!(matches!(db.find_key("a").await, Err(Error::KeyNotFound(_))));
+    // The name is free again once its key is revoked.
+    db.create_key(NewKey {
+        name: "a".into(),
+        ..NewKey::default()
+    })
+    .await?;
+    assert!(matches!(
+        db.create_key(NewKey {
+            name: "a".into(),
+            ..NewKey::default()
+        })
+        .await,
+        Err(Error::DuplicateName(_))
+    ));
+    Ok(())
+}
+
+async fn batches_commit_rows_holds_and_balances_together(backend: Backend) -> Result<(), Error> {
+    let (_dir, db) = open(backend).await?;
+    db.add_credits("acme", 1_000, "test", "seed").await?;
+    let ledger = Ledger::start_with(&db, Duration::ZERO)?;
+    let hold = |id: &str| HoldRow {
+        request_id: id.into(),
+        account: Arc::from("acme"),
+        amount: 100,
+        at: 1,
+    };
+    let row = |id: &str, cost| UsageRow {
+        request_id: id.into(),
+        at: 2,
+        account: Some(Arc::from("acme")),
+        model: Arc::from("gpt-4o-mini"),
+        cost,
+        status: 200,
+        held: true,
+        ..UsageRow::default()
+    };
+    // `a` settles in a later batch than its hold; `b` is still in flight.
+    ledger.hold(hold("a"));
+    ledger.hold(hold("b"));
+    ledger.flush().await;
+    ledger.record(row("a", 40)).wait().await;
+    // `c` holds and settles at once (within a batch or across two).
+    ledger.hold(hold("c"));
+    ledger.record(row("c", 60)).wait().await;
+    assert_eq!(db.find_account("acme").await?.balance, 900);
+    let rows = db.usage_rows().await?;
+    assert_eq!(rows.len(), 2);
+    let stale = db.release_stale_holds().await?;
+    assert_eq!(
+        stale
+            .iter()
+            .map(|h| h.request_id.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
+    Ok(())
+}
+
+async fn rollups_sum_exactly_what_the_rows_hold(backend: Backend) -> Result<(), Error> {
+    let (_dir, db) = open(backend).await?;
+    let ledger = Ledger::start(&db)?;
+    let t0 = 1_800_000_000_000 - 1_800_000_000_000 % HOUR_MS;
+    // 500 rows over three hours, two keys, two models, with and without
+    // a team, in many batches (flushes split them), so that groups are
+    // updated across batches.
+    for i in 0..500_i64 {
+        ledger.record_detached(UsageRow {
+            request_id: format!("r{i}"),
+            at: t0 + i * 23_456,
+            key_name: Some(Arc::from(if i % 3 == 0 { "web" } else { "batch" })),
+            team: (i % 5 == 0).then(|| Arc::from("search")),
+            model: Arc::from(if i % 2 == 0 { "gpt-4o" } else { "gpt-4o-mini" }),
+            input_tokens: i as u64,
+            output_tokens: 2 * i as u64,
+            cost: 7 * i,
+            status: 200,
+            ..UsageRow::default()
+        });
+        if i % 37 == 0 {
+            ledger.flush().await;
+        }
+    }
+    ledger.flush().await;
+    let until = t0 + 4 * HOUR_MS;
+    for bucket in [MINUTE_MS, 15 * MINUTE_MS, HOUR_MS] {
+        let series = db.usage_series(t0, until, bucket).await?;
+        let requests: i64 = series.iter().map(|p| p.requests).sum();
+        let cost: i64 = series.iter().map(|p| p.cost).sum();
+        assert_eq!((requests, cost), (500, 7 * (0..500).sum::<i64>()));
+        let by_raw = db.usage_report(GroupBy::Model, t0, until).await?;
+        let by_rollup = db
+            .usage_rollup_report(RollupBy::Model, t0, until, bucket)
+            .await?;
+        assert_eq!(by_rollup, by_raw, "bucket {bucket}");
+        let by_raw = db.usage_report(GroupBy::Team, t0, until).await?;
+        let by_rollup = db
+            .usage_rollup_report(RollupBy::Team, t0, until, bucket)
+            .await?;
+        assert_eq!(by_rollup, by_raw, "bucket {bucket}");
+    }
+    // The second hour alone, from minutes and from hours.
+    let hour2 =
+        |bucket| db.usage_rollup_report(RollupBy::Key, t0 + HOUR_MS, t0 + 2 * HOUR_MS, bucket);
+    let raw = db
+        .usage_report(GroupBy::Key, t0 + HOUR_MS, t0 + 2 * HOUR_MS)
+        .await?;
+    assert_eq!(hour2(MINUTE_MS).await?, raw);
+    assert_eq!(hour2(HOUR_MS).await?, raw);
+    Ok(())
+}
+
+async fn budgets_accounts_and_spend_round_trip(backend: Backend) -> Result<(), Error> {
+    use tollgate_core::money::{Budget, Window};
+    let (_dir, db) = open(backend).await?;
+    let budget = |scope: &str, cap| Budget {
+        scope: Arc::from(scope),
+        window: Window::Day,
+        cap,
+        alert_percent: Some(80),
+    };
+    let v0 = db.budgets_version().await?;
+    db.set_budget(&budget("team:search", 10_000)).await?;
+    db.set_budget(&budget("team:search", 20_000)).await?;
+    db.set_budget(&budget("org", 1_000_000)).await?;
+    let v1 = db.budgets_version().await?;
+    assert_ne!(v0, v1);
+    let listed = db.list_budgets().await?;
+    assert_eq!(
+        listed,
+        [budget("org", 1_000_000), budget("team:search", 20_000)]
+    );
+    assert!(db.remove_budget("org", Window::Day).await?);
+    assert!(!db.remove_budget("org", Window::Day).await?);
+    assert_ne!(db.budgets_version().await?, v1);
+
+    let first = db.add_credits("acme", 5_000_000, "ops", "seed").await?;
+    let second = db.add_credits("acme", -250, "ops", "refund fix").await?;
+    assert!(second.id > first.id);
+    db.set_low_balance("acme", Some(1_000)).await?;
+    let acme = db.find_account("acme").await?;
+    assert_eq!((acme.balance, acme.low_balance), (4_999_750, Some(1_000)));
+    assert!(matches!(
+        db.find_account("nobody").await,
+        Err(Error::AccountNotFound(_))
+    ));
+    let entries = db.credit_entries(Some("acme"), 0).await?;
+    assert_eq!(
+        entries.iter().map(|e| e.amount).collect::<Vec<_>>(),
+        [5_000_000, -250]
+    );
+    assert_eq!(db.credit_entries(None, first.id).await?.len(), 1);
+    assert_eq!(db.last_credit_entry().await?, second.id);
+
+    // Settled usage is what spend sums: per team, per user, for the org.
+    let ledger = Ledger::start(&db)?;
+    for (i, (team, user, cost)) in [
+        ("search", "ann", 100),
+        ("search", "bob", 20),
+        ("ads", "ann", 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        ledger.record_detached(UsageRow {
+            request_id: format!("r{i}"),
+            at: 1_000 + i as i64,
+            team: Some(Arc::from(team)),
+            user: Some(user.to_owned()),
+            account: Some(Arc::from("acme")),
+            model: Arc::from("gpt-4o-mini"),
+            cost,
+            status: 200,
+            streamed: i == 1,
+            ..UsageRow::default()
+        });
+    }
+    ledger.flush().await;
+    assert_eq!(
+        db.spend_since(SpendColumn::Team, Some("search"), 0).await?,
+        [("team:search".to_owned(), 120)]
+    );
+    let mut users = db.spend_since(SpendColumn::User, None, 0).await?;
+    users.sort();
+    assert_eq!(
+        users,
+        [("user:ann".to_owned(), 103), ("user:bob".to_owned(), 20)]
+    );
+    assert_eq!(
+        db.spend_since(SpendColumn::Org, None, 0).await?,
+        [("org".to_owned(), 123)]
+    );
+    assert_eq!(
+        db.spend_since(SpendColumn::Org, None, 5_000).await?,
+        [("org".to_owned(), 0)]
+    );
+    assert_eq!(db.find_account("acme").await?.balance, 4_999_750 - 123);
+    let rows = db.usage_rows().await?;
+    assert_eq!(
+        rows.iter().map(|r| r.streamed).collect::<Vec<_>>(),
+        [false, true, false]
+    );
+    let days = db.usage_report(GroupBy::Day, 0, 10_000).await?;
+    assert_eq!(days.len(), 1);
+    assert_eq!(
+        (days[0].group.as_str(), days[0].requests, days[0].cost),
+        ("1970-01-01", 3, 123)
+    );
+    Ok(())
+}
+
+/// Runs each scenario on a SQLite file and on PostgreSQL.
+macro_rules! on_both_databases {
+    ($($scenario:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test]
+            async fn $scenario() -> Result<(), tollgate_store::Error> {
+                super::$scenario(super::Backend::Sqlite).await
+            })*
+        }
+        mod on_postgres {
+            $(#[tokio::test]
+            async fn $scenario() -> Result<(), tollgate_store::Error> {
+                super::$scenario(super::Backend::Postgres).await
+            })*
+        }
+    };
+}
+
+on_both_databases!(
+    created_key_is_found_by_its_secret_hash_only,
+    revoke_and_rotate_change_the_version,
+    batches_commit_rows_holds_and_balances_together,
+    rollups_sum_exactly_what_the_rows_hold,
+    budgets_accounts_and_spend_round_trip,
+);
