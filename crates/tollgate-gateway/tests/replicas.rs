@@ -1,8 +1,10 @@
-//! Three gateway replicas on different ports sharing one database and the
-//! real Redis on this machine (127.0.0.1:6379, or `TOLLGATE_TEST_REDIS_URL`):
-//! a key's limits hold across all of them as if there were one gateway.
-//! The same three replicas with limits in process memory admit three times
-//! as much, which is what the shared state is for.
+//! Three gateway replicas on different ports sharing the real PostgreSQL
+//! (127.0.0.1:5432, a scratch database per test) and the real Redis
+//! (127.0.0.1:6379, or `TOLLGATE_TEST_REDIS_URL`) on this machine: a key's
+//! limits, a budget and an account hold across all of them as if there
+//! were one gateway. The same three replicas with limits in process memory
+//! (over one SQLite file) admit three times as much, which is what the
+//! shared state is for.
 
 mod common;
 
@@ -11,9 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tollgate_core::clock::{Clock, SystemClock};
 use tollgate_core::limits::KeyLimits;
+use tollgate_core::money::{Budget, Micros, PriceTable, TokenUsage, Window};
 use tollgate_gateway::{Config, Gateway, RunningGateway};
 use tollgate_mock::{MockConfig, MockServer};
 use tollgate_store::NewKey;
+use tollgate_store::database::scratch;
 
 const CHAT: &str =
     r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"share me"}],"max_tokens":40}"#;
@@ -50,7 +54,9 @@ impl Clock for AheadClock {
     }
 }
 
-/// One replica per clock; limits in the Redis at `redis` when given.
+/// One replica per clock; with the Redis at `redis` for limits and money
+/// and a fresh PostgreSQL database when given, else each process's memory
+/// over one SQLite file.
 async fn replicas_on(clocks: Vec<Arc<dyn Clock>>, redis: Option<String>) -> Replicas {
     let mock = MockServer::start(MockConfig::default(), localhost())
         .await
@@ -62,6 +68,7 @@ async fn replicas_on(clocks: Vec<Arc<dyn Clock>>, redis: Option<String>) -> Repl
         .deployments
         .push(deployment("mock-a", mock.base_url(), &["gpt-4o-mini"]));
     if let Some(url) = redis {
+        config.state.database_url = Some(scratch::postgres().await);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -104,20 +111,36 @@ impl Replicas {
 
     /// A key made on the first replica, then loaded by all.
     async fn key(&self, limits: KeyLimits) -> String {
+        self.new_key(NewKey {
+            name: "shared".into(),
+            limits,
+            ..NewKey::default()
+        })
+        .await
+    }
+
+    async fn new_key(&self, new: NewKey) -> String {
         let first = self.gateways[0].gateway();
-        let (_, secret) = first
-            .db
-            .create_key(NewKey {
-                name: "shared".into(),
-                limits,
-                ..NewKey::default()
-            })
-            .await
-            .expect("key");
+        let (_, secret) = first.db.create_key(new).await.expect("key");
         for g in &self.gateways {
             g.gateway().keys.reload().await.expect("reload");
         }
         secret.expose().to_owned()
+    }
+
+    /// Every replica picks up budgets and credits now (instead of at its
+    /// next poll).
+    async fn sync_money(&self) {
+        for g in &self.gateways {
+            g.gateway().money.sync().await.expect("money synced");
+        }
+    }
+
+    /// Waits for every replica's usage rows to be durable.
+    async fn flush(&self) {
+        for g in &self.gateways {
+            g.gateway().money.flush().await;
+        }
     }
 
     /// A key at `rpm = 60` and 300 requests at once: how many were admitted
@@ -137,18 +160,25 @@ impl Replicas {
 
     /// `total` requests at once, spread round-robin; how many were admitted.
     async fn burst(&self, key: &str, total: usize) -> (usize, usize) {
+        let (ok, refused) = self.burst_of(key, total, CHAT).await;
+        (ok, refused.len())
+    }
+
+    /// `total` requests of `body` at once, spread round-robin: how many
+    /// were admitted, and the status of each one that was not.
+    async fn burst_of(&self, key: &str, total: usize, body: &str) -> (usize, Vec<u16>) {
         let tasks: Vec<_> = (0..total)
             .map(|i| {
                 let url = format!(
                     "{}/v1/chat/completions",
                     self.gateways[i % self.gateways.len()].url()
                 );
-                let (http, key) = (self.http.clone(), key.to_owned());
+                let (http, key, body) = (self.http.clone(), key.to_owned(), body.to_owned());
                 tokio::spawn(async move {
                     http.post(url)
                         .bearer_auth(key)
                         .header("content-type", "application/json")
-                        .body(CHAT)
+                        .body(body)
                         .send()
                         .await
                         .expect("sent")
@@ -157,15 +187,15 @@ impl Replicas {
                 })
             })
             .collect();
-        let (mut ok, mut limited) = (0, 0);
+        let (mut ok, mut refused) = (0, Vec::new());
         for t in tasks {
             match t.await.expect("task") {
                 200 => ok += 1,
-                429 => limited += 1,
-                other => panic!("only 200 or 429, got {other}"),
+                other @ (402 | 429) => refused.push(other),
+                other => panic!("only 200, 402 or 429, got {other}"),
             }
         }
-        (ok, limited)
+        (ok, refused)
     }
 }
 
@@ -218,6 +248,109 @@ async fn three_replicas_share_one_token_bucket_through_redis() {
         ok * 49 <= 1_000 + refill_tokens + estimate,
         "{ok} admitted: their estimates exceed the bucket"
     );
+}
+
+/// The shipped price of gpt-4o-mini.
+fn cost(input: u64, output: u64) -> Micros {
+    let table = PriceTable::with_overrides(&Default::default()).expect("shipped prices");
+    table.get("gpt-4o-mini").expect("priced").cost(TokenUsage {
+        input,
+        cached_input: 0,
+        output,
+    })
+}
+
+/// CHAT with room for `max_tokens` (the mock writes exactly that many, so
+/// a request costs exactly its estimate).
+fn chat_of(max_tokens: u64) -> String {
+    CHAT.replace("\"max_tokens\":40", &format!("\"max_tokens\":{max_tokens}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_spend_a_shared_budget_to_the_last_request_and_no_further() {
+    let r = replicas(3, true).await;
+    let key = r
+        .new_key(NewKey {
+            name: "spender".into(),
+            ..NewKey::default()
+        })
+        .await;
+    let cap = 10_000; // $0.01
+    r.gateways[0]
+        .gateway()
+        .db
+        .set_budget(&Budget {
+            scope: Arc::from("key:spender"),
+            window: Window::Day,
+            cap,
+            alert_percent: None,
+        })
+        .await
+        .expect("budget");
+    r.sync_money().await;
+    let (ok, refused) = r.burst_of(&key, 300, &chat_of(400)).await;
+    r.flush().await;
+    let rows = r.gateways[0].gateway().db.usage_rows().await.expect("rows");
+    assert_eq!(rows.len(), ok, "one row per served request");
+    let each = cost(rows[0].input_tokens, 400);
+    assert!(
+        rows.iter().all(|r| r.cost == each),
+        "every request costs its estimate"
+    );
+    let spent: Micros = rows.iter().map(|r| r.cost).sum();
+    // Exactly what fits: never past the cap, never one refused that fitted.
+    assert_eq!(ok as Micros, cap / each, "{ok} served at {each} µ$ each");
+    assert!(spent <= cap);
+    assert!(refused.iter().all(|&s| s == 429), "{refused:?}");
+    eprintln!("budget $0.01 across 3 replicas: {ok} served, {spent} µ$ spent");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_cannot_overdraw_a_shared_account() {
+    let r = replicas(3, true).await;
+    let key = r
+        .new_key(NewKey {
+            name: "prepaid".into(),
+            account: Some("acme".into()),
+            ..NewKey::default()
+        })
+        .await;
+    let db = &r.gateways[0].gateway().db;
+    let credits = 1_000; // $0.001
+    db.add_credits("acme", credits, "test", "seed")
+        .await
+        .expect("funded");
+    r.sync_money().await;
+    let (ok, refused) = r.burst_of(&key, 300, CHAT).await;
+    r.flush().await;
+    let rows = db.usage_rows().await.expect("rows");
+    let each = cost(rows[0].input_tokens, 40);
+    let spent: Micros = rows.iter().map(|r| r.cost).sum();
+    let balance = db.find_account("acme").await.expect("account").balance;
+    assert_eq!(rows.len(), ok);
+    assert_eq!(
+        ok as Micros,
+        credits / each,
+        "{ok} served at {each} µ$ each"
+    );
+    assert!(balance >= 0, "overdrawn: {balance}");
+    assert_eq!(
+        balance,
+        credits - spent,
+        "balance = top-ups − settled costs"
+    );
+    assert!(refused.iter().all(|&s| s == 402), "{refused:?}");
+
+    // A top-up on one replica reaches the shared balance once, not once
+    // per replica that sees it.
+    db.add_credits("acme", 500, "test", "top-up")
+        .await
+        .expect("topped up");
+    r.sync_money().await;
+    r.sync_money().await;
+    let (again, _) = r.burst_of(&key, 60, CHAT).await;
+    assert_eq!(again as Micros, (balance + 500) / each);
+    eprintln!("account $0.001 across 3 replicas: {ok} served, balance {balance} µ$");
 }
 
 #[tokio::test(flavor = "multi_thread")]
