@@ -16,6 +16,7 @@ use std::time::Duration;
 use tollgate_core::limits::{KeyLimits, LimitSet};
 use tollgate_core::money::PriceText;
 use tollgate_core::tokens::Encoding;
+use tollgate_store::shared::OutagePolicy;
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -140,6 +141,10 @@ pub struct StateConfig {
     /// The database of keys, budgets, credits and the ledger, when it is
     /// shared (`postgres://…`); overrides `[database] url`.
     pub database_url: Option<String>,
+    /// While Redis cannot be reached: `fail_closed` (503, retry) or
+    /// `fail_open` (each replica decides alone with its share of every
+    /// limit). Budgets and credits always fail closed.
+    pub on_redis_outage: OutagePolicy,
 }
 
 impl Default for StateConfig {
@@ -148,6 +153,7 @@ impl Default for StateConfig {
             redis_url: None,
             redis_prefix: "tollgate".into(),
             database_url: None,
+            on_redis_outage: OutagePolicy::FailClosed,
         }
     }
 }

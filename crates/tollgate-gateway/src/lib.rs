@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 use tollgate_core::clock::{Clock, SystemClock};
 use tollgate_core::tokens::Estimator;
 use tollgate_store::redis::RedisLimiter;
+use tollgate_store::shared::SharedLimiter;
 use tollgate_store::{Database, LimitStore, MemoryLimiter, MoneyBook, MoneyStore, SecretHash};
 use upstream::Deployment;
 
@@ -102,9 +103,17 @@ impl Gateway {
         let (store, book) = match &config.state.redis_url {
             Some(url) => {
                 let redis = RedisLimiter::connect(url, &config.state.redis_prefix).await?;
-                tracing::info!(prefix = %config.state.redis_prefix, "limit, budget and credit state in Redis, shared by every replica");
                 let money = redis.money();
-                (LimitStore::Redis(redis), MoneyStore::Redis(money))
+                let policy = config.state.on_redis_outage;
+                let shared = Arc::new(SharedLimiter::new(redis, policy, clock.clone()).await?);
+                tracing::info!(
+                    prefix = %config.state.redis_prefix,
+                    on_redis_outage = policy.as_str(),
+                    live_replicas = shared.health().live_replicas(),
+                    "limit, budget and credit state in Redis, shared by every replica"
+                );
+                let money = money.with_health(shared.health().clone());
+                (LimitStore::Redis(shared), MoneyStore::Redis(money))
             }
             None => (
                 LimitStore::Memory(MemoryLimiter::new(), clock.clone()),
@@ -180,6 +189,10 @@ impl Gateway {
         });
         gw.start_key_refresh();
         gw.start_limit_eviction();
+        metrics::limit_store_available(true);
+        if let Some(shared) = gw.limits.shared() {
+            gw.keep_task(tokio::spawn(shared.clone().run_heartbeat()));
+        }
         gw.keep_task(tokio::spawn(metrics::upkeep(metrics::handle())));
         Ok(gw)
     }

@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tollgate_core::clock::Clock;
 use tollgate_core::limits::{Cost, Grant, LimitSet, Refusal, Subject};
+use tollgate_store::redis::Stamp;
+use tollgate_store::shared::SharedLimiter;
 use tollgate_store::{KeyRecord, LimitStore};
 
 /// A key's limits with its preset and team resolved.
@@ -197,7 +199,7 @@ pub struct Admission {
     plan: Plan,
     /// Tokens charged at admission.
     pub estimate: u64,
-    at: u64,
+    stamp: Stamp,
     /// The tightest limits after the charge, for the response headers.
     pub grant: Grant,
     /// How long the request queued.
@@ -215,7 +217,7 @@ impl Admission {
                 self.plan.placement.clone(),
                 self.plan.entries.clone(),
                 delta,
-                self.at,
+                self.stamp,
             );
         }
     }
@@ -243,6 +245,11 @@ impl Limits {
         (backend, answer.is_ok())
     }
 
+    /// The shared limiter, when limits are in Redis.
+    pub fn shared(&self) -> Option<&Arc<SharedLimiter>> {
+        self.store.shared()
+    }
+
     /// Subjects with live state in this process (Redis keeps its own).
     pub fn tracked(&self) -> usize {
         self.store.tracked()
@@ -262,18 +269,16 @@ impl Limits {
         &self,
         plan: &Plan,
         cost: Cost,
-    ) -> Result<(Result<Grant, Refusal>, u64), Error> {
+    ) -> Result<(Result<Grant, Refusal>, Stamp), Error> {
         let d = self
             .store
             .admit(&plan.placement, &plan.entries, cost)
             .await
             .map_err(|e| {
-                crate::metrics::limit_store_available(false);
-                tracing::error!(error = %e, "limit state unavailable; refusing (fail closed)");
+                tracing::warn!(error = %e, "limit state unavailable; refusing (fail closed)");
                 Error::LimitsUnavailable
             })?;
-        crate::metrics::limit_store_available(true);
-        Ok((d.result, d.at))
+        Ok((d.result, d.stamp()))
     }
 
     /// Charges `cost` on every limit of `plan`. With a `max_wait`, a request
@@ -289,27 +294,31 @@ impl Limits {
         max_wait: Option<Duration>,
     ) -> Result<Admission, Error> {
         let outcome = if plan.is_empty() {
-            Ok((Grant::default(), self.clock.now_ns(), Duration::ZERO))
+            let stamp = Stamp {
+                at: self.clock.now_ns(),
+                local: true,
+            };
+            Ok((Grant::default(), stamp, Duration::ZERO))
         } else {
             match self.decide(&plan, cost).await? {
-                (Ok(grant), at) => Ok((grant, at, Duration::ZERO)),
+                (Ok(grant), stamp) => Ok((grant, stamp, Duration::ZERO)),
                 (Err(refusal), _) => {
                     let started = tokio::time::Instant::now();
                     let budget = max_wait.unwrap_or_default().min(self.max_queue_wait);
                     self.queue(&plan, cost, key_id, refusal, budget)
                         .await?
-                        .map(|(grant, at)| (grant, at, started.elapsed()))
+                        .map(|(grant, stamp)| (grant, stamp, started.elapsed()))
                 }
             }
         };
         match outcome {
-            Ok((grant, at, waited)) => {
+            Ok((grant, stamp, waited)) => {
                 crate::metrics::admitted(&plan, &grant, waited);
                 Ok(Admission {
                     limits: self.clone(),
                     plan,
                     estimate: cost.tokens,
-                    at,
+                    stamp,
                     grant,
                     waited,
                 })
@@ -331,7 +340,7 @@ impl Limits {
         key_id: &Arc<str>,
         mut refusal: Refusal,
         budget: Duration,
-    ) -> Result<Result<(Grant, u64), Refusal>, Error> {
+    ) -> Result<Result<(Grant, Stamp), Refusal>, Error> {
         let curable = |r: &Refusal, left: Duration| {
             r.should_retry() && r.retry_after().is_some_and(|w| w <= left)
         };
@@ -351,7 +360,7 @@ impl Limits {
         let _turn = tokio::time::timeout_at(deadline, queue.lock()).await;
         loop {
             match self.decide(plan, cost).await? {
-                (Ok(grant), at) => return Ok(Ok((grant, at))),
+                (Ok(grant), stamp) => return Ok(Ok((grant, stamp))),
                 (Err(r), _) => refusal = r,
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());

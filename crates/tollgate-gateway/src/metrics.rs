@@ -152,7 +152,15 @@ fn describe() {
     );
     describe_gauge!(
         "tollgate_limit_store_available",
-        "1 while limit decisions reach their store; 0 while the gateway fails closed"
+        "1 while limit decisions reach their store; 0 while Redis is down (the replica fails closed, or decides alone with its share when failing open)"
+    );
+    describe_gauge!(
+        "tollgate_live_replicas",
+        "Gateway replicas announcing themselves through Redis (the divisor of each replica's share while Redis is down)"
+    );
+    describe_counter!(
+        "tollgate_limit_local_decisions_total",
+        "Limit decisions a replica made alone, with its share, while Redis was down (fail_open)"
     );
     describe_histogram!(
         "tollgate_ledger_commit_seconds",

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpListener;
+use tollgate_store::shared::OutagePolicy;
 use tracing::Instrument;
 
 /// The id of the request being served (the client's `x-request-id` if it
@@ -169,11 +170,29 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     if !limits_ok {
         tracing::warn!(backend, "readiness check: limit state not answering");
     }
-    let ready = database.is_ok() && limits_ok;
+    let mut limits = serde_json::json!({
+        "store": backend,
+        "state": if limits_ok { "ok" } else { "unavailable" },
+    });
+    // Failing open, a replica without Redis still serves (alone, with its
+    // share of each limit): it stays ready, and says how it decides.
+    let mut serving = limits_ok;
+    if let Some(shared) = gw.limits.shared() {
+        let health = shared.health();
+        let policy = shared.policy();
+        limits["on_redis_outage"] = policy.as_str().into();
+        limits["live_replicas"] = health.live_replicas().into();
+        limits["conservative_refill"] = health.draining().into();
+        if !limits_ok && policy == OutagePolicy::FailOpen {
+            limits["state"] = "fallback".into();
+            serving = true;
+        }
+    }
+    let ready = database.is_ok() && serving;
     let body = serde_json::json!({
         "status": if ready { "ready" } else { "not_ready" },
         "database": if database.is_ok() { "ok" } else { "unavailable" },
-        "limits": { "store": backend, "state": if limits_ok { "ok" } else { "unavailable" } },
+        "limits": limits,
     });
     let status = if ready {
         http::StatusCode::OK

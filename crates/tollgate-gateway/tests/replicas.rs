@@ -18,6 +18,7 @@ use tollgate_gateway::{Config, Gateway, RunningGateway};
 use tollgate_mock::{MockConfig, MockServer};
 use tollgate_store::NewKey;
 use tollgate_store::database::scratch;
+use tollgate_store::shared::OutagePolicy;
 
 const CHAT: &str =
     r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"share me"}],"max_tokens":40}"#;
@@ -39,7 +40,7 @@ async fn replicas(n: usize, shared: bool) -> Replicas {
     let clocks = (0..n)
         .map(|_| Arc::new(SystemClock::new()) as Arc<dyn Clock>)
         .collect();
-    replicas_on(clocks, shared.then(redis_url)).await
+    replicas_on(clocks, shared.then(redis_url), OutagePolicy::FailClosed).await
 }
 
 /// A clock running `offset` ahead of the real one.
@@ -57,7 +58,11 @@ impl Clock for AheadClock {
 /// One replica per clock; with the Redis at `redis` for limits and money
 /// and a fresh PostgreSQL database when given, else each process's memory
 /// over one SQLite file.
-async fn replicas_on(clocks: Vec<Arc<dyn Clock>>, redis: Option<String>) -> Replicas {
+async fn replicas_on(
+    clocks: Vec<Arc<dyn Clock>>,
+    redis: Option<String>,
+    on_outage: OutagePolicy,
+) -> Replicas {
     let mock = MockServer::start(MockConfig::default(), localhost())
         .await
         .expect("mock starts");
@@ -67,6 +72,7 @@ async fn replicas_on(clocks: Vec<Arc<dyn Clock>>, redis: Option<String>) -> Repl
     config
         .deployments
         .push(deployment("mock-a", mock.base_url(), &["gpt-4o-mini"]));
+    config.state.on_redis_outage = on_outage;
     if let Some(url) = redis {
         config.state.database_url = Some(scratch::postgres().await);
         let nanos = SystemTime::now()
@@ -100,13 +106,35 @@ async fn replicas_on(clocks: Vec<Arc<dyn Clock>>, redis: Option<String>) -> Repl
 impl Replicas {
     /// `/readyz` of the first replica: status and body.
     async fn ready(&self) -> (u16, serde_json::Value) {
+        self.ready_of(0).await
+    }
+
+    /// `/readyz` of replica `i`.
+    async fn ready_of(&self, i: usize) -> (u16, serde_json::Value) {
         let resp = self
             .http
-            .get(format!("{}/readyz", self.gateways[0].url()))
+            .get(format!("{}/readyz", self.gateways[i].url()))
             .send()
             .await
             .expect("sent");
         (resp.status().as_u16(), resp.json().await.expect("json"))
+    }
+
+    /// Polls every replica's `/readyz` until `limits` satisfies `until`
+    /// (the heartbeat announces, probes and recovers once a second or
+    /// faster; ten seconds is ample).
+    async fn await_limits(&self, what: &str, until: impl Fn(&serde_json::Value) -> bool) {
+        for i in 0..self.gateways.len() {
+            let mut seen = serde_json::Value::Null;
+            for _ in 0..200 {
+                seen = self.ready_of(i).await.1;
+                if until(&seen["limits"]) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(until(&seen["limits"]), "replica {i} never {what}: {seen}");
+        }
     }
 
     /// A key made on the first replica, then loaded by all.
@@ -377,7 +405,7 @@ async fn a_replica_whose_clock_runs_five_seconds_ahead_still_agrees() {
         ahead,
         Arc::new(SystemClock::new()),
     ];
-    let r = replicas_on(clocks, Some(redis_url())).await;
+    let r = replicas_on(clocks, Some(redis_url()), OutagePolicy::FailClosed).await;
     let (ok, _, most) = r.burst_at_rpm_60().await;
     // Decisions run on Redis's clock: the skewed replica's five seconds
     // would otherwise have refilled five more.
@@ -453,17 +481,40 @@ fn own_redis(port: u16) -> std::process::Child {
     panic!("redis-server did not listen on {port}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn while_redis_is_down_requests_get_503_and_come_back_after() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr")
-        .port();
+        .port()
+}
+
+/// One request; its status and `retry-after-ms`.
+async fn once(r: &Replicas, i: usize, key: &str) -> (u16, Option<u64>) {
+    let resp = r
+        .http
+        .post(format!("{}/v1/chat/completions", r.gateways[i].url()))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(CHAT)
+        .send()
+        .await
+        .expect("sent");
+    let wait = resp
+        .headers()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    (resp.status().as_u16(), wait)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_closed_a_replica_answers_503_only_while_redis_is_down() {
+    let port = free_port();
     let mut redis = own_redis(port);
     let r = replicas_on(
         vec![Arc::new(SystemClock::new())],
         Some(format!("redis://127.0.0.1:{port}")),
+        OutagePolicy::FailClosed,
     )
     .await;
     let key = r
@@ -477,7 +528,8 @@ async fn while_redis_is_down_requests_get_503_and_come_back_after() {
     assert_eq!(status, 200);
     assert_eq!(
         ready["limits"],
-        serde_json::json!({"store": "redis", "state": "ok"})
+        serde_json::json!({"store": "redis", "state": "ok", "on_redis_outage": "fail_closed",
+                           "live_replicas": 1, "conservative_refill": false})
     );
 
     redis.kill().expect("stop redis");
@@ -505,19 +557,117 @@ async fn while_redis_is_down_requests_get_503_and_come_back_after() {
         (503, &serde_json::json!("unavailable"))
     );
 
-    // Back again (empty: its state was lost), and so are the decisions.
+    // Back again, empty: its state was lost. The key's bucket starts empty
+    // and refills at its rate (one request per 100 ms) instead of opening
+    // wide, and the first refusal says exactly when to come back.
     let mut redis = own_redis(port);
-    // The connection manager reconnects in the background; /readyz says
-    // when it has.
-    let mut recovered = false;
-    for _ in 0..100 {
-        if r.ready().await.0 == 200 {
-            recovered = r.burst(&key, 1).await == (1, 0);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    r.await_limits("recovered", |l| l["state"] == "ok").await;
+    let (_, ready) = r.ready().await;
+    assert_eq!(ready["limits"]["conservative_refill"], true);
+    let (status, wait) = once(&r, 0, &key).await;
+    assert_eq!(status, 429, "a forgotten bucket starts empty");
+    let wait = wait.expect("retry-after-ms");
+    assert!(wait <= 100, "{wait} ms");
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let (status, _) = once(&r, 0, &key).await;
+    let _ = redis.kill();
+    let _ = redis.wait();
+    assert_eq!(status, 200, "decisions resume once Redis is back");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_open_replicas_keep_serving_within_their_shares_while_redis_is_down() {
+    let port = free_port();
+    let mut redis = own_redis(port);
+    let clocks = (0..3)
+        .map(|_| Arc::new(SystemClock::new()) as Arc<dyn Clock>)
+        .collect();
+    let r = Arc::new(
+        replicas_on(
+            clocks,
+            Some(format!("redis://127.0.0.1:{port}")),
+            OutagePolicy::FailOpen,
+        )
+        .await,
+    );
+    // Every replica knows there are three before Redis goes.
+    r.await_limits("counted three replicas", |l| l["live_replicas"] == 3)
+        .await;
+    let steady = r
+        .new_key(NewKey {
+            name: "steady".into(),
+            limits: KeyLimits {
+                rpm: Some(60_000),
+                ..KeyLimits::default()
+            },
+            ..NewKey::default()
+        })
+        .await;
+    let bursty = r
+        .new_key(NewKey {
+            name: "bursty".into(),
+            limits: KeyLimits {
+                rpm: Some(60),
+                ..KeyLimits::default()
+            },
+            ..NewKey::default()
+        })
+        .await;
+
+    // Load on every replica from before the outage to after it.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..3)
+        .map(|i| {
+            let (r, stop, key) = (r.clone(), stop.clone(), steady.clone());
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    statuses.push(once(&r, i, &key).await.0);
+                }
+                statuses
+            })
+        })
+        .collect();
+
+    redis.kill().expect("stop redis");
+    redis.wait().expect("stopped");
+    r.await_limits("fell back", |l| l["state"] == "fallback")
+        .await;
+    let (status, _) = r.ready().await;
+    assert_eq!(status, 200, "failing open, a replica stays ready");
+    // 300 at once across the three: each admits its share (60 / 3).
+    let started = std::time::Instant::now();
+    let (alone, refused) = r.burst_of(&bursty, 300, CHAT).await;
+    let most = 61 + started.elapsed().as_secs() as usize;
+    assert!(
+        (60..=most).contains(&alone),
+        "{alone} admitted while Redis was down"
+    );
+    assert!(refused.iter().all(|&s| s == 429));
+
+    // Redis returns empty: decisions are shared again, and the forgotten
+    // bucket refills at its rate rather than opening on top of the
+    // outage's admissions.
+    let mut redis = own_redis(port);
+    r.await_limits("recovered", |l| l["state"] == "ok").await;
+    let started = std::time::Instant::now();
+    let (after, _) = r.burst_of(&bursty, 300, CHAT).await;
+    let refill = 1 + started.elapsed().as_secs() as usize;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut served = 0;
+    for task in load {
+        let statuses = task.await.expect("load task");
+        assert!(
+            statuses.iter().all(|&s| s < 500),
+            "a 5xx while failing open: {:?}",
+            statuses.iter().filter(|&&s| s >= 500).collect::<Vec<_>>()
+        );
+        served += statuses.len();
     }
     let _ = redis.kill();
     let _ = redis.wait();
-    assert!(recovered, "decisions resume once Redis is back");
+    assert!(after <= refill, "{after} admitted right after recovery");
+    eprintln!(
+        "fail open: {alone} of 300 admitted across 3 replicas during the outage, {after} right after; {served} steady requests, no 5xx"
+    );
 }

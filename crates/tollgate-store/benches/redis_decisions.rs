@@ -45,7 +45,7 @@ async fn main() {
                         tokens: 100,
                     };
                     while Instant::now() < deadline {
-                        let d = limiter.admit("bench-team", &subjects, cost).await;
+                        let d = limiter.admit("bench-team", &subjects, cost, 0).await;
                         assert!(d.is_ok_and(|d| d.result.is_ok()), "admitted");
                         done.fetch_add(1, Ordering::Relaxed);
                     }

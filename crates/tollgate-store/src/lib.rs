@@ -11,6 +11,7 @@ pub mod limiter;
 pub mod money;
 pub mod redis;
 pub mod secret;
+pub mod shared;
 pub mod state;
 
 pub use book::MoneyBook;
@@ -56,4 +57,7 @@ pub enum Error {
     /// Redis refused, failed or could not be reached.
     #[error("redis: {0}")]
     Redis(::redis::RedisError),
+    /// Redis was unreachable at the last try; the heartbeat is probing it.
+    #[error("redis is down")]
+    RedisDown,
 }

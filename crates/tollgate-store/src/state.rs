@@ -5,7 +5,8 @@
 use crate::Error;
 use crate::book::{BudgetCharge, MoneyAlert, MoneyBook, Remaining};
 use crate::limiter::MemoryLimiter;
-use crate::redis::{Decision, RedisLimiter, RedisMoney, Reserve};
+use crate::redis::{Decision, RedisMoney, Reserve, Stamp};
+use crate::shared::SharedLimiter;
 use std::sync::Arc;
 use tollgate_core::clock::Clock;
 use tollgate_core::limits::{Cost, LimitSet, Subject};
@@ -15,8 +16,8 @@ use tollgate_core::money::{Micros, Window};
 pub enum LimitStore {
     /// In process memory, on the gateway's clock.
     Memory(MemoryLimiter, Arc<dyn Clock>),
-    /// In Redis, on Redis's clock.
-    Redis(RedisLimiter),
+    /// In Redis, on Redis's clock (with this replica's fallback).
+    Redis(Arc<SharedLimiter>),
 }
 
 impl std::fmt::Debug for LimitStore {
@@ -44,9 +45,10 @@ impl LimitStore {
                 Ok(Decision {
                     result: limiter.admit(subjects, cost, at),
                     at,
+                    local: true,
                 })
             }
-            LimitStore::Redis(redis) => redis.admit(placement, subjects, cost).await,
+            LimitStore::Redis(shared) => shared.admit(placement, subjects, cost).await,
         }
     }
 
@@ -58,19 +60,16 @@ impl LimitStore {
         placement: Arc<str>,
         subjects: Vec<(Subject, LimitSet)>,
         delta: i64,
-        admitted_at: u64,
+        stamp: Stamp,
     ) {
         match self {
             LimitStore::Memory(limiter, clock) => {
-                limiter.reconcile(&subjects, delta, admitted_at, clock.now_ns());
+                limiter.reconcile(&subjects, delta, stamp.at, clock.now_ns());
             }
-            LimitStore::Redis(redis) => {
-                let redis = redis.clone();
+            LimitStore::Redis(shared) => {
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = redis
-                        .reconcile(&placement, &subjects, delta, admitted_at)
-                        .await
-                    {
+                    if let Err(e) = shared.reconcile(&placement, &subjects, delta, stamp).await {
                         tracing::warn!(error = %e, delta, "could not reconcile a request's tokens in Redis");
                     }
                 });
@@ -79,19 +78,31 @@ impl LimitStore {
     }
 
     /// Where the state lives, and whether it answers: `"memory"`, or
-    /// `"redis"` with Redis's answer to a PING.
+    /// `"redis"` and whether Redis answered last time.
     pub async fn check(&self) -> (&'static str, Result<(), Error>) {
         match self {
             LimitStore::Memory(..) => ("memory", Ok(())),
-            LimitStore::Redis(redis) => ("redis", redis.ping().await),
+            // As the last heartbeat (at most a second ago) or decision found
+            // it: what decisions go by, and no wait on a Redis that is gone.
+            LimitStore::Redis(shared) if shared.health().is_up() => ("redis", Ok(())),
+            LimitStore::Redis(_) => ("redis", Err(Error::RedisDown)),
         }
     }
 
-    /// Subjects tracked in this process (Redis expires its own: 0).
+    /// The shared limiter, when limits are in Redis.
+    pub fn shared(&self) -> Option<&Arc<SharedLimiter>> {
+        match self {
+            LimitStore::Memory(..) => None,
+            LimitStore::Redis(shared) => Some(shared),
+        }
+    }
+
+    /// Subjects tracked in this process (Redis expires its own; a
+    /// replica's fallback tracks what it decided alone).
     pub fn tracked(&self) -> usize {
         match self {
             LimitStore::Memory(limiter, _) => limiter.len(),
-            LimitStore::Redis(_) => 0,
+            LimitStore::Redis(shared) => shared.fallback().len(),
         }
     }
 
@@ -99,29 +110,25 @@ impl LimitStore {
     pub fn evict_idle(&self, now: u64) -> usize {
         match self {
             LimitStore::Memory(limiter, _) => limiter.evict_idle(now),
-            LimitStore::Redis(_) => 0,
+            LimitStore::Redis(shared) => shared.fallback().evict_idle(now),
         }
     }
 
-    /// Corrects the token charge of a request admitted at `admitted_at` by
-    /// `delta` tokens (real minus estimated).
+    /// Corrects the token charge of a request by `delta` tokens (real
+    /// minus estimated) where its [`Decision`] was made.
     pub async fn reconcile(
         &self,
         placement: &str,
         subjects: &[(Subject, LimitSet)],
         delta: i64,
-        admitted_at: u64,
+        stamp: Stamp,
     ) -> Result<(), Error> {
         match self {
             LimitStore::Memory(limiter, clock) => {
-                limiter.reconcile(subjects, delta, admitted_at, clock.now_ns());
+                limiter.reconcile(subjects, delta, stamp.at, clock.now_ns());
                 Ok(())
             }
-            LimitStore::Redis(redis) => {
-                redis
-                    .reconcile(placement, subjects, delta, admitted_at)
-                    .await
-            }
+            LimitStore::Redis(shared) => shared.reconcile(placement, subjects, delta, stamp).await,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tollgate_core::clock::SystemClock;
 use tollgate_core::limits::{Cost, LimitKind, LimitSet, RefusalKind, Subject};
 use tollgate_store::redis::RedisLimiter;
+use tollgate_store::shared::{OutagePolicy, SharedLimiter};
 use tollgate_store::{LimitStore, MemoryLimiter};
 
 /// Every scenario's subjects share one placement, as a key's always do.
@@ -23,7 +24,14 @@ async fn redis() -> LimitStore {
     let limiter = RedisLimiter::connect(&url, "tollgate-test")
         .await
         .unwrap_or_else(|e| panic!("the Redis half of this suite needs Redis at {url}: {e}"));
-    LimitStore::Redis(limiter)
+    let shared = SharedLimiter::new(
+        limiter,
+        OutagePolicy::FailClosed,
+        Arc::new(SystemClock::new()),
+    )
+    .await
+    .expect("first heartbeat");
+    LimitStore::Redis(Arc::new(shared))
 }
 
 /// A key id no earlier run used (Redis keeps state between runs).
@@ -199,7 +207,7 @@ async fn reconciliation_refunds_and_charges_the_difference(store: &LimitStore) {
     assert!(first.result.is_ok());
     // It used 20 of the 80 estimated.
     store
-        .reconcile(PLACE, &subjects, -60, first.at)
+        .reconcile(PLACE, &subjects, -60, first.stamp())
         .await
         .expect("reconciled");
     let second = store
@@ -213,7 +221,7 @@ async fn reconciliation_refunds_and_charges_the_difference(store: &LimitStore) {
     );
     // It used 90: ten more are charged, and the day counter holds 110.
     store
-        .reconcile(PLACE, &subjects, 10, second.at)
+        .reconcile(PLACE, &subjects, 10, second.stamp())
         .await
         .expect("reconciled");
     let refusal = store

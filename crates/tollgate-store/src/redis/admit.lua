@@ -5,8 +5,11 @@
 -- limit is never exceeded).
 --
 -- KEYS: one hash per subject (fields t0 t1 r0 r1 d u0 u1).
--- ARGV: cost_requests, cost_tokens, then per subject rpm, tpm, rpd, tpd
---       (-1 where the subject has no such limit).
+-- ARGV: cost_requests, cost_tokens, drained_until_us, then per subject
+--       rpm, tpm, rpd, tpd (-1 where the subject has no such limit).
+--       Until drained_until_us (Redis time), a subject Redis has no state
+--       for starts with empty buckets instead of full ones: after Redis
+--       lost its state, limits refill at their rate rather than open wide.
 -- Reply, admitted: {1, now_us, <grant>}
 --        refused:  {0, now_us, subject, kind, why, wait_us, limit, used,
 --                   requested, <standing>}
@@ -21,6 +24,7 @@ local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local today = math.floor(now / DAY)
 local until_midnight = (today + 1) * DAY - now
 local cost = { tonumber(ARGV[1]), tonumber(ARGV[2]) }
+local drained = now < tonumber(ARGV[3])
 
 local function interval(amount)
   if amount <= 0 then return math.huge end
@@ -28,8 +32,10 @@ local function interval(amount)
 end
 
 -- The bucket's tat for a limit of `amount`: what is outstanding stays the
--- same number of units when the amount was edited.
+-- same number of units when the amount was edited. A subject without state
+-- in a drained period starts empty.
 local function tat_for(st, slot, amount)
+  if st.empty and st.rate[slot] == 0 then return now + amount * interval(amount) end
   local tat, old = st.tat[slot], st.rate[slot]
   if old == 0 or old == amount or tat <= now then return tat end
   local units = math.ceil((tat - now) / interval(old))
@@ -39,12 +45,14 @@ end
 local function load(key)
   local v = redis.call('HMGET', key, 't0', 't1', 'r0', 'r1', 'd', 'u0', 'u1')
   local n = function(i) return tonumber(v[i]) or 0 end
-  return { tat = { n(1), n(2) }, rate = { n(3), n(4) }, day = n(5), used = { n(6), n(7) } }
+  local empty = drained and not v[1] and not v[2] and not v[5]
+  return { tat = { n(1), n(2) }, rate = { n(3), n(4) }, day = n(5), used = { n(6), n(7) },
+           empty = empty }
 end
 
 local function copy(st)
   return { tat = { st.tat[1], st.tat[2] }, rate = { st.rate[1], st.rate[2] }, day = st.day,
-           used = { st.used[1], st.used[2] } }
+           used = { st.used[1], st.used[2] }, empty = st.empty }
 end
 
 -- kind 1..4 -> slot (1 requests, 2 tokens) and whether it is daily
@@ -120,7 +128,7 @@ for i = 1, #KEYS do
   nexts[i] = nx
   limits[i] = {}
   for kind = 1, 4 do
-    local amount = tonumber(ARGV[2 + (i - 1) * 4 + kind])
+    local amount = tonumber(ARGV[3 + (i - 1) * 4 + kind])
     if amount >= 0 then
       limits[i][kind] = amount
       local c = cost[SLOT[kind]]
@@ -156,6 +164,20 @@ local function flat(out, ...)
 end
 
 if refusal then
+  -- A subject that started empty stays so: without this a refused request
+  -- would leave no state and the next would find it empty again.
+  for i = 1, #KEYS do
+    if states[i].empty then
+      for kind = 1, 2 do
+        local amount = limits[i][kind]
+        if amount then
+          redis.call('HSET', KEYS[i], 't' .. (kind - 1), now + amount * interval(amount),
+                     'r' .. (kind - 1), amount)
+        end
+      end
+      redis.call('PEXPIRE', KEYS[i], 61000)
+    end
+  end
   local best = {}
   for i = 1, #KEYS do
     for kind = 1, 4 do

@@ -27,6 +27,7 @@ use tollgate_core::limits::{
 
 const ADMIT: &str = include_str!("admit.lua");
 const RECONCILE: &str = include_str!("reconcile.lua");
+const HEARTBEAT: &str = include_str!("heartbeat.lua");
 
 /// A decision and the moment (ns, on the deciding clock) it was made at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +36,41 @@ pub struct Decision {
     pub result: Result<Grant, Refusal>,
     /// When it was decided, for the reconciliation.
     pub at: u64,
+    /// Whether this process decided it alone (Redis was down and the
+    /// replica fell back to its share): its reconciliation stays local too.
+    pub local: bool,
+}
+
+impl Decision {
+    /// Where and when it was made, for the reconciliation.
+    pub fn stamp(&self) -> Stamp {
+        Stamp {
+            at: self.at,
+            local: self.local,
+        }
+    }
+}
+
+/// Where and when a charge was made: a reconciliation corrects it there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stamp {
+    /// When (ns, on the deciding clock).
+    pub at: u64,
+    /// Whether this process decided alone.
+    pub local: bool,
+}
+
+/// What a replica learns from one heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Beat {
+    /// Replicas that announced themselves lately, this one included.
+    pub live: u64,
+    /// Redis's clock, µs since the epoch.
+    pub now_us: u64,
+    /// The token of the state Redis holds; another token means it lost it.
+    pub epoch: String,
+    /// Whether this heartbeat set the token (Redis had none).
+    pub set_epoch: bool,
 }
 
 /// Limit state in one Redis (or one Redis Cluster slot per decision).
@@ -43,6 +79,7 @@ pub struct RedisLimiter {
     conn: ConnectionManager,
     admit: redis::Script,
     reconcile: redis::Script,
+    heartbeat: redis::Script,
     prefix: String,
 }
 
@@ -75,6 +112,7 @@ impl RedisLimiter {
             conn,
             admit: redis::Script::new(ADMIT),
             reconcile: redis::Script::new(RECONCILE),
+            heartbeat: redis::Script::new(HEARTBEAT),
             prefix: prefix.to_owned(),
         })
     }
@@ -102,18 +140,22 @@ impl RedisLimiter {
     }
 
     /// Charges `cost` on every limit of every subject, or on none; the
-    /// subjects' state lives under the hash tag `placement`.
+    /// subjects' state lives under the hash tag `placement`. Until
+    /// `drained_until_us` (Redis time), subjects without state start empty.
     pub async fn admit(
         &self,
         placement: &str,
         subjects: &[(Subject, LimitSet)],
         cost: Cost,
+        drained_until_us: u64,
     ) -> Result<Decision, Error> {
         let mut call = self.admit.prepare_invoke();
         for k in self.keys(placement, subjects) {
             call.key(k);
         }
-        call.arg(cost.requests).arg(cost.tokens);
+        call.arg(cost.requests)
+            .arg(cost.tokens)
+            .arg(drained_until_us);
         for (_, limits) in subjects {
             for kind in LimitKind::ALL {
                 call.arg(
@@ -131,6 +173,33 @@ impl RedisLimiter {
             Error::Redis(e)
         })?;
         decode(&reply).ok_or_else(|| Error::Redis(redis_reply_error(&reply)))
+    }
+
+    /// Announces replica `id` (alive for `alive` after this) and reads how
+    /// many replicas are alive and which state Redis holds; `new_epoch`
+    /// becomes the state's token if Redis has none.
+    pub async fn heartbeat(
+        &self,
+        id: &str,
+        new_epoch: &str,
+        alive: Duration,
+    ) -> Result<Beat, Error> {
+        let mut call = self.heartbeat.prepare_invoke();
+        call.key(format!("{}:{{replicas}}:live", self.prefix))
+            .key(format!("{}:{{replicas}}:epoch", self.prefix))
+            .arg(id)
+            .arg(new_epoch)
+            .arg(alive.as_millis() as u64);
+        let (live, now_us, epoch, set): (u64, u64, String, u8) = call
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(Error::Redis)?;
+        Ok(Beat {
+            live,
+            now_us,
+            epoch,
+            set_epoch: set == 1,
+        })
     }
 
     /// Whether Redis answers.
@@ -217,6 +286,7 @@ fn decode(v: &[i64]) -> Option<Decision> {
         return Some(Decision {
             result: Ok(readings(v.get(2..14)?)?),
             at,
+            local: false,
         });
     }
     let f = v.get(2..9)?;
@@ -236,5 +306,6 @@ fn decode(v: &[i64]) -> Option<Decision> {
             standing: readings(v.get(9..21)?)?,
         }),
         at,
+        local: false,
     })
 }

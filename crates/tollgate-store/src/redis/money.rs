@@ -15,6 +15,7 @@
 
 use crate::Error;
 use crate::book::{BudgetCharge, MoneyAlert, MoneyRefusal, Remaining};
+use crate::shared::RedisHealth;
 use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +51,7 @@ pub struct RedisMoney {
     conn: ConnectionManager,
     script: redis::Script,
     prefix: String,
+    health: Option<Arc<RedisHealth>>,
 }
 
 impl std::fmt::Debug for RedisMoney {
@@ -79,7 +81,15 @@ impl RedisMoney {
             conn,
             script: redis::Script::new(MONEY),
             prefix: prefix.to_owned(),
+            health: None,
         }
+    }
+
+    /// Shares what the limiter's heartbeat knows of Redis: while it is
+    /// down, money calls fail at once instead of waiting on a connection.
+    pub fn with_health(mut self, health: Arc<RedisHealth>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     fn budget_key(&self, scope: &str, window: Window) -> String {
@@ -104,12 +114,19 @@ impl RedisMoney {
         op: &'static str,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T, Error> {
+        if self.health.as_ref().is_some_and(|h| !h.is_up()) {
+            return Err(Error::RedisDown);
+        }
         let started = std::time::Instant::now();
         let reply = invocation.invoke_async(&mut self.conn.clone()).await;
         metrics::histogram!("tollgate_redis_seconds", "op" => op).record(started.elapsed());
         reply.map_err(|e| {
             metrics::counter!("tollgate_redis_errors_total").increment(1);
-            Error::Redis(e)
+            let e = Error::Redis(e);
+            if let Some(h) = &self.health {
+                h.mark_down(&e);
+            }
+            e
         })
     }
 
