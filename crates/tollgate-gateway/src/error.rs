@@ -199,6 +199,10 @@ pub enum Error {
     /// let through unchecked (money never fails open).
     #[error("budget and credit state unavailable")]
     MoneyUnavailable,
+    /// The shared idempotency records (Redis) cannot be reached: the
+    /// request is not run, since it could not be run only once.
+    #[error("idempotency records unavailable")]
+    IdempotencyUnavailable,
     /// Every deployment of the model has its circuit open.
     #[error("every route is down for {retry_after:?}")]
     RoutesDown {
@@ -267,6 +271,13 @@ impl Error {
             .with_should_retry(false)
             .with_field("scope", "upstream")
             .with_field("limit", "tokens_per_minute"),
+            Error::IdempotencyUnavailable => ApiError::new(
+                503,
+                ErrorType::Server,
+                "idempotency_unavailable",
+                "The gateway cannot reach its shared idempotency records, so it cannot promise to run this request only once. Please retry shortly.".to_owned(),
+            )
+            .with_should_retry(true),
             Error::MoneyUnavailable => ApiError::new(
                 503,
                 ErrorType::Server,

@@ -9,6 +9,10 @@
 //! Only successful answers are kept: after a failure the next attempt runs
 //! afresh. A stream is kept once it has run to its end, and replayed as a
 //! stream.
+//!
+//! With Redis configured the records live there, so a retry that reaches
+//! another replica finds the first execution all the same; a duplicate
+//! waiting on one that runs elsewhere polls the record.
 
 use crate::Gateway;
 use crate::error::Error;
@@ -27,6 +31,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use tollgate_store::redis::{IdempotencyClaim, RedisIdempotency};
 
 /// The request header.
 pub const HEADER: &str = "idempotency-key";
@@ -58,18 +63,33 @@ enum Slot {
 
 type SlotKey = (Arc<str>, String);
 
-/// Every idempotency key seen within the TTL, in memory.
+/// Every idempotency key seen within the TTL: in memory, or in Redis
+/// shared by every replica.
 #[derive(Debug)]
 pub struct IdempotencyStore {
     slots: Mutex<HashMap<SlotKey, Slot>>,
     ttl: Duration,
+    shared: Option<Shared>,
 }
+
+/// Records in Redis, and how long a claim may run unkept.
+#[derive(Debug)]
+struct Shared {
+    redis: RedisIdempotency,
+    claim_for: Duration,
+}
+
+/// How often a duplicate looks again at a record running on another
+/// replica (Redis cannot wake it).
+const POLL_EVERY: Duration = Duration::from_millis(25);
 
 enum Claim {
     /// Run it; the guard keeps the answer (or clears the slot on failure).
     Execute(Guard),
     /// Wait for the running one, then look again.
     Wait(watch::Receiver<bool>),
+    /// It runs on another replica: look again shortly.
+    Poll,
     /// Answer with this.
     Replay(Arc<Stored>),
     /// Same key, different request.
@@ -87,6 +107,17 @@ struct Guard {
 impl Guard {
     fn keep(mut self, answer: Stored) {
         if let Some(key) = self.key.take() {
+            if let Some(shared) = &self.store.shared {
+                let (redis, ttl, hash) = (shared.redis.clone(), self.store.ttl, self.body_hash);
+                let record = encode(&answer);
+                tokio::spawn(async move {
+                    if let Err(e) = redis.keep(&key.0, &key.1, &hash, &record, ttl).await {
+                        tracing::warn!(error = %e, "could not keep an idempotent answer in Redis; a retry will run again");
+                    }
+                });
+                let _ = self.done.send(true);
+                return;
+            }
             let slot = Slot::Done {
                 body_hash: self.body_hash,
                 expires: Instant::now() + self.store.ttl,
@@ -102,18 +133,40 @@ impl Drop for Guard {
     /// Not kept (a failure, a stream cut short): the next attempt runs.
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.store.lock().remove(&key);
+            match &self.store.shared {
+                Some(shared) => {
+                    let (redis, hash) = (shared.redis.clone(), self.body_hash);
+                    tokio::spawn(async move {
+                        // Failing this, the claim lapses on its own.
+                        let _ = redis.release(&key.0, &key.1, &hash).await;
+                    });
+                }
+                None => {
+                    self.store.lock().remove(&key);
+                }
+            }
         }
         let _ = self.done.send(true);
     }
 }
 
 impl IdempotencyStore {
-    /// An empty store keeping answers for `ttl`.
+    /// An empty store in memory keeping answers for `ttl`.
     pub fn new(ttl: Duration) -> Self {
         Self {
             slots: Mutex::default(),
             ttl,
+            shared: None,
+        }
+    }
+
+    /// Records in Redis, kept for `ttl`; a claim whose replica died lapses
+    /// after `claim_for` (the longest a request may run).
+    pub fn in_redis(redis: RedisIdempotency, ttl: Duration, claim_for: Duration) -> Self {
+        Self {
+            slots: Mutex::default(),
+            ttl,
+            shared: Some(Shared { redis, claim_for }),
         }
     }
 
@@ -130,7 +183,39 @@ impl IdempotencyStore {
         before - slots.len()
     }
 
-    fn claim(self: &Arc<Self>, key: SlotKey, body_hash: [u8; 32]) -> Claim {
+    async fn claim(self: &Arc<Self>, key: SlotKey, body_hash: [u8; 32]) -> Result<Claim, Error> {
+        let Some(shared) = &self.shared else {
+            return Ok(self.claim_here(key, body_hash));
+        };
+        let claimed = shared
+            .redis
+            .claim(&key.0, &key.1, &body_hash, shared.claim_for)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "idempotency records unavailable");
+                Error::IdempotencyUnavailable
+            })?;
+        Ok(match claimed {
+            IdempotencyClaim::Execute => Claim::Execute(Guard {
+                store: self.clone(),
+                key: Some(key),
+                body_hash,
+                done: watch::channel(false).0,
+            }),
+            IdempotencyClaim::Running => Claim::Poll,
+            IdempotencyClaim::Mismatch => Claim::Mismatch,
+            IdempotencyClaim::Done(record) => match decode(&record) {
+                Some(answer) => Claim::Replay(Arc::new(answer)),
+                None => {
+                    return Err(Error::Internal(
+                        "a kept idempotent answer does not decode".into(),
+                    ));
+                }
+            },
+        })
+    }
+
+    fn claim_here(self: &Arc<Self>, key: SlotKey, body_hash: [u8; 32]) -> Claim {
         let mut slots = self.lock();
         match slots.get(&key) {
             Some(Slot::Done {
@@ -202,12 +287,13 @@ async fn serve(gw: &Arc<Gateway>, endpoint: Endpoint, req: Request) -> Result<Re
     let body_hash: [u8; 32] = hasher.finalize().into();
     let key = (caller.id.clone(), idem);
     loop {
-        match gw.idempotency.claim(key.clone(), body_hash) {
+        match gw.idempotency.claim(key.clone(), body_hash).await? {
             Claim::Replay(answer) => return Ok(replay(&answer, &caller.name)),
             Claim::Mismatch => return Err(Error::IdempotencyKeyReused),
             Claim::Wait(mut done) => {
                 let _ = done.wait_for(|finished| *finished).await;
             }
+            Claim::Poll => tokio::time::sleep(POLL_EVERY).await,
             Claim::Execute(guard) => {
                 let req = Request::from_parts(parts, Body::from(body));
                 let gw = gw.clone();
@@ -316,4 +402,80 @@ fn replay(answer: &Stored, key_name: &Arc<str>) -> Response {
         ..RequestLog::default()
     });
     resp
+}
+
+/// A kept answer as bytes: status (2), header count (2), each header's
+/// name and value with 2-byte lengths, then the body.
+fn encode(answer: &Stored) -> Vec<u8> {
+    let mut out = Vec::with_capacity(answer.body.len() + 512);
+    out.extend_from_slice(&answer.status.as_u16().to_be_bytes());
+    let headers: Vec<_> = answer
+        .headers
+        .iter()
+        .filter(|(n, v)| n.as_str().len() <= 0xffff && v.len() <= 0xffff)
+        .collect();
+    out.extend_from_slice(&(headers.len().min(0xffff) as u16).to_be_bytes());
+    for (name, value) in headers.into_iter().take(0xffff) {
+        for part in [name.as_str().as_bytes(), value.as_bytes()] {
+            out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+    }
+    out.extend_from_slice(&answer.body);
+    out
+}
+
+/// The answer [`encode`] wrote; `None` for anything else.
+fn decode(bytes: &[u8]) -> Option<Stored> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = b.split_at_checked(n)?;
+        *b = rest;
+        Some(head)
+    }
+    fn len(b: &mut &[u8]) -> Option<usize> {
+        let v = take(b, 2)?;
+        Some(usize::from(u16::from_be_bytes([v[0], v[1]])))
+    }
+    let mut b = bytes;
+    let status = StatusCode::from_u16(len(&mut b)? as u16).ok()?;
+    let count = len(&mut b)?;
+    let mut headers = HeaderMap::with_capacity(count);
+    for _ in 0..count {
+        let n = len(&mut b)?;
+        let name = http::HeaderName::from_bytes(take(&mut b, n)?).ok()?;
+        let n = len(&mut b)?;
+        let value = HeaderValue::from_bytes(take(&mut b, n)?).ok()?;
+        headers.append(name, value);
+    }
+    Some(Stored {
+        status,
+        headers,
+        body: Bytes::copy_from_slice(b),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kept_answer_survives_its_bytes() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        let answer = Stored {
+            status: StatusCode::CREATED,
+            headers,
+            body: Bytes::from_static(b"{\"ok\":true}"),
+        };
+        let back = decode(&encode(&answer)).expect("decodes");
+        assert_eq!(back.status, answer.status);
+        assert_eq!(back.headers, answer.headers);
+        assert_eq!(back.body, answer.body);
+        assert!(
+            decode(&encode(&answer)[..5]).is_none(),
+            "a cut record is refused"
+        );
+    }
 }

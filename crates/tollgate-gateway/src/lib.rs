@@ -100,10 +100,11 @@ impl Gateway {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let db = Database::open(config.database_url()).await?;
         let keys = KeyCache::load(db.clone(), config.clone()).await?;
-        let (store, book) = match &config.state.redis_url {
+        let (store, book, redis_records) = match &config.state.redis_url {
             Some(url) => {
                 let redis = RedisLimiter::connect(url, &config.state.redis_prefix).await?;
                 let money = redis.money();
+                let records = redis.idempotency();
                 let policy = config.state.on_redis_outage;
                 let shared = Arc::new(SharedLimiter::new(redis, policy, clock.clone()).await?);
                 tracing::info!(
@@ -113,11 +114,16 @@ impl Gateway {
                     "limit, budget and credit state in Redis, shared by every replica"
                 );
                 let money = money.with_health(shared.health().clone());
-                (LimitStore::Redis(shared), MoneyStore::Redis(money))
+                (
+                    LimitStore::Redis(shared),
+                    MoneyStore::Redis(money),
+                    Some(records),
+                )
             }
             None => (
                 LimitStore::Memory(MemoryLimiter::new(), clock.clone()),
                 MoneyStore::Memory(MoneyBook::new()),
+                None,
             ),
         };
         let money = Arc::new(Money::load(db.clone(), &config, clock.clone(), book).await?);
@@ -168,7 +174,15 @@ impl Gateway {
                 tracing::warn!(model, fallback = %f, "a fallback model no deployment serves is skipped");
             }
         }
-        let idempotency = Arc::new(IdempotencyStore::new(config.server.idempotency_ttl));
+        let ttl = config.server.idempotency_ttl;
+        let idempotency = Arc::new(match &redis_records {
+            Some(redis) => IdempotencyStore::in_redis(
+                redis.clone(),
+                ttl,
+                config.routing.max_request_timeout + std::time::Duration::from_secs(30),
+            ),
+            None => IdempotencyStore::new(ttl),
+        });
         let admin_key = secret(&config.server.admin_key_env)
             .filter(|k| !k.is_empty())
             .map(|k| SecretHash::of(&k));

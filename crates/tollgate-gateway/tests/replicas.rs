@@ -28,7 +28,7 @@ fn redis_url() -> String {
 }
 
 struct Replicas {
-    _mock: MockServer,
+    mock: MockServer,
     _dir: tempfile::TempDir,
     gateways: Vec<RunningGateway>,
     http: reqwest::Client,
@@ -63,7 +63,17 @@ async fn replicas_on(
     redis: Option<String>,
     on_outage: OutagePolicy,
 ) -> Replicas {
-    let mock = MockServer::start(MockConfig::default(), localhost())
+    replicas_with(clocks, redis, on_outage, MockConfig::default()).await
+}
+
+/// [`replicas_on`] in front of a mock configured as `mock`.
+async fn replicas_with(
+    clocks: Vec<Arc<dyn Clock>>,
+    redis: Option<String>,
+    on_outage: OutagePolicy,
+    mock: MockConfig,
+) -> Replicas {
+    let mock = MockServer::start(mock, localhost())
         .await
         .expect("mock starts");
     let dir = tempfile::tempdir().expect("temp dir");
@@ -96,7 +106,7 @@ async fn replicas_on(
         );
     }
     Replicas {
-        _mock: mock,
+        mock,
         _dir: dir,
         gateways,
         http: reqwest::Client::new(),
@@ -276,6 +286,60 @@ async fn three_replicas_share_one_token_bucket_through_redis() {
         ok * 49 <= 1_000 + refill_tokens + estimate,
         "{ok} admitted: their estimates exceed the bucket"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicates_spread_over_three_replicas_execute_and_charge_once() {
+    let clocks = (0..3)
+        .map(|_| Arc::new(SystemClock::new()) as Arc<dyn Clock>)
+        .collect();
+    // Slow enough that the duplicates arrive while the first one runs.
+    let slow = MockConfig {
+        ttft: Duration::from_millis(300),
+        ..MockConfig::default()
+    };
+    let r = replicas_with(clocks, Some(redis_url()), OutagePolicy::FailClosed, slow).await;
+    let key = r
+        .new_key(NewKey {
+            name: "idem".into(),
+            account: Some("acme".into()),
+            ..NewKey::default()
+        })
+        .await;
+    let db = &r.gateways[0].gateway().db;
+    db.add_credits("acme", 1_000_000, "test", "seed")
+        .await
+        .expect("funded");
+    r.sync_money().await;
+    let sends = (0..21).map(|i| {
+        r.http
+            .post(format!("{}/v1/chat/completions", r.gateways[i % 3].url()))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .header("idempotency-key", "order-1042")
+            .body(CHAT)
+            .send()
+    });
+    let mut bodies = Vec::new();
+    let mut replays = 0;
+    for resp in futures_util::future::join_all(sends).await {
+        let resp = resp.expect("sent");
+        assert_eq!(resp.status(), 200);
+        replays += usize::from(resp.headers().contains_key("x-tollgate-idempotent-replay"));
+        bodies.push(resp.text().await.expect("body"));
+    }
+    assert!(bodies.iter().all(|b| b == &bodies[0]), "one answer for all");
+    assert_eq!(replays, 20);
+    assert_eq!(
+        r.mock.stats().snapshot().received,
+        1,
+        "one upstream execution"
+    );
+    r.flush().await;
+    let rows = db.usage_rows().await.expect("rows");
+    assert_eq!(rows.len(), 1, "billed once");
+    let balance = db.find_account("acme").await.expect("account").balance;
+    assert_eq!(balance, 1_000_000 - rows[0].cost);
 }
 
 /// The shipped price of gpt-4o-mini.

@@ -14,8 +14,10 @@
 //! slot, and a subject's state stays under one tag for as long as the key
 //! stays in its team.
 
+mod idempotency;
 mod money;
 
+pub use idempotency::{IdempotencyClaim, RedisIdempotency};
 pub use money::{RedisMoney, Reserve, Unknown};
 
 use crate::Error;
@@ -115,6 +117,11 @@ impl RedisLimiter {
             heartbeat: redis::Script::new(HEARTBEAT),
             prefix: prefix.to_owned(),
         })
+    }
+
+    /// Idempotency records on the same connection.
+    pub fn idempotency(&self) -> RedisIdempotency {
+        RedisIdempotency::new(self.conn.clone(), &self.prefix)
     }
 
     /// Budgets and credits on the same connection.
