@@ -138,6 +138,8 @@ pub struct StateConfig {
     pub redis_url: Option<String>,
     /// Prefix of every Redis key, so that gateways can share a Redis.
     pub redis_prefix: String,
+    /// `redis_url` names a Redis Cluster: seed nodes separated by commas.
+    pub redis_cluster: bool,
     /// The database of keys, budgets, credits and the ledger, when it is
     /// shared (`postgres://…`); overrides `[database] url`.
     pub database_url: Option<String>,
@@ -152,6 +154,7 @@ impl Default for StateConfig {
         Self {
             redis_url: None,
             redis_prefix: "tollgate".into(),
+            redis_cluster: false,
             database_url: None,
             on_redis_outage: OutagePolicy::FailClosed,
         }

@@ -102,7 +102,9 @@ impl Gateway {
         let keys = KeyCache::load(db.clone(), config.clone()).await?;
         let (store, book, redis_records) = match &config.state.redis_url {
             Some(url) => {
-                let redis = RedisLimiter::connect(url, &config.state.redis_prefix).await?;
+                let state = &config.state;
+                let redis =
+                    RedisLimiter::connect_to(url, state.redis_cluster, &state.redis_prefix).await?;
                 let money = redis.money();
                 let records = redis.idempotency();
                 let policy = config.state.on_redis_outage;

@@ -84,6 +84,8 @@ async fn replicas_with(
         .push(deployment("mock-a", mock.base_url(), &["gpt-4o-mini"]));
     config.state.on_redis_outage = on_outage;
     if let Some(url) = redis {
+        // Several nodes: a Redis Cluster.
+        config.state.redis_cluster = url.contains(',');
         config.state.database_url = Some(scratch::postgres().await);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -443,6 +445,38 @@ async fn three_replicas_cannot_overdraw_a_shared_account() {
     let (again, _) = r.burst_of(&key, 60, CHAT).await;
     assert_eq!(again as Micros, (balance + 500) / each);
     eprintln!("account $0.001 across 3 replicas: {ok} served, balance {balance} µ$");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_on_a_redis_cluster_share_limits_and_an_account() {
+    let cluster = tollgate_store::redis::scratch::cluster();
+    let clocks = (0..3)
+        .map(|_| Arc::new(SystemClock::new()) as Arc<dyn Clock>)
+        .collect();
+    let r = replicas_on(clocks, Some(cluster.url.clone()), OutagePolicy::FailClosed).await;
+    let (ok, _, most) = r.burst_at_rpm_60().await;
+    assert!((60..=most).contains(&ok), "{ok} admitted on the cluster");
+
+    let key = r
+        .new_key(NewKey {
+            name: "prepaid".into(),
+            account: Some("acme".into()),
+            ..NewKey::default()
+        })
+        .await;
+    let db = &r.gateways[0].gateway().db;
+    db.add_credits("acme", 1_000, "test", "seed")
+        .await
+        .expect("funded");
+    r.sync_money().await;
+    let (served, _) = r.burst_of(&key, 120, CHAT).await;
+    r.flush().await;
+    let rows = db.usage_rows().await.expect("rows");
+    let each = cost(rows[0].input_tokens, 40);
+    assert_eq!(served as Micros, 1_000 / each);
+    r.await_limits("counted three replicas", |l| l["live_replicas"] == 3)
+        .await;
+    drop(cluster);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,8 @@
-//! One suite of limit decisions, run unchanged against the in-memory store
-//! and against the real Redis on this machine (127.0.0.1:6379, or
-//! `TOLLGATE_TEST_REDIS_URL`). A Redis that cannot be reached fails the
-//! Redis half loudly; nothing is skipped.
+//! One suite of limit decisions, run unchanged against the in-memory store,
+//! against the real Redis on this machine (127.0.0.1:6379, or
+//! `TOLLGATE_TEST_REDIS_URL`) and against a three-node Redis Cluster each
+//! test starts of its own (`redis-server` in cluster mode). A Redis that
+//! cannot be reached fails its part loudly; nothing is skipped.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,9 +22,13 @@ fn memory() -> LimitStore {
 async fn redis() -> LimitStore {
     let url = std::env::var("TOLLGATE_TEST_REDIS_URL")
         .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let limiter = RedisLimiter::connect(&url, "tollgate-test")
+    redis_at(&url, false).await
+}
+
+async fn redis_at(url: &str, cluster: bool) -> LimitStore {
+    let limiter = RedisLimiter::connect_to(url, cluster, "tollgate-test")
         .await
-        .unwrap_or_else(|e| panic!("the Redis half of this suite needs Redis at {url}: {e}"));
+        .unwrap_or_else(|e| panic!("the Redis part of this suite needs Redis at {url}: {e}"));
     let shared = SharedLimiter::new(
         limiter,
         OutagePolicy::FailClosed,
@@ -277,6 +282,19 @@ macro_rules! on_both_stores {
             #[tokio::test(flavor = "multi_thread")]
             async fn concurrent_admissions_get_exactly_the_capacity() {
                 super::concurrent_admissions_get_exactly_the_capacity(std::sync::Arc::new(super::memory())).await
+            }
+        }
+        mod in_redis_cluster {
+            $(#[tokio::test]
+            async fn $scenario() {
+                let cluster = tollgate_store::redis::scratch::cluster();
+                super::$scenario(&super::redis_at(&cluster.url, true).await).await
+            })*
+            #[tokio::test(flavor = "multi_thread")]
+            async fn concurrent_admissions_get_exactly_the_capacity() {
+                let cluster = tollgate_store::redis::scratch::cluster();
+                let store = super::redis_at(&cluster.url, true).await;
+                super::concurrent_admissions_get_exactly_the_capacity(std::sync::Arc::new(store)).await
             }
         }
         mod in_redis {

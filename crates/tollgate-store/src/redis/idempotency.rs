@@ -4,8 +4,8 @@
 //!
 //! **Placement for Redis Cluster**: a record's hash tag is its API key.
 
+use super::RedisConn;
 use crate::Error;
-use redis::aio::ConnectionManager;
 use std::time::Duration;
 
 const IDEMPOTENCY: &str = include_str!("idempotency.lua");
@@ -26,7 +26,7 @@ pub enum IdempotencyClaim {
 /// Idempotency records in Redis.
 #[derive(Clone)]
 pub struct RedisIdempotency {
-    conn: ConnectionManager,
+    conn: RedisConn,
     script: redis::Script,
     prefix: String,
 }
@@ -40,7 +40,7 @@ impl std::fmt::Debug for RedisIdempotency {
 }
 
 impl RedisIdempotency {
-    pub(crate) fn new(conn: ConnectionManager, prefix: &str) -> Self {
+    pub(crate) fn new(conn: RedisConn, prefix: &str) -> Self {
         Self {
             conn,
             script: redis::Script::new(IDEMPOTENCY),

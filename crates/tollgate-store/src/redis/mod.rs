@@ -14,14 +14,15 @@
 //! slot, and a subject's state stays under one tag for as long as the key
 //! stays in its team.
 
+mod conn;
 mod idempotency;
 mod money;
 
+pub use conn::RedisConn;
 pub use idempotency::{IdempotencyClaim, RedisIdempotency};
 pub use money::{RedisMoney, Reserve, Unknown};
 
 use crate::Error;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::time::Duration;
 use tollgate_core::limits::{
     Cost, Grant, LimitKind, LimitSet, Reading, Refusal, RefusalKind, Subject,
@@ -78,7 +79,7 @@ pub struct Beat {
 /// Limit state in one Redis (or one Redis Cluster slot per decision).
 #[derive(Clone)]
 pub struct RedisLimiter {
-    conn: ConnectionManager,
+    conn: RedisConn,
     admit: redis::Script,
     reconcile: redis::Script,
     heartbeat: redis::Script,
@@ -97,17 +98,13 @@ impl RedisLimiter {
     /// Connects to `url` (`redis://127.0.0.1:6379`); state keys start with
     /// `prefix` so that several gateways (or test runs) can share a Redis.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, Error> {
-        let client = redis::Client::open(url).map_err(Error::Redis)?;
-        // A request must not wait seconds on a Redis that is gone: one quick
-        // reconnection attempt, then the error (the caller fails closed);
-        // the next request tries again.
-        let config = ConnectionManagerConfig::new()
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(200))
-            .set_connection_timeout(Some(Duration::from_millis(250)))
-            .set_response_timeout(Some(Duration::from_secs(1)));
-        let conn = ConnectionManager::new_with_config(client, config)
+        Self::connect_to(url, false, prefix).await
+    }
+
+    /// [`RedisLimiter::connect`], to a Redis Cluster when `cluster` (then
+    /// `url` lists seed nodes separated by commas).
+    pub async fn connect_to(url: &str, cluster: bool, prefix: &str) -> Result<Self, Error> {
+        let conn = RedisConn::connect(url, cluster)
             .await
             .map_err(Error::Redis)?;
         Ok(Self {
@@ -315,4 +312,106 @@ fn decode(v: &[i64]) -> Option<Decision> {
         at,
         local: false,
     })
+}
+
+/// Scratch Redis Clusters for tests: three masters on free ports, torn
+/// down when dropped.
+#[doc(hidden)]
+pub mod scratch {
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    /// A running cluster; its processes and files go when it is dropped.
+    pub struct Cluster {
+        children: Vec<Child>,
+        dir: std::path::PathBuf,
+        /// Its nodes as a `redis_url` for cluster mode.
+        pub url: String,
+    }
+
+    impl Drop for Cluster {
+        fn drop(&mut self) {
+            for c in &mut self.children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free port: {e}"))
+    }
+
+    fn run(cmd: &mut Command) -> String {
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("{cmd:?} (needs redis-cli): {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts three `redis-server`s in cluster mode and joins them; panics,
+    /// loudly, when the binaries are missing or the cluster never forms.
+    pub fn cluster() -> Cluster {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tollgate-cluster-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::create_dir_all(&dir);
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut cluster = Cluster {
+            children: Vec::new(),
+            dir: dir.clone(),
+            url: ports
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        for p in &ports {
+            let child = Command::new("redis-server")
+                .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(format!("nodes-{p}.conf"))
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("redis-server starts (cluster tests need it): {e}"));
+            cluster.children.push(child);
+        }
+        for p in &ports {
+            let up = (0..200).any(|_| {
+                std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok() || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    false
+                }
+            });
+            assert!(up, "cluster node {p} never listened");
+        }
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        run(Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"]));
+        // Every node must agree that all slots are served.
+        let formed = (0..300).any(|_| {
+            let ok = ports.iter().all(|p| {
+                run(Command::new("redis-cli").args(["-p", &p.to_string(), "cluster", "info"]))
+                    .contains("cluster_state:ok")
+            });
+            if !ok {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            ok
+        });
+        assert!(formed, "the cluster on {nodes:?} never formed");
+        cluster
+    }
 }

@@ -13,10 +13,10 @@
 //! spans its keys and teams: a request's budgets and account must sit in one
 //! slot to be decided atomically. Money decisions therefore go to one shard.
 
+use super::RedisConn;
 use crate::Error;
 use crate::book::{BudgetCharge, MoneyAlert, MoneyRefusal, Remaining};
 use crate::shared::RedisHealth;
-use redis::aio::ConnectionManager;
 use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::money::{Micros, Window};
@@ -48,7 +48,7 @@ pub enum Unknown {
 /// Money counts in Redis.
 #[derive(Clone)]
 pub struct RedisMoney {
-    conn: ConnectionManager,
+    conn: RedisConn,
     script: redis::Script,
     prefix: String,
     health: Option<Arc<RedisHealth>>,
@@ -76,7 +76,7 @@ fn budget_ttl_ms(window: Window, now_ns: u64) -> i64 {
 }
 
 impl RedisMoney {
-    pub(crate) fn new(conn: ConnectionManager, prefix: &str) -> Self {
+    pub(crate) fn new(conn: RedisConn, prefix: &str) -> Self {
         Self {
             conn,
             script: redis::Script::new(MONEY),
