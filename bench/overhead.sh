@@ -8,6 +8,14 @@
 #
 #   bench/overhead.sh [DURATION_SECONDS]      (default 10)
 #   REDIS=redis://127.0.0.1:6379 bench/overhead.sh 8   limits decided in Redis
+#       (prints Redis commands per limited request from INFO commandstats)
+#   DATABASE=postgres://postgres@127.0.0.1:5432/test bench/overhead.sh 8
+#       keys and ledger on PostgreSQL (a scratch database on that server,
+#       dropped at the end) instead of the SQLite file
+#   MONEY=1 bench/overhead.sh 8     the limited key also draws on an account
+#       and counts against a key budget (both far from running out): a hold
+#       and a budget reservation at admission, a settlement and a ledger
+#       row per request
 #   DASHBOARD=1 bench/overhead.sh 8           the same with the dashboard open:
 #       a session polls /ui/api/summary and /metrics every second (the page
 #       polls every 5 s, `tollgate top` /metrics every second), and at the
@@ -41,9 +49,20 @@ TOML
 if [ -n "${REDIS:-}" ]; then
   printf '\n[state]\nredis_url = "%s"\nredis_prefix = "tollgate-bench-%s"\n' "$REDIS" "$$" >>"$work/tollgate.toml"
 fi
+if [ -n "${DATABASE:-}" ]; then
+  bench_db="tollgate_bench_$$"
+  psql "$DATABASE" -qc "CREATE DATABASE $bench_db"
+  printf '\n[database]\nurl = "%s/%s"\n' "${DATABASE%/*}" "$bench_db" >>"$work/tollgate.toml"
+fi
 # A key under limits far above what the run sends: the cost of deciding, not of refusing.
+money_args=()
+if [ "${MONEY:-0}" = 1 ]; then
+  (cd "$work" && "$BIN/tollgate" credits add bench 1000000 --why "overhead bench" >/dev/null \
+    && "$BIN/tollgate" budgets set key:bench-limits --window day --cap 1000000 >/dev/null)
+  money_args=(--account bench)
+fi
 (cd "$work" && "$BIN/tollgate" keys create --name bench-limits --rpm 1000000000 --tpm 1000000000000 \
-  --rpd 1000000000000 --tpd 1000000000000000 --json >"$work/limited.json")
+  --rpd 1000000000000 --tpd 1000000000000000 "${money_args[@]}" --json >"$work/limited.json")
 LIMITED_KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/limited.json")
 ADMIN_KEY=bench-admin-key-0123456789abcdef
 (cd "$work" && exec env BENCH_UPSTREAM_KEY=sk-bench-upstream TOLLGATE_ADMIN_KEY=$ADMIN_KEY RUST_LOG=${GATEWAY_LOG:-info} "$BIN/tollgate" --log-format json serve >"$work/serve.out" 2>"$work/serve.log") &
@@ -62,6 +81,7 @@ if [ "${DASHBOARD:-0}" = 1 ]; then
   done) &
 fi
 
+[ -n "${REDIS:-}" ] && redis-cli -u "$REDIS" CONFIG RESETSTAT >/dev/null
 results="$work/results.jsonl"
 for rate in $RATES; do
   "$BIN/tollgate-loadgen" --label mock --url "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" \
@@ -94,6 +114,25 @@ d = json.load(open(sys.argv[1]))
 print(f"page load (Chromium navigation timing): {d['load_ms']:.0f} ms, {d['requests']} requests charted")
 PY
   done
+fi
+
+if [ -n "${REDIS:-}" ]; then
+  redis-cli -u "$REDIS" INFO commandstats >"$work/commandstats"
+  python3 - "$results" "$work/commandstats" <<'PY'
+import json, sys
+limited = sum(json.loads(l)["requests"] for l in open(sys.argv[1]) if '"gateway+limits"' in l)
+print(f"\nRedis commands ({limited} limited requests measured, warm-ups not counted):")
+for line in open(sys.argv[2]):
+    if line.startswith("cmdstat_"):
+        name, rest = line.strip()[len("cmdstat_"):].split(":", 1)
+        f = dict(kv.split("=") for kv in rest.split(","))
+        if int(f["calls"]) >= 100:
+            print(f"  {name}: {f['calls']} calls ({int(f['calls']) / max(limited, 1):.2f} per limited request), {f['usec_per_call']} µs each in Redis")
+PY
+fi
+if [ -n "${DATABASE:-}" ]; then
+  kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
+  psql "$DATABASE" -qc "DROP DATABASE IF EXISTS $bench_db WITH (FORCE)"
 fi
 
 python3 - "$results" <<'PY'

@@ -289,7 +289,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Environment variable holding the admin API key; unset disables `/admin`.
     pub admin_key_env: String,
-    /// How often the key table is checked for changes made elsewhere (CLI, other replicas).
+    /// How often keys, budgets and credits are checked for changes made
+    /// elsewhere (CLI, other replicas); twice a second, so a change reaches
+    /// every replica within one.
     #[serde(deserialize_with = "duration")]
     pub key_refresh: Duration,
     /// How long an answer is kept for repeats of its `Idempotency-Key`.
@@ -304,7 +306,7 @@ impl Default for ServerConfig {
             max_body_bytes: 8 << 20,
             shutdown_grace: Duration::from_secs(30),
             admin_key_env: "TOLLGATE_ADMIN_KEY".into(),
-            key_refresh: Duration::from_secs(1),
+            key_refresh: Duration::from_millis(500),
             idempotency_ttl: Duration::from_secs(24 * 3600),
         }
     }
