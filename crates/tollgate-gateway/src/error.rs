@@ -199,6 +199,11 @@ pub enum Error {
     /// let through unchecked (money never fails open).
     #[error("budget and credit state unavailable")]
     MoneyUnavailable,
+    /// Redis lacks some of a request's money counts: the gateway seeds them
+    /// from the database and decides again (a client hears this only as
+    /// `money_unavailable`, when seeding keeps failing).
+    #[error("money counts missing in Redis: {0:?}")]
+    MoneyUnseeded(Vec<tollgate_store::redis::Unknown>),
     /// The shared idempotency records (Redis) cannot be reached: the
     /// request is not run, since it could not be run only once.
     #[error("idempotency records unavailable")]
@@ -278,7 +283,7 @@ impl Error {
                 "The gateway cannot reach its shared idempotency records, so it cannot promise to run this request only once. Please retry shortly.".to_owned(),
             )
             .with_should_retry(true),
-            Error::MoneyUnavailable => ApiError::new(
+            Error::MoneyUnavailable | Error::MoneyUnseeded(_) => ApiError::new(
                 503,
                 ErrorType::Server,
                 "money_unavailable",

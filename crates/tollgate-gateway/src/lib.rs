@@ -128,7 +128,9 @@ impl Gateway {
                 None,
             ),
         };
-        let money = Arc::new(Money::load(db.clone(), &config, clock.clone(), book).await?);
+        let with_limits = store.decides_money();
+        let money =
+            Arc::new(Money::load(db.clone(), &config, clock.clone(), book, with_limits).await?);
         let limits = Arc::new(Limits::new(store, clock, &config));
         let estimator = Estimator {
             fallback: config.limits.fallback_encoding.into(),

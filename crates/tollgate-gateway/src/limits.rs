@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tollgate_core::clock::Clock;
 use tollgate_core::limits::{Cost, Grant, LimitSet, Refusal, Subject};
-use tollgate_store::redis::Stamp;
+use tollgate_store::book::Remaining;
+use tollgate_store::redis::{Admitted, MoneyCharge, Reserve, Stamp};
 use tollgate_store::shared::SharedLimiter;
 use tollgate_store::{KeyRecord, LimitStore};
 
@@ -174,6 +175,10 @@ pub struct RateLimited {
     pub scope: String,
 }
 
+/// One decision: the limits' answer, where it was made, and what a money
+/// charge decided with it has left.
+type Decided = (Result<Grant, Refusal>, Stamp, Option<Remaining>);
+
 /// Every limit decision of the gateway.
 pub struct Limits {
     store: Arc<LimitStore>,
@@ -204,6 +209,9 @@ pub struct Admission {
     pub grant: Grant,
     /// How long the request queued.
     pub waited: Duration,
+    /// With a money charge decided in the same call: what its budgets and
+    /// account have left.
+    pub money: Option<Remaining>,
 }
 
 impl Admission {
@@ -265,26 +273,46 @@ impl Limits {
         dropped
     }
 
+    /// Whether a request's money charge goes into its admission call
+    /// (limits and money in one Redis): then [`Limits::admit`] takes it.
+    pub fn decides_money(&self) -> bool {
+        self.store.decides_money()
+    }
+
     async fn decide(
         &self,
         plan: &Plan,
         cost: Cost,
-    ) -> Result<(Result<Grant, Refusal>, Stamp), Error> {
-        let d = self
+        money: Option<MoneyCharge<'_>>,
+    ) -> Result<Decided, Error> {
+        let admitted = self
             .store
-            .admit(&plan.placement, &plan.entries, cost)
+            .admit(&plan.placement, &plan.entries, cost, money)
             .await
             .map_err(|e| {
-                tracing::warn!(error = %e, "limit state unavailable; refusing (fail closed)");
-                Error::LimitsUnavailable
+                tracing::warn!(error = %e, "shared state unavailable; refusing (fail closed)");
+                if money.is_some() {
+                    Error::MoneyUnavailable
+                } else {
+                    Error::LimitsUnavailable
+                }
             })?;
-        Ok((d.result, d.stamp()))
+        match admitted {
+            Admitted::Decided(d) => Ok((d.result, d.stamp(), d.money)),
+            Admitted::Money(Reserve::Done(Err(refusal))) => Err(Error::Money(Box::new(refusal))),
+            Admitted::Money(Reserve::Unknown(unknown)) => Err(Error::MoneyUnseeded(unknown)),
+            Admitted::Money(Reserve::Done(Ok(_))) => Err(Error::Internal(
+                "a money charge was reserved without a limit decision".into(),
+            )),
+        }
     }
 
     /// Charges `cost` on every limit of `plan`. With a `max_wait`, a request
     /// refused by a rolling limit waits in its key's queue until it fits,
     /// if it can within that time; otherwise, and for daily caps and
-    /// requests that can never fit, it is refused at once.
+    /// requests that can never fit, it is refused at once. A `money` charge
+    /// (where [`Limits::decides_money`]) is decided first in each call and
+    /// reserved only with an admission.
     pub async fn admit(
         self: &Arc<Self>,
         plan: Plan,
@@ -292,27 +320,28 @@ impl Limits {
         key_id: &Arc<str>,
         key_name: &str,
         max_wait: Option<Duration>,
+        money: Option<MoneyCharge<'_>>,
     ) -> Result<Admission, Error> {
-        let outcome = if plan.is_empty() {
+        let outcome = if plan.is_empty() && money.is_none() {
             let stamp = Stamp {
                 at: self.clock.now_ns(),
                 local: true,
             };
-            Ok((Grant::default(), stamp, Duration::ZERO))
+            Ok((Grant::default(), stamp, None, Duration::ZERO))
         } else {
-            match self.decide(&plan, cost).await? {
-                (Ok(grant), stamp) => Ok((grant, stamp, Duration::ZERO)),
-                (Err(refusal), _) => {
+            match self.decide(&plan, cost, money).await? {
+                (Ok(grant), stamp, left) => Ok((grant, stamp, left, Duration::ZERO)),
+                (Err(refusal), _, _) => {
                     let started = tokio::time::Instant::now();
                     let budget = max_wait.unwrap_or_default().min(self.max_queue_wait);
-                    self.queue(&plan, cost, key_id, refusal, budget)
+                    self.queue(&plan, cost, money, key_id, refusal, budget)
                         .await?
-                        .map(|(grant, stamp)| (grant, stamp, started.elapsed()))
+                        .map(|(grant, stamp, left)| (grant, stamp, left, started.elapsed()))
                 }
             }
         };
         match outcome {
-            Ok((grant, stamp, waited)) => {
+            Ok((grant, stamp, left, waited)) => {
                 crate::metrics::admitted(&plan, &grant, waited);
                 Ok(Admission {
                     limits: self.clone(),
@@ -321,6 +350,7 @@ impl Limits {
                     stamp,
                     grant,
                     waited,
+                    money: left,
                 })
             }
             Err(refusal) => Err(Error::RateLimited(Box::new(RateLimited {
@@ -337,10 +367,11 @@ impl Limits {
         &self,
         plan: &Plan,
         cost: Cost,
+        money: Option<MoneyCharge<'_>>,
         key_id: &Arc<str>,
         mut refusal: Refusal,
         budget: Duration,
-    ) -> Result<Result<(Grant, Stamp), Refusal>, Error> {
+    ) -> Result<Result<(Grant, Stamp, Option<Remaining>), Refusal>, Error> {
         let curable = |r: &Refusal, left: Duration| {
             r.should_retry() && r.retry_after().is_some_and(|w| w <= left)
         };
@@ -359,9 +390,9 @@ impl Limits {
         // Holding the key's turn keeps its waiting requests in arrival order.
         let _turn = tokio::time::timeout_at(deadline, queue.lock()).await;
         loop {
-            match self.decide(plan, cost).await? {
-                (Ok(grant), stamp) => return Ok(Ok((grant, stamp))),
-                (Err(r), _) => refusal = r,
+            match self.decide(plan, cost, money).await? {
+                (Ok(grant), stamp, left) => return Ok(Ok((grant, stamp, left))),
+                (Err(r), _, _) => refusal = r,
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if !curable(&refusal, left) {

@@ -24,7 +24,7 @@ use tollgate_core::tokens::Estimate;
 use tollgate_store::book::{BudgetCharge, MoneyAlert, Remaining};
 use tollgate_store::ledger::{Durable, HoldRow};
 use tollgate_store::money::{BudgetsVersion, SpendColumn};
-use tollgate_store::redis::{Reserve, Unknown};
+use tollgate_store::redis::{MoneyCharge, Reserve, Unknown};
 use tollgate_store::{Database, Ledger, MoneyStore, UsageRow};
 
 /// Budgets by scope, as the database holds them.
@@ -105,6 +105,9 @@ struct Seen {
 /// Budgets, credits, prices and the ledger.
 pub struct Money {
     book: Arc<MoneyStore>,
+    /// Whether a request's reservation is made by its admission call (money
+    /// and limits in one Redis) instead of by [`Money::open`].
+    with_limits: bool,
     prices: PriceTable,
     rules: RwLock<Arc<BudgetRules>>,
     /// Whether `rules` holds any budget (read without the lock).
@@ -142,6 +145,10 @@ pub struct Bill {
     money: Arc<Money>,
     plan: MoneyPlan,
     reserved: Micros,
+    /// The reservation is still to be made by the admission call.
+    pending: bool,
+    /// When the bill opened (ns): the budgets' windows it falls in.
+    opened_at: u64,
     /// What was left after the reservation.
     pub remaining: Remaining,
     row: Option<UsageRow>,
@@ -167,6 +174,7 @@ impl Money {
         config: &Config,
         clock: Arc<dyn Clock>,
         book: MoneyStore,
+        with_limits: bool,
     ) -> Result<Self, Error> {
         let prices = tollgate_core::money::PriceTable::with_overrides(&config.prices)
             .map_err(|e| Error::Config(crate::config::ConfigError::Invalid(e.to_string())))?;
@@ -190,6 +198,7 @@ impl Money {
         });
         let money = Self {
             book: Arc::new(book),
+            with_limits,
             prices,
             rules: RwLock::default(),
             any_budget: AtomicBool::new(false),
@@ -305,9 +314,13 @@ impl Money {
             _ => 0,
         };
         let mut remaining = Remaining::default();
-        if !plan.budgets.is_empty() || plan.account.is_some() {
-            let now = self.clock.now_ns();
-            remaining = self.reserve(&plan, reserved, now).await?;
+        let now = self.clock.now_ns();
+        let charged = !plan.budgets.is_empty() || plan.account.is_some();
+        let pending = charged && self.with_limits;
+        if charged {
+            if !pending {
+                remaining = self.reserve(&plan, reserved, now).await?;
+            }
             if let (Some(account), Some(ledger)) = (&plan.account, &self.ledger) {
                 ledger.hold(HoldRow {
                     request_id: row.request_id.clone(),
@@ -323,6 +336,8 @@ impl Money {
             money: self.clone(),
             plan,
             reserved,
+            pending,
+            opened_at: now,
             remaining,
             row: Some(row),
             started: Instant::now(),
@@ -351,6 +366,11 @@ impl Money {
             }
         }
         Err(Error::MoneyUnavailable)
+    }
+
+    /// Seeds the counts an admission call found missing for `bill`.
+    pub async fn seed_for(&self, bill: &Bill, unknown: &[Unknown]) -> Result<(), Error> {
+        self.seed(&bill.plan, unknown, bill.opened_at).await
     }
 
     /// Sums what the store does not know from the database.
@@ -555,11 +575,30 @@ impl Bill {
         }
     }
 
+    /// The reservation for the admission call to make, while it is pending.
+    pub fn deferred(&self) -> Option<MoneyCharge<'_>> {
+        self.pending.then(|| MoneyCharge {
+            budgets: &self.plan.budgets,
+            account: self.plan.account.as_ref(),
+            amount: self.reserved,
+            now_ns: self.opened_at,
+        })
+    }
+
+    /// Records that the admission call made the reservation, leaving
+    /// `left` (when it was pending).
+    pub fn admitted(&mut self, left: Option<Remaining>) {
+        if self.pending {
+            self.pending = false;
+            self.remaining = left.unwrap_or_default();
+        }
+    }
+
     /// Undoes the reservation of a request refused after it was made (by a
     /// rate limit): no row, no charge.
     pub fn cancel(mut self) {
         let row = self.row.take();
-        if self.charged() {
+        if self.reserved_in_store() {
             self.settle_store(0);
         }
         if let (Some(ledger), Some(row)) = (&self.money.ledger, row.filter(|r| r.held)) {
@@ -576,7 +615,7 @@ impl Bill {
         wait: bool,
     ) -> Settled {
         let now = self.money.clock.now_ns();
-        let remaining = if self.charged() {
+        let remaining = if self.reserved_in_store() {
             self.settle_store(cost)
         } else {
             Remaining::default()
@@ -615,9 +654,9 @@ impl Bill {
 }
 
 impl Bill {
-    /// Whether the request reserved on any budget or account.
-    fn charged(&self) -> bool {
-        !self.plan.budgets.is_empty() || self.plan.account.is_some()
+    /// Whether the request holds a reservation on any budget or account.
+    fn reserved_in_store(&self) -> bool {
+        !self.pending && (!self.plan.budgets.is_empty() || self.plan.account.is_some())
     }
 
     /// Replaces the reservation with `cost` in the store and returns what
@@ -683,6 +722,16 @@ impl Drop for Bill {
     /// the estimate is charged (status 499, as proxies log a client that
     /// closed the connection).
     fn drop(&mut self) {
+        if self.pending {
+            // Never admitted (the client left while it was decided or
+            // queued): nothing was reserved, nothing ran.
+            if let (Some(ledger), Some(row)) = (&self.money.ledger, self.row.take())
+                && row.held
+            {
+                ledger.release(&row.request_id);
+            }
+            return;
+        }
         if self.row.is_some() {
             self.finish(None, self.reserved, 499, None, false);
         }

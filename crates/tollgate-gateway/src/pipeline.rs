@@ -362,24 +362,44 @@ async fn run(
             },
         )
         .await?;
-    log.remaining = bill.remaining;
-    let plan = Plan::new(&caller.id, &caller.policy, &summary.model, user);
     let estimate = summary.estimate.map_or(0, |e| e.total());
     let cost = Cost {
         requests: 1,
         tokens: estimate,
     };
-    let admission = match gw
-        .limits
-        .admit(plan, cost, &caller.id, &caller.name, max_wait)
-        .await
-    {
-        Ok(a) => a,
-        Err(e) => {
-            bill.cancel();
-            return Err(e);
+    let mut seeded = false;
+    let admission = loop {
+        let plan = Plan::new(&caller.id, &caller.policy, &summary.model, user);
+        let decided = gw
+            .limits
+            .admit(
+                plan,
+                cost,
+                &caller.id,
+                &caller.name,
+                max_wait,
+                bill.deferred(),
+            )
+            .await;
+        match decided {
+            Ok(a) => break a,
+            // Redis lacked some of the money counts: sum them from the
+            // ledger, once, and decide again.
+            Err(Error::MoneyUnseeded(unknown)) if !seeded => {
+                seeded = true;
+                if let Err(e) = gw.money.seed_for(&bill, &unknown).await {
+                    bill.cancel();
+                    return Err(e);
+                }
+            }
+            Err(e) => {
+                bill.cancel();
+                return Err(e);
+            }
         }
     };
+    bill.admitted(admission.money);
+    log.remaining = bill.remaining;
     *standing = admission.grant;
     log.estimate = summary.estimate.map(|e| e.total());
     log.queued = Some(admission.waited).filter(|w| !w.is_zero());

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tollgate_core::limits::{Cost, LimitSet, Subject};
-use tollgate_store::redis::RedisLimiter;
+use tollgate_store::redis::{Admitted, RedisLimiter};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -45,8 +45,11 @@ async fn main() {
                         tokens: 100,
                     };
                     while Instant::now() < deadline {
-                        let d = limiter.admit("bench-team", &subjects, cost, 0).await;
-                        assert!(d.is_ok_and(|d| d.result.is_ok()), "admitted");
+                        let d = limiter.admit("bench-team", &subjects, cost, 0, None).await;
+                        assert!(
+                            matches!(d, Ok(Admitted::Decided(ref d)) if d.result.is_ok()),
+                            "admitted"
+                        );
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                 })

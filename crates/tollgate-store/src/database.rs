@@ -163,6 +163,19 @@ impl Database {
         Ok(())
     }
 
+    /// SQLite's journal mode and `synchronous` level on a pooled connection
+    /// (for checks; PostgreSQL has neither).
+    pub async fn sqlite_settings(&self) -> Result<(String, i64), Error> {
+        use sqlx::Row;
+        let mode = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&self.pool)
+            .await?;
+        let sync = sqlx::query("PRAGMA synchronous")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok((mode.try_get(0)?, sync.try_get(0)?))
+    }
+
     /// Closes every connection, waiting for running queries.
     pub async fn close(&self) {
         self.pool.close().await;

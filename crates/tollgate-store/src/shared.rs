@@ -14,7 +14,7 @@
 
 use crate::Error;
 use crate::limiter::MemoryLimiter;
-use crate::redis::{Beat, Decision, RedisLimiter, Stamp};
+use crate::redis::{Admitted, Beat, Decision, MoneyCharge, RedisLimiter, Stamp};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -176,6 +176,11 @@ impl SharedLimiter {
         self.policy
     }
 
+    /// Whether a money charge can be decided with the limits, in one call.
+    pub fn decides_money(&self) -> bool {
+        self.redis.decides_money()
+    }
+
     /// The Redis limiter itself.
     pub fn redis(&self) -> &RedisLimiter {
         &self.redis
@@ -207,30 +212,39 @@ impl SharedLimiter {
 
     /// Charges `cost` on every limit of every subject, or on none: in
     /// Redis, else (Redis down, failing open) with this replica's share.
+    /// A money charge is decided in the same call; money never fails open.
     pub async fn admit(
         &self,
         placement: &str,
         subjects: &[(Subject, LimitSet)],
         cost: Cost,
-    ) -> Result<Decision, Error> {
+        money: Option<MoneyCharge<'_>>,
+    ) -> Result<Admitted, Error> {
+        let charged = money.is_some();
         if self.health.is_up() {
             let drained = self.health.drained_until_us.load(Ordering::Relaxed);
-            match self.redis.admit(placement, subjects, cost, drained).await {
+            match self
+                .redis
+                .admit(placement, subjects, cost, drained, money)
+                .await
+            {
                 Ok(d) => return Ok(d),
                 Err(e) => self.health.mark_down(&e),
             }
         }
         match self.policy {
+            _ if charged => Err(Error::RedisDown),
             OutagePolicy::FailClosed => Err(Error::RedisDown),
             OutagePolicy::FailOpen => {
                 metrics::counter!("tollgate_limit_local_decisions_total").increment(1);
                 let shares = shares(subjects, self.health.live_replicas());
                 let at = self.clock.now_ns();
-                Ok(Decision {
+                Ok(Admitted::Decided(Decision {
                     result: self.fallback.admit(&shares, cost, at),
                     at,
                     local: true,
-                })
+                    money: None,
+                }))
             }
         }
     }

@@ -5,7 +5,7 @@
 use crate::Error;
 use crate::book::{BudgetCharge, MoneyAlert, MoneyBook, Remaining};
 use crate::limiter::MemoryLimiter;
-use crate::redis::{Decision, RedisMoney, Reserve, Stamp};
+use crate::redis::{Admitted, Decision, MoneyCharge, RedisMoney, Reserve, Stamp};
 use crate::shared::SharedLimiter;
 use std::sync::Arc;
 use tollgate_core::clock::Clock;
@@ -33,22 +33,35 @@ impl LimitStore {
     /// Charges `cost` on every limit of every subject, or on none.
     /// `placement` keeps a request's state together in Redis Cluster: the
     /// key's team when it has one, else the key's id.
+    /// `money` is decided in the same call; only where
+    /// [`LimitStore::decides_money`] (the memory store leaves money to the
+    /// money book).
     pub async fn admit(
         &self,
         placement: &str,
         subjects: &[(Subject, LimitSet)],
         cost: Cost,
-    ) -> Result<Decision, Error> {
+        money: Option<MoneyCharge<'_>>,
+    ) -> Result<Admitted, Error> {
         match self {
             LimitStore::Memory(limiter, clock) => {
                 let at = clock.now_ns();
-                Ok(Decision {
+                Ok(Admitted::Decided(Decision {
                     result: limiter.admit(subjects, cost, at),
                     at,
                     local: true,
-                })
+                    money: None,
+                }))
             }
-            LimitStore::Redis(shared) => shared.admit(placement, subjects, cost).await,
+            LimitStore::Redis(shared) => shared.admit(placement, subjects, cost, money).await,
+        }
+    }
+
+    /// Whether a request's money charge is decided in its admission call.
+    pub fn decides_money(&self) -> bool {
+        match self {
+            LimitStore::Memory(..) => false,
+            LimitStore::Redis(shared) => shared.decides_money(),
         }
     }
 

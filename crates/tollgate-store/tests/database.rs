@@ -336,3 +336,14 @@ on_both_databases!(
     rollups_sum_exactly_what_the_rows_hold,
     budgets_accounts_and_spend_round_trip,
 );
+
+/// WAL with `synchronous = NORMAL` on every connection (the pool's and the
+/// ledger writer's): durable against a killed process, and a commit does
+/// not wait for an fsync.
+#[tokio::test]
+async fn sqlite_connections_run_in_wal_with_normal_sync() -> Result<(), Error> {
+    let (_dir, db) = open(Backend::Sqlite).await?;
+    let (mode, sync) = db.sqlite_settings().await?;
+    assert_eq!((mode.as_str(), sync), ("wal", 1));
+    Ok(())
+}

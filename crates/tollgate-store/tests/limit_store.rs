@@ -6,11 +6,35 @@
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tollgate_core::clock::SystemClock;
+use tollgate_core::clock::{Clock, SystemClock};
 use tollgate_core::limits::{Cost, LimitKind, LimitSet, RefusalKind, Subject};
-use tollgate_store::redis::RedisLimiter;
+use tollgate_store::redis::{Admitted, Decision, RedisLimiter};
 use tollgate_store::shared::{OutagePolicy, SharedLimiter};
 use tollgate_store::{LimitStore, MemoryLimiter};
+
+/// One limit decision, without money.
+trait Decide {
+    async fn decide(
+        &self,
+        placement: &str,
+        subjects: &[(Subject, LimitSet)],
+        cost: Cost,
+    ) -> Result<Decision, tollgate_store::Error>;
+}
+
+impl Decide for LimitStore {
+    async fn decide(
+        &self,
+        placement: &str,
+        subjects: &[(Subject, LimitSet)],
+        cost: Cost,
+    ) -> Result<Decision, tollgate_store::Error> {
+        match self.admit(placement, subjects, cost, None).await? {
+            Admitted::Decided(d) => Ok(d),
+            Admitted::Money(m) => panic!("no money was charged, yet: {m:?}"),
+        }
+    }
+}
 
 /// Every scenario's subjects share one placement, as a key's always do.
 const PLACE: &str = "team-of-the-test";
@@ -76,14 +100,14 @@ async fn a_bucket_admits_its_capacity_then_says_how_long_to_wait(store: &LimitSt
     )];
     for i in 0..5 {
         let d = store
-            .admit(PLACE, &subjects, requests(1))
+            .decide(PLACE, &subjects, requests(1))
             .await
             .expect("decided");
         let grant = d.result.expect("within capacity");
         assert_eq!(grant.requests.map(|r| r.remaining), Some(4 - i));
     }
     let refusal = store
-        .admit(PLACE, &subjects, requests(1))
+        .decide(PLACE, &subjects, requests(1))
         .await
         .expect("decided")
         .result
@@ -119,14 +143,14 @@ async fn a_refusal_by_one_subject_charges_none(store: &LimitStore) {
     ];
     assert!(
         store
-            .admit(PLACE, &both, tokens(30))
+            .decide(PLACE, &both, tokens(30))
             .await
             .expect("decided")
             .result
             .is_ok()
     );
     let refusal = store
-        .admit(PLACE, &both, tokens(30))
+        .decide(PLACE, &both, tokens(30))
         .await
         .expect("decided")
         .result
@@ -139,7 +163,7 @@ async fn a_refusal_by_one_subject_charges_none(store: &LimitStore) {
     let alone = [both[0].clone()];
     assert!(
         store
-            .admit(PLACE, &alone, tokens(70))
+            .decide(PLACE, &alone, tokens(70))
             .await
             .expect("decided")
             .result
@@ -147,7 +171,7 @@ async fn a_refusal_by_one_subject_charges_none(store: &LimitStore) {
     );
     assert!(
         store
-            .admit(PLACE, &alone, tokens(1))
+            .decide(PLACE, &alone, tokens(1))
             .await
             .expect("decided")
             .result
@@ -166,7 +190,7 @@ async fn too_large_never_fits_and_a_daily_cap_waits_for_midnight(store: &LimitSt
         },
     )];
     let r = store
-        .admit(PLACE, &subjects, tokens(101))
+        .decide(PLACE, &subjects, tokens(101))
         .await
         .expect("decided")
         .result;
@@ -174,7 +198,7 @@ async fn too_large_never_fits_and_a_daily_cap_waits_for_midnight(store: &LimitSt
     for _ in 0..3 {
         assert!(
             store
-                .admit(PLACE, &subjects, tokens(1))
+                .decide(PLACE, &subjects, tokens(1))
                 .await
                 .expect("decided")
                 .result
@@ -182,7 +206,7 @@ async fn too_large_never_fits_and_a_daily_cap_waits_for_midnight(store: &LimitSt
         );
     }
     let refusal = store
-        .admit(PLACE, &subjects, tokens(1))
+        .decide(PLACE, &subjects, tokens(1))
         .await
         .expect("decided")
         .result
@@ -206,7 +230,7 @@ async fn reconciliation_refunds_and_charges_the_difference(store: &LimitStore) {
         },
     )];
     let first = store
-        .admit(PLACE, &subjects, tokens(80))
+        .decide(PLACE, &subjects, tokens(80))
         .await
         .expect("decided");
     assert!(first.result.is_ok());
@@ -216,7 +240,7 @@ async fn reconciliation_refunds_and_charges_the_difference(store: &LimitStore) {
         .await
         .expect("reconciled");
     let second = store
-        .admit(PLACE, &subjects, tokens(80))
+        .decide(PLACE, &subjects, tokens(80))
         .await
         .expect("decided");
     let grant = second.result.expect("the refund made room");
@@ -230,7 +254,7 @@ async fn reconciliation_refunds_and_charges_the_difference(store: &LimitStore) {
         .await
         .expect("reconciled");
     let refusal = store
-        .admit(PLACE, &subjects, tokens(1))
+        .decide(PLACE, &subjects, tokens(1))
         .await
         .expect("decided")
         .result
@@ -257,7 +281,7 @@ async fn concurrent_admissions_get_exactly_the_capacity(store: Arc<LimitStore>) 
             let (store, subjects) = (store.clone(), subjects.clone());
             tokio::spawn(async move {
                 store
-                    .admit(PLACE, &subjects[..], requests(1))
+                    .decide(PLACE, &subjects[..], requests(1))
                     .await
                     .expect("decided")
                     .result
@@ -316,3 +340,84 @@ on_both_stores!(
     too_large_never_fits_and_a_daily_cap_waits_for_midnight,
     reconciliation_refunds_and_charges_the_difference,
 );
+
+/// On one Redis a request's budget and account ride in its admission call:
+/// all charged, or nothing anywhere, whichever refuses.
+#[tokio::test]
+async fn a_money_charge_is_decided_with_the_limits_in_one_call() {
+    use tollgate_core::money::{Budget, Window};
+    use tollgate_store::book::{BudgetCharge, MoneyRefusal};
+    use tollgate_store::redis::{MoneyCharge, Reserve, Unknown};
+    let url = std::env::var("TOLLGATE_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let prefix = format!("tollgate-test-money-{}", unique("p"));
+    let redis = RedisLimiter::connect(&url, &prefix).await.expect("Redis");
+    assert!(redis.decides_money());
+    let money = redis.money();
+    let now = SystemClock::new().now_ns();
+    let budgets = [BudgetCharge {
+        scope: Arc::from("key:k"),
+        budget: Budget {
+            scope: Arc::from("key:k"),
+            window: Window::Day,
+            cap: 100,
+            alert_percent: None,
+        },
+    }];
+    let account: Arc<str> = Arc::from("acme");
+    let charge = |amount| MoneyCharge {
+        budgets: &budgets,
+        account: Some(&account),
+        amount,
+        now_ns: now,
+    };
+    let k = unique("money");
+    let subjects = [key(
+        &k,
+        LimitSet {
+            rpm: Some(2),
+            ..LimitSet::default()
+        },
+    )];
+    let admit = |amount| redis.admit(PLACE, &subjects, requests(1), 0, Some(charge(amount)));
+
+    // Counts Redis does not hold are reported, not taken for zero.
+    match admit(10).await.expect("decided") {
+        Admitted::Money(Reserve::Unknown(u)) => {
+            assert_eq!(u, [Unknown::Budget(0), Unknown::Account])
+        }
+        other => panic!("{other:?}"),
+    }
+    money
+        .seed_budget("key:k", Window::Day, 0, now)
+        .await
+        .expect("seeded");
+    money
+        .seed_account("acme", 50, None, 0)
+        .await
+        .expect("seeded");
+
+    // Admitted: both reserved, what is left reported.
+    match admit(30).await.expect("decided") {
+        Admitted::Decided(d) => {
+            assert!(d.result.is_ok());
+            let left = d.money.expect("money decided too");
+            assert_eq!((left.budget, left.credits), (Some(70), Some(20)));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The account refuses: the limit is not charged either.
+    match admit(30).await.expect("decided") {
+        Admitted::Money(Reserve::Done(Err(MoneyRefusal::Credits { held: 30, .. }))) => {}
+        other => panic!("{other:?}"),
+    }
+    // The limit refuses (rpm 2, one left, so take it, then one more): the
+    // money is not reserved.
+    assert!(matches!(admit(10).await, Ok(Admitted::Decided(ref d)) if d.result.is_ok()));
+    assert!(matches!(admit(10).await, Ok(Admitted::Decided(ref d)) if d.result.is_err()));
+    assert_eq!(money.funds("acme").await.expect("read"), Some((50, 40)));
+    assert_eq!(
+        money.spend("key:k", Window::Day, now).await.expect("read"),
+        Some((0, 40))
+    );
+}

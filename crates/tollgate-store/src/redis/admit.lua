@@ -4,15 +4,23 @@
 -- and exact in Lua's doubles; a refill interval rounds up to 1 µs, so a
 -- limit is never exceeded).
 --
--- KEYS: one hash per subject (fields t0 t1 r0 r1 d u0 u1).
--- ARGV: cost_requests, cost_tokens, drained_until_us, then per subject
---       rpm, tpm, rpd, tpd (-1 where the subject has no such limit).
+-- (Starts after reserve.lua.) With a money charge, the request's budgets
+-- and account are checked first, in the same call: a spent budget is
+-- final, so it is the answer even when a rate limit would also refuse; and
+-- money is reserved only when every limit admits too.
+--
+-- KEYS: one hash per subject (fields t0 t1 r0 r1 d u0 u1), then the money
+--       charge's budgets and account.
+-- ARGV: cost_requests, cost_tokens, drained_until_us, subject count, then
+--       per subject rpm, tpm, rpd, tpd (-1 where the subject has no such
+--       limit), then optionally a money charge (see money_args).
 --       Until drained_until_us (Redis time), a subject Redis has no state
 --       for starts with empty buckets instead of full ones: after Redis
 --       lost its state, limits refill at their rate rather than open wide.
--- Reply, admitted: {1, now_us, <grant>}
+-- Reply, admitted: {1, now_us, <grant>[, <money left>]}
 --        refused:  {0, now_us, subject, kind, why, wait_us, limit, used,
 --                   requested, <standing>}
+--        money:    {2, now_us, <money refusal>} (see money_check)
 --   <grant> and <standing> are two readings (requests, tokens), each
 --   {present, kind, subject, limit, remaining, reset_us}.
 --   kind: 1 rpm, 2 tpm, 3 rpd, 4 tpd; why: 0 wait, 1 daily cap, 2 never fits.
@@ -25,6 +33,19 @@ local today = math.floor(now / DAY)
 local until_midnight = (today + 1) * DAY - now
 local cost = { tonumber(ARGV[1]), tonumber(ARGV[2]) }
 local drained = now < tonumber(ARGV[3])
+local subjects = tonumber(ARGV[4])
+local money = nil
+if #ARGV > 4 + subjects * 4 then money = money_args(subjects + 1, 5 + subjects * 4) end
+local money_left_after = nil
+if money then
+  local refusal, left = money_check(money)
+  if refusal then
+    table.insert(refusal, 1, now)
+    table.insert(refusal, 1, 2)
+    return refusal
+  end
+  money_left_after = left
+end
 
 local function interval(amount)
   if amount <= 0 then return math.huge end
@@ -121,14 +142,14 @@ end
 local states, nexts, limits = {}, {}, {}
 local grant = {}
 local refusal = nil
-for i = 1, #KEYS do
+for i = 1, subjects do
   local st = load(KEYS[i])
   states[i] = st
   local nx = copy(st)
   nexts[i] = nx
   limits[i] = {}
   for kind = 1, 4 do
-    local amount = tonumber(ARGV[3 + (i - 1) * 4 + kind])
+    local amount = tonumber(ARGV[4 + (i - 1) * 4 + kind])
     if amount >= 0 then
       limits[i][kind] = amount
       local c = cost[SLOT[kind]]
@@ -166,7 +187,7 @@ end
 if refusal then
   -- A subject that started empty stays so: without this a refused request
   -- would leave no state and the next would find it empty again.
-  for i = 1, #KEYS do
+  for i = 1, subjects do
     if states[i].empty then
       for kind = 1, 2 do
         local amount = limits[i][kind]
@@ -179,7 +200,7 @@ if refusal then
     end
   end
   local best = {}
-  for i = 1, #KEYS do
+  for i = 1, subjects do
     for kind = 1, 4 do
       if limits[i][kind] then note(best, standing(i - 1, kind, limits[i][kind], states[i])) end
     end
@@ -188,7 +209,7 @@ if refusal then
                 refusal.used, refusal.requested }, reading(best[1]), reading(best[2]))
 end
 
-for i = 1, #KEYS do
+for i = 1, subjects do
   local nx = nexts[i]
   redis.call('HSET', KEYS[i], 't0', nx.tat[1], 't1', nx.tat[2], 'r0', nx.rate[1], 'r1', nx.rate[2],
              'd', nx.day, 'u0', nx.used[1], 'u1', nx.used[2])
@@ -199,5 +220,9 @@ for i = 1, #KEYS do
     keep = math.max(keep, until_midnight)
   end
   redis.call('PEXPIRE', KEYS[i], math.floor(keep / 1000) + 1000)
+end
+if money then
+  money_apply(money)
+  return flat({ 1, now }, reading(grant[1]), reading(grant[2]), money_left(money_left_after))
 end
 return flat({ 1, now }, reading(grant[1]), reading(grant[2]))

@@ -20,15 +20,16 @@ mod money;
 
 pub use conn::RedisConn;
 pub use idempotency::{IdempotencyClaim, RedisIdempotency};
-pub use money::{RedisMoney, Reserve, Unknown};
+pub use money::{MoneyCharge, RedisMoney, Reserve, Unknown};
 
 use crate::Error;
+use crate::book::Remaining;
 use std::time::Duration;
 use tollgate_core::limits::{
     Cost, Grant, LimitKind, LimitSet, Reading, Refusal, RefusalKind, Subject,
 };
 
-const ADMIT: &str = include_str!("admit.lua");
+const ADMIT: &str = concat!(include_str!("reserve.lua"), include_str!("admit.lua"));
 const RECONCILE: &str = include_str!("reconcile.lua");
 const HEARTBEAT: &str = include_str!("heartbeat.lua");
 
@@ -42,6 +43,20 @@ pub struct Decision {
     /// Whether this process decided it alone (Redis was down and the
     /// replica fell back to its share): its reconciliation stays local too.
     pub local: bool,
+    /// With a money charge decided in the same call and admitted: what its
+    /// budgets and account have left after the reservation.
+    pub money: Option<Remaining>,
+}
+
+/// What one admission call decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admitted {
+    /// The limits decided; a money charge that came along was reserved
+    /// exactly when the limits admitted.
+    Decided(Decision),
+    /// The money charge was refused, or Redis lacks its counts: nothing
+    /// was charged anywhere.
+    Money(Reserve),
 }
 
 impl Decision {
@@ -143,23 +158,35 @@ impl RedisLimiter {
             .collect()
     }
 
+    /// Whether a money charge can ride along in [`RedisLimiter::admit`]:
+    /// on one Redis, yes; on a Cluster the money keys (one hash tag for all
+    /// money) and a request's limit keys sit in different slots.
+    pub fn decides_money(&self) -> bool {
+        matches!(self.conn, RedisConn::Single(_))
+    }
+
     /// Charges `cost` on every limit of every subject, or on none; the
     /// subjects' state lives under the hash tag `placement`. Until
     /// `drained_until_us` (Redis time), subjects without state start empty.
+    /// With `money` (only where [`RedisLimiter::decides_money`]), its
+    /// budgets and account are checked first and reserved with the limits,
+    /// in the same call.
     pub async fn admit(
         &self,
         placement: &str,
         subjects: &[(Subject, LimitSet)],
         cost: Cost,
         drained_until_us: u64,
-    ) -> Result<Decision, Error> {
+        money: Option<MoneyCharge<'_>>,
+    ) -> Result<Admitted, Error> {
         let mut call = self.admit.prepare_invoke();
         for k in self.keys(placement, subjects) {
             call.key(k);
         }
         call.arg(cost.requests)
             .arg(cost.tokens)
-            .arg(drained_until_us);
+            .arg(drained_until_us)
+            .arg(subjects.len());
         for (_, limits) in subjects {
             for kind in LimitKind::ALL {
                 call.arg(
@@ -169,6 +196,9 @@ impl RedisLimiter {
                 );
             }
         }
+        if let Some(m) = &money {
+            m.add_to(&mut call, &self.prefix);
+        }
         let started = std::time::Instant::now();
         let reply: Result<Vec<i64>, _> = call.invoke_async(&mut self.conn.clone()).await;
         metrics::histogram!("tollgate_redis_seconds", "op" => "admit").record(started.elapsed());
@@ -176,7 +206,16 @@ impl RedisLimiter {
             metrics::counter!("tollgate_redis_errors_total").increment(1);
             Error::Redis(e)
         })?;
-        decode(&reply).ok_or_else(|| Error::Redis(redis_reply_error(&reply)))
+        let bad = || Error::Redis(redis_reply_error(&reply));
+        match (reply.first(), money) {
+            (Some(2), Some(m)) => Ok(Admitted::Money(m.refusal(reply.get(2..).unwrap_or(&[]))?)),
+            (Some(1), Some(_)) => {
+                let mut d = decode(&reply).ok_or_else(bad)?;
+                d.money = Some(reply.get(14..).and_then(money::left_of).ok_or_else(bad)?);
+                Ok(Admitted::Decided(d))
+            }
+            _ => decode(&reply).map(Admitted::Decided).ok_or_else(bad),
+        }
     }
 
     /// Announces replica `id` (alive for `alive` after this) and reads how
@@ -291,6 +330,7 @@ fn decode(v: &[i64]) -> Option<Decision> {
             result: Ok(readings(v.get(2..14)?)?),
             at,
             local: false,
+            money: None,
         });
     }
     let f = v.get(2..9)?;
@@ -311,6 +351,7 @@ fn decode(v: &[i64]) -> Option<Decision> {
         }),
         at,
         local: false,
+        money: None,
     })
 }
 

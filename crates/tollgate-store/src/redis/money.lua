@@ -1,67 +1,23 @@
 -- Budgets' windowed spend and accounts' funds, shared by every replica.
 -- One script, several operations (ARGV[1]); every reply is a list of
--- integers. Amounts are integer micro-USD (exact in Lua's doubles up to
--- 2^53, some $9 billion).
---
--- A budget hash: start (window start, ms), spent, reserved, alerted.
--- An account hash: balance, held, low (absent: no mark), low_alerted,
--- last_entry (the newest credit entry already in balance).
--- A missing hash is unknown, never zero: the gateway seeds it from the
--- database (which is the truth when Redis has lost its state) and retries.
+-- integers. A missing hash is unknown, never zero: the gateway seeds it
+-- from the database (which is the truth when Redis has lost its state) and
+-- retries. `last_entry` in an account is the newest credit entry already
+-- in its balance.
 
+-- (Starts after reserve.lua.)
 local op = ARGV[1]
--- An idle account is forgotten after 30 days (and seeded again if used).
-local ACCOUNT_TTL_MS = 2592000000
-
-local function num(key, field)
-  return tonumber(redis.call('HGET', key, field) or '0')
-end
-
--- Starts a new window's count when the caller's window is newer.
-local function roll(key, start)
-  if start > num(key, 'start') then
-    redis.call('HSET', key, 'start', start, 'spent', 0, 'alerted', 0)
-  end
-end
 
 if op == 'reserve' then
-  -- KEYS: budget hashes, then the account hash when ARGV[3] == 1.
-  -- ARGV: op, amount, has_account, then per budget: cap, window start, ttl ms.
-  local amount = tonumber(ARGV[2])
-  local has_account = ARGV[3] == '1'
-  local nb = #KEYS - (has_account and 1 or 0)
-  local missing = {1}
-  for i = 1, #KEYS do
-    if redis.call('EXISTS', KEYS[i]) == 0 then missing[#missing + 1] = i end
-  end
-  if #missing > 1 then return missing end
-  local left = nil
-  for i = 1, nb do
-    local base = 3 + (i - 1) * 3
-    local cap, start = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-    roll(KEYS[i], start)
-    local committed = num(KEYS[i], 'spent') + num(KEYS[i], 'reserved')
-    if committed + amount > cap then return {2, i, committed} end
-    local l = cap - committed - amount
-    if left == nil or l < left then left = l end
-  end
-  local credits = nil
-  if has_account then
-    local a = KEYS[#KEYS]
-    local balance, held = num(a, 'balance'), num(a, 'held')
-    if balance - held < amount then return {3, balance, held} end
-    credits = balance - held - amount
-  end
-  -- Every check passed: reserve everywhere at once.
-  for i = 1, nb do
-    redis.call('HINCRBY', KEYS[i], 'reserved', amount)
-    redis.call('PEXPIRE', KEYS[i], ARGV[3 + (i - 1) * 3 + 3])
-  end
-  if has_account then
-    redis.call('HINCRBY', KEYS[#KEYS], 'held', amount)
-    redis.call('PEXPIRE', KEYS[#KEYS], ACCOUNT_TTL_MS)
-  end
-  return {0, left and 1 or 0, left or 0, credits and 1 or 0, credits or 0}
+  -- KEYS: budget hashes, then the account's. ARGV: op, then a money charge
+  -- (see money_args).
+  local m = money_args(1, 2)
+  local refusal, left = money_check(m)
+  if refusal then return refusal end
+  money_apply(m)
+  local reply = money_left(left)
+  table.insert(reply, 1, 0)
+  return reply
 
 elseif op == 'settle' then
   -- KEYS as for reserve. ARGV: op, reserved, actual, has_account, then per

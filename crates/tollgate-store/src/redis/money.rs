@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tollgate_core::money::{Micros, Window};
 
-const MONEY: &str = include_str!("money.lua");
+const MONEY: &str = concat!(include_str!("reserve.lua"), include_str!("money.lua"));
 
 /// A lifetime budget's count is forgotten after this long idle (and summed
 /// from the ledger again if the budget is used after that).
@@ -93,20 +93,11 @@ impl RedisMoney {
     }
 
     fn budget_key(&self, scope: &str, window: Window) -> String {
-        format!("{}:{{money}}:b:{}:{scope}", self.prefix, window.as_str())
+        budget_key(&self.prefix, scope, window)
     }
 
     fn account_key(&self, account: &str) -> String {
-        format!("{}:{{money}}:a:{account}", self.prefix)
-    }
-
-    fn keys(&self, budgets: &[BudgetCharge], account: Option<&Arc<str>>) -> Vec<String> {
-        let mut keys: Vec<String> = budgets
-            .iter()
-            .map(|b| self.budget_key(&b.scope, b.budget.window))
-            .collect();
-        keys.extend(account.map(|a| self.account_key(a)));
-        keys
+        account_key(&self.prefix, account)
     }
 
     async fn call<T: redis::FromRedisValue>(
@@ -138,63 +129,22 @@ impl RedisMoney {
         amount: Micros,
         now_ns: u64,
     ) -> Result<Reserve, Error> {
+        let charge = MoneyCharge {
+            budgets,
+            account,
+            amount,
+            now_ns,
+        };
         let mut call = self.script.prepare_invoke();
-        for k in self.keys(budgets, account) {
-            call.key(k);
-        }
-        call.arg("reserve")
-            .arg(amount)
-            .arg(u8::from(account.is_some()));
-        for b in budgets {
-            let w = b.budget.window;
-            call.arg(b.budget.cap)
-                .arg(ms(w.start(now_ns)))
-                .arg(budget_ttl_ms(w, now_ns));
-        }
+        call.arg("reserve");
+        charge.add_to(&mut call, &self.prefix);
         let v: Vec<i64> = self.call("money_reserve", call).await?;
-        let bad = || Error::Redis(unexpected(&v));
-        let index = |n: i64| usize::try_from(n - 1).map_err(|_| bad());
-        Ok(match v.first() {
-            Some(0) if v.len() == 5 => Reserve::Done(Ok(Remaining {
-                budget: (v[1] == 1).then_some(v[2]),
-                credits: (v[3] == 1).then_some(v[4]),
-            })),
-            Some(1) => Reserve::Unknown(
-                v[1..]
-                    .iter()
-                    .map(|&i| {
-                        let i = index(i)?;
-                        Ok(if i < budgets.len() {
-                            Unknown::Budget(i)
-                        } else {
-                            Unknown::Account
-                        })
-                    })
-                    .collect::<Result<_, Error>>()?,
-            ),
-            Some(2) if v.len() == 3 => {
-                let b = budgets.get(index(v[1])?).ok_or_else(bad)?;
-                let w = b.budget.window;
-                Reserve::Done(Err(MoneyRefusal::Budget {
-                    scope: b.scope.clone(),
-                    window: w,
-                    cap: b.budget.cap,
-                    spent: v[2],
-                    requested: amount,
-                    resets_at: w.end(now_ns),
-                    resets_in: w
-                        .end(now_ns)
-                        .map(|end| Duration::from_nanos(end.saturating_sub(now_ns))),
-                }))
-            }
-            Some(3) if v.len() == 3 => Reserve::Done(Err(MoneyRefusal::Credits {
-                account: account.cloned().ok_or_else(bad)?,
-                balance: v[1],
-                held: v[2],
-                requested: amount,
-            })),
-            _ => return Err(bad()),
-        })
+        match v.split_first() {
+            Some((0, left)) => left_of(left)
+                .map(|r| Reserve::Done(Ok(r)))
+                .ok_or_else(|| Error::Redis(unexpected(&v))),
+            _ => charge.refusal(&v),
+        }
     }
 
     /// Replaces a reservation of `reserved` with the real cost `actual`;
@@ -208,8 +158,11 @@ impl RedisMoney {
         now_ns: u64,
     ) -> Result<(Remaining, Vec<MoneyAlert>), Error> {
         let mut call = self.script.prepare_invoke();
-        for k in self.keys(budgets, account) {
-            call.key(k);
+        for b in budgets {
+            call.key(self.budget_key(&b.scope, b.budget.window));
+        }
+        if let Some(a) = account {
+            call.key(self.account_key(a));
         }
         call.arg("settle")
             .arg(reserved)
@@ -336,6 +289,107 @@ impl RedisMoney {
     /// An account's (balance, held), if known.
     pub async fn funds(&self, account: &str) -> Result<Option<(Micros, Micros)>, Error> {
         self.read(self.account_key(account), 0).await
+    }
+}
+
+fn budget_key(prefix: &str, scope: &str, window: Window) -> String {
+    format!("{prefix}:{{money}}:b:{}:{scope}", window.as_str())
+}
+
+fn account_key(prefix: &str, account: &str) -> String {
+    format!("{prefix}:{{money}}:a:{account}")
+}
+
+/// What one request would reserve: its estimated cost on its budgets and
+/// account. Decided on its own ([`RedisMoney::reserve`]) or inside the
+/// admission call ([`super::RedisLimiter::admit`]).
+#[derive(Debug, Clone, Copy)]
+pub struct MoneyCharge<'a> {
+    /// The budgets it counts against.
+    pub budgets: &'a [BudgetCharge],
+    /// The account it draws on.
+    pub account: Option<&'a Arc<str>>,
+    /// The estimate, micro-USD.
+    pub amount: Micros,
+    /// Now, on the gateway's clock: which window each budget is in.
+    pub now_ns: u64,
+}
+
+impl MoneyCharge<'_> {
+    /// Appends the charge's keys and arguments (see `money_args` in
+    /// reserve.lua).
+    pub(crate) fn add_to(&self, call: &mut redis::ScriptInvocation<'_>, prefix: &str) {
+        for b in self.budgets {
+            call.key(budget_key(prefix, &b.scope, b.budget.window));
+        }
+        if let Some(a) = self.account {
+            call.key(account_key(prefix, a));
+        }
+        call.arg(self.amount)
+            .arg(u8::from(self.account.is_some()))
+            .arg(self.budgets.len());
+        for b in self.budgets {
+            let w = b.budget.window;
+            call.arg(b.budget.cap)
+                .arg(ms(w.start(self.now_ns)))
+                .arg(budget_ttl_ms(w, self.now_ns));
+        }
+    }
+
+    /// A refusal of `money_check` (1: unknown counts, 2: a budget, 3: the
+    /// account) as a [`Reserve`].
+    pub(crate) fn refusal(&self, v: &[i64]) -> Result<Reserve, Error> {
+        let bad = || Error::Redis(unexpected(v));
+        let index = |n: i64| usize::try_from(n - 1).map_err(|_| bad());
+        let now_ns = self.now_ns;
+        Ok(match v.first() {
+            Some(1) => Reserve::Unknown(
+                v[1..]
+                    .iter()
+                    .map(|&i| {
+                        let i = index(i)?;
+                        Ok(if i < self.budgets.len() {
+                            Unknown::Budget(i)
+                        } else {
+                            Unknown::Account
+                        })
+                    })
+                    .collect::<Result<_, Error>>()?,
+            ),
+            Some(2) if v.len() == 3 => {
+                let b = self.budgets.get(index(v[1])?).ok_or_else(bad)?;
+                let w = b.budget.window;
+                Reserve::Done(Err(MoneyRefusal::Budget {
+                    scope: b.scope.clone(),
+                    window: w,
+                    cap: b.budget.cap,
+                    spent: v[2],
+                    requested: self.amount,
+                    resets_at: w.end(now_ns),
+                    resets_in: w
+                        .end(now_ns)
+                        .map(|end| Duration::from_nanos(end.saturating_sub(now_ns))),
+                }))
+            }
+            Some(3) if v.len() == 3 => Reserve::Done(Err(MoneyRefusal::Credits {
+                account: self.account.cloned().ok_or_else(bad)?,
+                balance: v[1],
+                held: v[2],
+                requested: self.amount,
+            })),
+            _ => return Err(bad()),
+        })
+    }
+}
+
+/// `{has budget, budget left, has credits, credits left}` as [`Remaining`].
+pub(crate) fn left_of(v: &[i64]) -> Option<Remaining> {
+    match v {
+        [has_budget, budget, has_credits, credits] => Some(Remaining {
+            budget: (*has_budget == 1).then_some(*budget),
+            credits: (*has_credits == 1).then_some(*credits),
+        }),
+        _ => None,
     }
 }
 
