@@ -352,8 +352,8 @@ impl Money {
         amount: Micros,
         now: u64,
     ) -> Result<Remaining, Error> {
-        // Seeding twice in a row would mean another replica keeps losing
-        // the same counts: give up rather than spin.
+        // Counts still missing after two seedings mean Redis keeps losing
+        // them: give up rather than spin.
         for _ in 0..3 {
             let decided = self
                 .book
@@ -401,7 +401,7 @@ impl Money {
                 }
             }
         }
-        tracing::info!(
+        tracing::debug!(
             unknown = unknown.len(),
             "seeded shared money counts from the ledger"
         );
