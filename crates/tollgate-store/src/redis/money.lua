@@ -8,6 +8,10 @@
 -- (Starts after reserve.lua.)
 local op = ARGV[1]
 
+local function num(key, field)
+  return tonumber(redis.call('HGET', key, field) or '0')
+end
+
 if op == 'reserve' then
   -- KEYS: budget hashes, then the account's. ARGV: op, then a money charge
   -- (see money_args).
@@ -31,35 +35,39 @@ elseif op == 'settle' then
   local alerts = {}
   for i = 1, nb do
     local k = KEYS[i]
-    if redis.call('EXISTS', k) == 1 then
+    local v = redis.call('HMGET', k, 'start', 'spent', 'reserved', 'alerted')
+    if v[1] then
       local base = 4 + (i - 1) * 4
       local cap, start = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
       local pct = tonumber(ARGV[base + 4])
-      roll(k, start)
-      local r = math.max(0, num(k, 'reserved') - reserved)
-      local spent = num(k, 'spent') + actual
-      redis.call('HSET', k, 'reserved', r, 'spent', spent)
-      redis.call('PEXPIRE', k, ARGV[base + 3])
+      local spent, alerted = tonumber(v[2]) or 0, tonumber(v[4]) or 0
+      if start > tonumber(v[1]) then spent, alerted = 0, 0 end
+      local r = math.max(0, (tonumber(v[3]) or 0) - reserved)
+      spent = spent + actual
       local l = cap - spent - r
       if left == nil or l < left then left = l end
-      if pct >= 0 and num(k, 'alerted') == 0 and spent * 100 >= cap * pct then
-        redis.call('HSET', k, 'alerted', 1)
+      if pct >= 0 and alerted == 0 and spent * 100 >= cap * pct then
+        alerted = 1
         alerts[#alerts + 1] = i
         alerts[#alerts + 1] = spent
       end
+      redis.call('HSET', k, 'start', math.max(start, tonumber(v[1])), 'reserved', r,
+                 'spent', spent, 'alerted', alerted)
+      redis.call('PEXPIRE', k, ARGV[base + 3])
     end
   end
   local credits, low_alert, balance, low_mark = nil, 0, 0, 0
-  if has_account and redis.call('EXISTS', KEYS[#KEYS]) == 1 then
-    local a = KEYS[#KEYS]
-    local held = math.max(0, num(a, 'held') - reserved)
-    balance = num(a, 'balance') - actual
-    redis.call('HSET', a, 'held', held, 'balance', balance)
+  local a = KEYS[#KEYS]
+  local f = has_account and redis.call('HMGET', a, 'balance', 'held', 'low', 'low_alerted')
+  if f and f[1] then
+    local held = math.max(0, (tonumber(f[2]) or 0) - reserved)
+    balance = tonumber(f[1]) - actual
     credits = balance - held
-    local low = redis.call('HGET', a, 'low')
-    if low and balance < tonumber(low) and num(a, 'low_alerted') == 0 then
+    redis.call('HSET', a, 'held', held, 'balance', balance)
+    local low = tonumber(f[3])
+    if low and balance < low and (tonumber(f[4]) or 0) == 0 then
       redis.call('HSET', a, 'low_alerted', 1)
-      low_alert, low_mark = 1, tonumber(low)
+      low_alert, low_mark = 1, low
     end
   end
   local reply = {left and 1 or 0, left or 0, credits and 1 or 0, credits or 0, low_alert, balance, low_mark}

@@ -7,17 +7,6 @@
 -- An idle account is forgotten after 30 days (and seeded again if used).
 local ACCOUNT_TTL_MS = 2592000000
 
-local function num(key, field)
-  return tonumber(redis.call('HGET', key, field) or '0')
-end
-
--- Starts a new window's count when the caller's window is newer.
-local function roll(key, start)
-  if start > num(key, 'start') then
-    redis.call('HSET', key, 'start', start, 'spent', 0, 'alerted', 0)
-  end
-end
-
 -- A money charge from KEYS from k0 on and ARGV from a0 on: amount,
 -- has_account, budget count, then per budget cap, window start, ttl ms;
 -- the keys are the budgets', then the account's.
@@ -40,24 +29,30 @@ end
 --   {3, balance, held} the account cannot cover it
 local function money_check(m)
   local missing = { 1 }
+  -- One read per hash; a budget always has `start`, an account `balance`.
   for i, b in ipairs(m.budgets) do
-    if redis.call('EXISTS', b.key) == 0 then missing[#missing + 1] = i end
+    b.state = redis.call('HMGET', b.key, 'start', 'spent', 'reserved')
+    if not b.state[1] then missing[#missing + 1] = i end
   end
-  if m.account and redis.call('EXISTS', m.account) == 0 then
-    missing[#missing + 1] = #m.budgets + 1
-  end
+  local funds = m.account and redis.call('HMGET', m.account, 'balance', 'held')
+  if funds and not funds[1] then missing[#missing + 1] = #m.budgets + 1 end
   if #missing > 1 then return missing end
   local left = nil
   for i, b in ipairs(m.budgets) do
-    roll(b.key, b.start)
-    local committed = num(b.key, 'spent') + num(b.key, 'reserved')
+    local spent = tonumber(b.state[2]) or 0
+    if b.start > tonumber(b.state[1]) then
+      -- A new window: its count starts at zero (reservations in flight stay).
+      redis.call('HSET', b.key, 'start', b.start, 'spent', 0, 'alerted', 0)
+      spent = 0
+    end
+    local committed = spent + (tonumber(b.state[3]) or 0)
     if committed + m.amount > b.cap then return { 2, i, committed } end
     local l = b.cap - committed - m.amount
     if left == nil or l < left then left = l end
   end
   local credits = nil
-  if m.account then
-    local balance, held = num(m.account, 'balance'), num(m.account, 'held')
+  if funds then
+    local balance, held = tonumber(funds[1]), tonumber(funds[2]) or 0
     if balance - held < m.amount then return { 3, balance, held } end
     credits = balance - held - m.amount
   end
