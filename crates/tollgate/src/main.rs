@@ -71,7 +71,9 @@ enum Command {
 /// the write of its access-log line; the returned guard flushes at exit.
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // PostgreSQL's notices ("relation _sqlx_migrations already exists,
+        // skipping" on every start) are not news.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn"));
     // Not lossy: under pressure a request waits rather than its line vanishing.
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
