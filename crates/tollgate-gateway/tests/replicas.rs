@@ -37,10 +37,19 @@ struct Replicas {
 /// `n` gateways over one SQLite file and one mock; limits in Redis when
 /// `shared`, else in each process.
 async fn replicas(n: usize, shared: bool) -> Replicas {
-    let clocks = (0..n)
+    replicas_on(
+        real_clocks(n),
+        shared.then(redis_url),
+        OutagePolicy::FailClosed,
+    )
+    .await
+}
+
+/// `n` clocks on real time, one per replica.
+fn real_clocks(n: usize) -> Vec<Arc<dyn Clock>> {
+    (0..n)
         .map(|_| Arc::new(SystemClock::new()) as Arc<dyn Clock>)
-        .collect();
-    replicas_on(clocks, shared.then(redis_url), OutagePolicy::FailClosed).await
+        .collect()
 }
 
 /// A clock running `offset` ahead of the real one.
@@ -164,6 +173,26 @@ impl Replicas {
             g.gateway().keys.reload().await.expect("reload");
         }
         secret.expose().to_owned()
+    }
+
+    /// A key drawing on account `acme`, funded with `micros` on the first
+    /// replica and picked up by all.
+    async fn prepaid_key(&self, name: &str, micros: Micros) -> String {
+        let key = self
+            .new_key(NewKey {
+                name: name.into(),
+                account: Some("acme".into()),
+                ..NewKey::default()
+            })
+            .await;
+        self.gateways[0]
+            .gateway()
+            .db
+            .add_credits("acme", micros, "test", "seed")
+            .await
+            .expect("funded");
+        self.sync_money().await;
+        key
     }
 
     /// Every replica picks up budgets and credits now (instead of at its
@@ -290,27 +319,15 @@ async fn three_replicas_share_one_token_bucket_through_redis() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn duplicates_spread_over_three_replicas_execute_and_charge_once() {
-    let clocks = (0..3)
-        .map(|_| Arc::new(SystemClock::new()) as Arc<dyn Clock>)
-        .collect();
+    let clocks = real_clocks(3);
     // Slow enough that the duplicates arrive while the first one runs.
     let slow = MockConfig {
         ttft: Duration::from_millis(300),
         ..MockConfig::default()
     };
     let r = replicas_with(clocks, Some(redis_url()), OutagePolicy::FailClosed, slow).await;
-    let key = r
-        .new_key(NewKey {
-            name: "idem".into(),
-            account: Some("acme".into()),
-            ..NewKey::default()
-        })
-        .await;
+    let key = r.prepaid_key("idem", 1_000_000).await;
     let db = &r.gateways[0].gateway().db;
-    db.add_credits("acme", 1_000_000, "test", "seed")
-        .await
-        .expect("funded");
-    r.sync_money().await;
     let sends = (0..21).map(|i| {
         r.http
             .post(format!("{}/v1/chat/completions", r.gateways[i % 3].url()))
@@ -400,19 +417,9 @@ async fn three_replicas_spend_a_shared_budget_to_the_last_request_and_no_further
 #[tokio::test(flavor = "multi_thread")]
 async fn three_replicas_cannot_overdraw_a_shared_account() {
     let r = replicas(3, true).await;
-    let key = r
-        .new_key(NewKey {
-            name: "prepaid".into(),
-            account: Some("acme".into()),
-            ..NewKey::default()
-        })
-        .await;
-    let db = &r.gateways[0].gateway().db;
     let credits = 1_000; // $0.001
-    db.add_credits("acme", credits, "test", "seed")
-        .await
-        .expect("funded");
-    r.sync_money().await;
+    let key = r.prepaid_key("prepaid", credits).await;
+    let db = &r.gateways[0].gateway().db;
     let (ok, refused) = r.burst_of(&key, 300, CHAT).await;
     r.flush().await;
     let rows = db.usage_rows().await.expect("rows");
@@ -448,25 +455,13 @@ async fn three_replicas_cannot_overdraw_a_shared_account() {
 #[tokio::test(flavor = "multi_thread")]
 async fn three_replicas_on_a_redis_cluster_share_limits_and_an_account() {
     let cluster = tollgate_store::redis::scratch::cluster();
-    let clocks = (0..3)
-        .map(|_| Arc::new(SystemClock::new()) as Arc<dyn Clock>)
-        .collect();
+    let clocks = real_clocks(3);
     let r = replicas_on(clocks, Some(cluster.url.clone()), OutagePolicy::FailClosed).await;
     let (ok, _, most) = r.burst_at_rpm_60().await;
     assert!((60..=most).contains(&ok), "{ok} admitted on the cluster");
 
-    let key = r
-        .new_key(NewKey {
-            name: "prepaid".into(),
-            account: Some("acme".into()),
-            ..NewKey::default()
-        })
-        .await;
+    let key = r.prepaid_key("prepaid", 1_000).await;
     let db = &r.gateways[0].gateway().db;
-    db.add_credits("acme", 1_000, "test", "seed")
-        .await
-        .expect("funded");
-    r.sync_money().await;
     let (served, _) = r.burst_of(&key, 120, CHAT).await;
     r.flush().await;
     let rows = db.usage_rows().await.expect("rows");
@@ -691,9 +686,7 @@ async fn failing_closed_a_replica_answers_503_only_while_redis_is_down() {
 async fn failing_open_replicas_keep_serving_within_their_shares_while_redis_is_down() {
     let port = free_port();
     let mut redis = own_redis(port);
-    let clocks = (0..3)
-        .map(|_| Arc::new(SystemClock::new()) as Arc<dyn Clock>)
-        .collect();
+    let clocks = real_clocks(3);
     let r = Arc::new(
         replicas_on(
             clocks,
