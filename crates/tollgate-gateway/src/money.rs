@@ -138,6 +138,18 @@ pub struct MoneyPlan {
     price: Option<Price>,
 }
 
+impl MoneyPlan {
+    /// `amount` charged on the plan's budgets and account at `now_ns`.
+    fn charge(&self, amount: Micros, now_ns: u64) -> MoneyCharge<'_> {
+        MoneyCharge {
+            budgets: &self.budgets,
+            account: self.account.as_ref(),
+            amount,
+            now_ns,
+        }
+    }
+}
+
 /// A request's bill from admission to settlement: what it reserved, and
 /// the usage row it will leave.
 #[derive(Debug)]
@@ -357,7 +369,7 @@ impl Money {
         for _ in 0..3 {
             let decided = self
                 .book
-                .reserve(&plan.budgets, plan.account.as_ref(), amount, now)
+                .reserve(plan.charge(amount, now))
                 .await
                 .map_err(unavailable)?;
             match decided {
@@ -577,12 +589,8 @@ impl Bill {
 
     /// The reservation for the admission call to make, while it is pending.
     pub fn deferred(&self) -> Option<MoneyCharge<'_>> {
-        self.pending.then(|| MoneyCharge {
-            budgets: &self.plan.budgets,
-            account: self.plan.account.as_ref(),
-            amount: self.reserved,
-            now_ns: self.opened_at,
-        })
+        self.pending
+            .then(|| self.plan.charge(self.reserved, self.opened_at))
     }
 
     /// Records that the admission call made the reservation, leaving

@@ -158,19 +158,17 @@ pub enum MoneyStore {
 }
 
 impl MoneyStore {
-    /// Reserves `amount` on every budget and the account, or on none.
-    pub async fn reserve(
-        &self,
-        budgets: &[BudgetCharge],
-        account: Option<&Arc<str>>,
-        amount: Micros,
-        now_ns: u64,
-    ) -> Result<Reserve, Error> {
+    /// Reserves the charge's amount on every budget and the account, or
+    /// on none.
+    pub async fn reserve(&self, charge: MoneyCharge<'_>) -> Result<Reserve, Error> {
         match self {
-            MoneyStore::Memory(book) => Ok(Reserve::Done(
-                book.reserve(budgets, account, amount, now_ns),
-            )),
-            MoneyStore::Redis(redis) => redis.reserve(budgets, account, amount, now_ns).await,
+            MoneyStore::Memory(book) => Ok(Reserve::Done(book.reserve(
+                charge.budgets,
+                charge.account,
+                charge.amount,
+                charge.now_ns,
+            ))),
+            MoneyStore::Redis(redis) => redis.reserve(charge).await,
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tollgate_core::limits::calendar::DAY_NS;
 use tollgate_core::money::{Budget, Micros, Window};
 use tollgate_store::book::{BudgetCharge, MoneyAlert, MoneyRefusal, Remaining};
-use tollgate_store::redis::{RedisLimiter, Reserve};
+use tollgate_store::redis::{MoneyCharge, RedisLimiter, Reserve};
 use tollgate_store::{MoneyBook, MoneyStore};
 
 fn memory() -> MoneyStore {
@@ -55,7 +55,12 @@ async fn reserve(
 ) -> Result<Remaining, MoneyRefusal> {
     for _ in 0..2 {
         match store
-            .reserve(budgets, account, amount, now)
+            .reserve(MoneyCharge {
+                budgets,
+                account,
+                amount,
+                now_ns: now,
+            })
             .await
             .expect("store answers")
         {

@@ -121,20 +121,9 @@ impl RedisMoney {
         })
     }
 
-    /// Reserves `amount` on every budget and the account, or on none.
-    pub async fn reserve(
-        &self,
-        budgets: &[BudgetCharge],
-        account: Option<&Arc<str>>,
-        amount: Micros,
-        now_ns: u64,
-    ) -> Result<Reserve, Error> {
-        let charge = MoneyCharge {
-            budgets,
-            account,
-            amount,
-            now_ns,
-        };
+    /// Reserves the charge's amount on every budget and the account, or
+    /// on none.
+    pub async fn reserve(&self, charge: MoneyCharge<'_>) -> Result<Reserve, Error> {
         let mut call = self.script.prepare_invoke();
         call.arg("reserve");
         charge.add_to(&mut call, &self.prefix);
