@@ -8,13 +8,13 @@
 
 mod common;
 
-use common::{deployment, localhost, secrets};
+use common::{localhost, mock_and_config, secrets};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tollgate_core::clock::{Clock, SystemClock};
 use tollgate_core::limits::KeyLimits;
 use tollgate_core::money::{Budget, Micros, PriceTable, TokenUsage, Window};
-use tollgate_gateway::{Config, Gateway, RunningGateway};
+use tollgate_gateway::{Gateway, RunningGateway};
 use tollgate_mock::{MockConfig, MockServer};
 use tollgate_store::NewKey;
 use tollgate_store::database::scratch;
@@ -82,15 +82,7 @@ async fn replicas_with(
     on_outage: OutagePolicy,
     mock: MockConfig,
 ) -> Replicas {
-    let mock = MockServer::start(mock, localhost())
-        .await
-        .expect("mock starts");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = Config::default();
-    config.database.url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
-    config
-        .deployments
-        .push(deployment("mock-a", mock.base_url(), &["gpt-4o-mini"]));
+    let (mock, dir, mut config) = mock_and_config(mock, &["gpt-4o-mini"]).await;
     config.state.on_redis_outage = on_outage;
     if let Some(url) = redis {
         // Several nodes: a Redis Cluster.

@@ -27,6 +27,25 @@ pub struct Harness {
     _dir: tempfile::TempDir,
 }
 
+/// A mock started as `mock` and a config with one deployment of it
+/// (`mock-a`, serving `models`) over a SQLite file in a fresh directory
+/// (kept alive by the returned guard).
+pub async fn mock_and_config(
+    mock: MockConfig,
+    models: &[&str],
+) -> (MockServer, tempfile::TempDir, Config) {
+    let mock = MockServer::start(mock, localhost())
+        .await
+        .expect("mock starts");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config::default();
+    config.database.url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+    config
+        .deployments
+        .push(deployment("mock-a", mock.base_url(), models));
+    (mock, dir, config)
+}
+
 pub fn deployment(name: &str, base_url: String, models: &[&str]) -> DeploymentConfig {
     DeploymentConfig {
         name: name.into(),
@@ -68,23 +87,17 @@ impl Harness {
         tweak: impl FnOnce(&mut Config),
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let mock = MockServer::start(mock, localhost())
-            .await
-            .expect("mock starts");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = Config::default();
-        config.database.url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
-        config.server.shutdown_grace = Duration::from_secs(10);
-        config.deployments.push(deployment(
-            "mock-a",
-            mock.base_url(),
+        let (mock, dir, mut config) = mock_and_config(
+            mock,
             &[
                 "gpt-4o",
                 "gpt-4o-mini",
                 "gpt-3.5-turbo-instruct",
                 "text-embedding-3-small",
             ],
-        ));
+        )
+        .await;
+        config.server.shutdown_grace = Duration::from_secs(10);
         tweak(&mut config);
         let gw = Gateway::build_with_clock(config, secrets, clock)
             .await
