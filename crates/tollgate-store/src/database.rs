@@ -1,7 +1,8 @@
 //! Opening the database: a SQLite file in WAL mode (embedded) or PostgreSQL
 //! (distributed), migrated on open. Both sit behind sqlx's `Any` driver, so
 //! every query is written once; where the two dialects differ, [`Backend`]
-//! says which text to use.
+//! says which text to use. The one exception is the ledger's SQLite writer,
+//! which commits on its own thread without sqlx (see `ledger::sqlite`).
 
 use crate::Error;
 use sqlx::AnyPool;
@@ -10,6 +11,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{ConnectOptions, Executor};
 use std::borrow::Cow;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -83,6 +85,9 @@ pub struct Database {
     pub(crate) backend: Backend,
     /// How to open another connection (the ledger writer has its own).
     pub(crate) options: AnyConnectOptions,
+    /// The SQLite file, as SQLite resolved it (the ledger writer opens it
+    /// without sqlx).
+    pub(crate) sqlite_path: Option<PathBuf>,
 }
 
 /// `Any` dispatches to the drivers installed here (once per process).
@@ -93,7 +98,7 @@ fn install_drivers() {
 /// What every SQLite connection runs first: WAL + NORMAL is durable
 /// against process crashes (kill -9); only an OS crash can lose the last
 /// transactions. (`Any` takes its options from the URL alone.)
-const SQLITE_SETUP: &str =
+pub(crate) const SQLITE_SETUP: &str =
     "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;";
 
 impl Database {
@@ -145,10 +150,28 @@ impl Database {
             })
             .collect();
         Migrator::with_migrations(migrations).run(&pool).await?;
+        let sqlite_path = match backend {
+            Backend::Sqlite => {
+                let file: String =
+                    sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+                        .fetch_one(&pool)
+                        .await?;
+                // An in-memory database is one per connection: the ledger
+                // writer's rows would never reach the pool's.
+                if file.is_empty() {
+                    return Err(open_err(sqlx::Error::Configuration(
+                        "an in-memory SQLite database cannot be shared; name a file".into(),
+                    )));
+                }
+                Some(PathBuf::from(file))
+            }
+            Backend::Postgres => None,
+        };
         Ok(Self {
             pool,
             backend,
             options,
+            sqlite_path,
         })
     }
 

@@ -39,6 +39,9 @@ pub enum Error {
     /// A query failed.
     #[error("database error: {0}")]
     Query(#[from] sqlx::Error),
+    /// The ledger writer's SQLite commit failed.
+    #[error("ledger commit failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// No key has that id or name.
     #[error("no key named or with id `{0}`")]
     KeyNotFound(String),

@@ -9,9 +9,12 @@
 //! settle sooner never write a hold, and a crash still leaves a record of
 //! every long-running request it cut off.
 
+mod sqlite;
+
 use crate::database::Backend;
 use crate::{Database, Error};
 use serde::Serialize;
+use sqlite::SqliteWriter;
 use sqlx::AnyConnection;
 use sqlx::any::AnyArguments;
 use sqlx::{Acquire, Any, Arguments, Encode, Row, Type};
@@ -109,8 +112,8 @@ pub struct Ledger {
 
 /// Most rows in one transaction.
 const MAX_BATCH: usize = 2048;
-/// Rows per INSERT statement (SQLite allows 32,766 bound values in one
-/// statement, PostgreSQL 65,535).
+/// Rows per PostgreSQL INSERT statement (it allows 65,535 bound values in
+/// one statement).
 const ROWS_PER_INSERT: usize = 256;
 /// A hold is written once its request has been in flight this long: most
 /// requests settle sooner, and their holds never touch the disk.
@@ -128,10 +131,14 @@ impl Ledger {
     pub fn start_with(db: &Database, persist_holds_after: Duration) -> Result<Self, Error> {
         let (tx, rx) = mpsc::unbounded_channel();
         let db = db.clone();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Writer(e.to_string()))?;
+        let mut runtime = tokio::runtime::Builder::new_current_thread();
+        // SQLite needs no sockets; without an I/O driver an idle writer
+        // parks on a futex, which is cheaper to wake than epoll.
+        match db.backend {
+            Backend::Sqlite => runtime.enable_time(),
+            Backend::Postgres => runtime.enable_all(),
+        };
+        let runtime = runtime.build().map_err(|e| Error::Writer(e.to_string()))?;
         std::thread::Builder::new()
             .name("tollgate-ledger".into())
             .spawn(move || runtime.block_on(write_loop(db, rx, persist_holds_after)))
@@ -207,7 +214,7 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Entry>,
     persist_holds_after: Duration,
 ) {
-    let mut conn = connect(&db).await;
+    let mut sink = Sink::open(&db).await;
     let mut entries = Vec::with_capacity(MAX_BATCH);
     let mut open: HashMap<String, OpenHold, foldhash::fast::RandomState> = HashMap::default();
     loop {
@@ -260,7 +267,7 @@ async fn write_loop(
         let mut attempt = 0;
         let started = std::time::Instant::now();
         loop {
-            match write_batch(&mut conn, db.backend, &batch).await {
+            match sink.write(&batch).await {
                 Ok(()) => {
                     metrics::histogram!("tollgate_ledger_commit_seconds").record(started.elapsed());
                     metrics::histogram!("tollgate_ledger_batch_rows")
@@ -275,7 +282,7 @@ async fn write_loop(
                         e,
                         Error::Query(sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
                     ) {
-                        conn = connect(&db).await;
+                        sink = Sink::open(&db).await;
                     }
                 }
                 Err(e) => {
@@ -290,17 +297,40 @@ async fn write_loop(
     }
 }
 
-/// The writer's own connection, retried until the database answers.
-async fn connect(db: &Database) -> AnyConnection {
-    let mut wait = Duration::from_millis(50);
-    loop {
-        match db.connect().await {
-            Ok(c) => return c,
-            Err(e) => {
-                tracing::error!(error = %e, "the ledger writer cannot open the database; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
+/// Where the writer commits: SQLite directly on the writer's thread,
+/// PostgreSQL through sqlx.
+enum Sink {
+    Sqlite(SqliteWriter),
+    Postgres(AnyConnection),
+}
+
+impl Sink {
+    /// The writer's own connection, retried until the database answers.
+    async fn open(db: &Database) -> Self {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            let opened = match &db.sqlite_path {
+                Some(path) => SqliteWriter::open(path)
+                    .map(Self::Sqlite)
+                    .map_err(Error::from),
+                None => db.connect().await.map(Self::Postgres).map_err(Error::from),
+            };
+            match opened {
+                Ok(sink) => return sink,
+                Err(e) => {
+                    tracing::error!(error = %e, "the ledger writer cannot open the database; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
             }
+        }
+    }
+
+    /// Commits a batch in one transaction.
+    async fn write(&mut self, batch: &Batch) -> Result<(), Error> {
+        match self {
+            Self::Sqlite(w) => w.write(batch).map_err(Error::from),
+            Self::Postgres(conn) => write_postgres(conn, batch).await,
         }
     }
 }
@@ -334,41 +364,24 @@ fn rollup(rows: &[UsageRow], width: i64) -> Vec<(RollupKey<'_>, UsagePoint)> {
     sums
 }
 
-/// SQL text with its arguments, numbered as the backend wants them.
-/// (sqlx's `QueryBuilder<Any>` writes `?`, which PostgreSQL does not take.)
+/// One PostgreSQL statement's text with its `$N` arguments. (sqlx's
+/// `QueryBuilder<Any>` writes `?`, which PostgreSQL does not take.)
+#[derive(Default)]
 struct Statement {
     sql: String,
     args: AnyArguments,
-    backend: Backend,
     bound: usize,
 }
 
 impl Statement {
-    fn new(backend: Backend, sql: &str) -> Self {
-        Self {
-            sql: sql.to_owned(),
-            args: AnyArguments::default(),
-            backend,
-            bound: 0,
-        }
-    }
-
     fn push(&mut self, sql: &str) -> &mut Self {
         self.sql.push_str(sql);
         self
     }
 
-    /// A placeholder for `value`: `?` for SQLite (anonymous ones number
-    /// across a multi-statement script, `$N` would run past its limit),
-    /// `$N` for PostgreSQL.
     fn bind<'q, T: Encode<'q, Any> + Type<Any> + 'q>(&mut self, value: T) -> &mut Self {
         self.bound += 1;
-        match self.backend {
-            Backend::Sqlite => self.sql.push('?'),
-            Backend::Postgres => {
-                let _ = write!(self.sql, "${}", self.bound);
-            }
-        }
+        let _ = write!(self.sql, "${}", self.bound);
         // Encoding an integer, string or bool into `Any` cannot fail.
         let _ = self.args.add(value);
         self
@@ -392,81 +405,27 @@ impl Statement {
     }
 }
 
-/// A batch as statements. For SQLite they are one multi-statement script
-/// in BEGIN…COMMIT: one round trip to SQLite's worker thread instead of one
-/// per statement, which is most of a small batch's cost. PostgreSQL takes
-/// no multi-statement queries with arguments, so there each is its own.
-struct Script {
-    backend: Backend,
-    current: Statement,
-    done: Vec<Statement>,
+/// The accounts a batch's rows draw on, with what each owes, in name
+/// order: concurrent writers (replicas on PostgreSQL) then take the
+/// accounts' row locks in the same order and cannot deadlock.
+fn charged_accounts(rows: &[UsageRow]) -> Vec<(&str, Micros)> {
+    let mut charged: HashMap<&str, Micros, foldhash::fast::RandomState> = HashMap::default();
+    for r in rows {
+        if let Some(a) = &r.account {
+            *charged.entry(&**a).or_default() += r.cost;
+        }
+    }
+    let mut charged: Vec<_> = charged.into_iter().collect();
+    charged.sort_unstable();
+    charged
 }
 
-impl Script {
-    fn new(backend: Backend) -> Self {
-        let begin = match backend {
-            Backend::Sqlite => "BEGIN;",
-            Backend::Postgres => "",
-        };
-        Self {
-            backend,
-            current: Statement::new(backend, begin),
-            done: Vec::new(),
-        }
-    }
-
-    fn statement(&mut self) -> &mut Statement {
-        &mut self.current
-    }
-
-    fn end(&mut self) {
-        match self.backend {
-            Backend::Sqlite => {
-                self.current.push(";");
-            }
-            Backend::Postgres => {
-                let next = Statement::new(self.backend, "");
-                self.done.push(std::mem::replace(&mut self.current, next));
-            }
-        }
-    }
-
-    async fn run(mut self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-        match self.backend {
-            Backend::Sqlite => {
-                self.current.push("COMMIT;");
-                let Statement { sql, args, .. } = self.current;
-                let result = sqlx::query_with(sqlx::AssertSqlSafe(sql), args)
-                    .execute(&mut *conn)
-                    .await;
-                if result.is_err() {
-                    // Whatever part ran is undone; the batch is retried whole.
-                    let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                }
-                result.map(drop)
-            }
-            Backend::Postgres => {
-                let mut tx = conn.begin().await?;
-                for Statement { sql, args, .. } in self.done {
-                    sqlx::query_with(sqlx::AssertSqlSafe(sql), args)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await
-            }
-        }
-    }
-}
-
-/// Writes a batch in one transaction.
-async fn write_batch(
-    conn: &mut AnyConnection,
-    backend: Backend,
-    batch: &Batch,
-) -> Result<(), Error> {
-    let mut script = Script::new(backend);
+/// Commits a batch to PostgreSQL in one transaction, with multi-row
+/// statements: each is a round trip to the server.
+async fn write_postgres(conn: &mut AnyConnection, batch: &Batch) -> Result<(), Error> {
+    let mut statements = Vec::new();
     for chunk in batch.new_holds.chunks(ROWS_PER_INSERT) {
-        let q = script.statement();
+        let mut q = Statement::default();
         q.push("INSERT INTO holds (request_id, account, amount_micros, at) ");
         q.values(chunk, |q, h| {
             q.bind(h.request_id.as_str())
@@ -480,10 +439,10 @@ async fn write_batch(
         q.push(
             " ON CONFLICT (request_id) DO UPDATE SET amount_micros = excluded.amount_micros, at = excluded.at",
         );
-        script.end();
+        statements.push(q);
     }
     for chunk in batch.cleared_holds.chunks(ROWS_PER_INSERT) {
-        let q = script.statement();
+        let mut q = Statement::default();
         q.push("DELETE FROM holds WHERE request_id IN (");
         for (i, id) in chunk.iter().enumerate() {
             if i > 0 {
@@ -492,10 +451,10 @@ async fn write_batch(
             q.bind(id.as_str());
         }
         q.push(")");
-        script.end();
+        statements.push(q);
     }
     for chunk in batch.rows.chunks(ROWS_PER_INSERT) {
-        let q = script.statement();
+        let mut q = Statement::default();
         q.push("INSERT INTO usage (request_id, at, key_id, key_name, end_user, team, account, model, served_model, deployment, input_tokens, cached_tokens, output_tokens, cost_micros, status, latency_ms, streamed) ");
         q.values(chunk, |q, r| {
             q.bind(r.request_id.as_str()).comma();
@@ -516,12 +475,12 @@ async fn write_batch(
             q.bind(r.latency_ms as i64).comma();
             q.bind(r.streamed);
         });
-        script.end();
+        statements.push(q);
     }
     for (table, width) in [("usage_minutes", MINUTE_MS), ("usage_hours", HOUR_MS)] {
         let sums = rollup(&batch.rows, width);
         for chunk in sums.chunks(ROWS_PER_INSERT) {
-            let q = script.statement();
+            let mut q = Statement::default();
             q.push("INSERT INTO ").push(table).push(
                 " (at, key_name, team, model, requests, input_tokens, output_tokens, cost_micros) ",
             );
@@ -543,31 +502,26 @@ async fn write_batch(
                  output_tokens = {table}.output_tokens + excluded.output_tokens, \
                  cost_micros = {table}.cost_micros + excluded.cost_micros"
             );
-            script.end();
+            statements.push(q);
         }
     }
-    let mut charged: HashMap<&str, Micros> = HashMap::new();
-    for r in &batch.rows {
-        if let Some(a) = &r.account {
-            *charged.entry(&**a).or_default() += r.cost;
-        }
-    }
-    // A stable order: concurrent writers (replicas on PostgreSQL) then take
-    // the accounts' row locks in the same order and cannot deadlock.
-    let mut charged: Vec<_> = charged.into_iter().collect();
-    charged.sort_unstable();
-    for (account, cost) in charged {
-        script
-            .statement()
-            .push("UPDATE accounts SET balance_micros = balance_micros - ")
+    for (account, cost) in charged_accounts(&batch.rows) {
+        let mut q = Statement::default();
+        q.push("UPDATE accounts SET balance_micros = balance_micros - ")
             .bind(cost)
             .push(" WHERE name = ")
             .bind(account);
-        script.end();
+        statements.push(q);
     }
     // The SQL depends only on the batch's shape (rows, holds, accounts), so
     // the connection's statement cache keeps the common ones parsed.
-    script.run(conn).await?;
+    let mut tx = conn.begin().await?;
+    for Statement { sql, args, .. } in statements {
+        sqlx::query_with(sqlx::AssertSqlSafe(sql), args)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
