@@ -27,7 +27,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use std::convert::Infallible;
@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tollgate_core::duration::write_reset;
 use tollgate_core::limits::{Cost, Grant};
-use tollgate_core::money::{Micros, TokenUsage, Usd};
+use tollgate_core::money::{Micros, TokenUsage, USD_TEXT_MAX, Usd};
 use tollgate_core::openai::{
     ChatRequest, CompletionRequest, EmbeddingRequest, UsageOnly, with_model,
 };
@@ -204,12 +204,17 @@ fn note_refusal(gw: &Gateway, e: &Error, log: &mut RequestLog) {
 /// `x-tollgate-cost-usd`, `x-tollgate-budget-remaining-usd` and
 /// `x-tollgate-credits-remaining-usd`, for what is known.
 fn write_money_headers(h: &mut HeaderMap, log: &RequestLog) {
+    const COST: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
+    const BUDGET: HeaderName = HeaderName::from_static("x-tollgate-budget-remaining-usd");
+    const CREDITS: HeaderName = HeaderName::from_static("x-tollgate-credits-remaining-usd");
     for (name, amount) in [
-        ("x-tollgate-cost-usd", log.cost),
-        ("x-tollgate-budget-remaining-usd", log.remaining.budget),
-        ("x-tollgate-credits-remaining-usd", log.remaining.credits),
+        (COST, log.cost),
+        (BUDGET, log.remaining.budget),
+        (CREDITS, log.remaining.credits),
     ] {
-        if let Some(v) = amount.and_then(|a| HeaderValue::from_str(&Usd(a).to_string()).ok()) {
+        if let Some(v) =
+            amount.and_then(|a| HeaderValue::from_str(Usd(a).text(&mut [0; USD_TEXT_MAX])).ok())
+        {
             h.insert(name, v);
         }
     }
@@ -308,7 +313,6 @@ async fn run(
     // 1. auth
     let caller = gw.keys.authenticate(&parts.headers).await?;
     log.key = Some(caller.name.clone());
-    tracing::Span::current().record("key", &*caller.name);
 
     // 2. read
     let body = read_json_body(&parts.headers, body, gw.config.server.max_body_bytes).await?;
@@ -327,7 +331,6 @@ async fn run(
         summarize(endpoint, &body, estimator.as_ref())?
     };
     log.model = Some(summary.model.clone());
-    tracing::Span::current().record("model", &*summary.model);
     log.stream = summary.stream;
 
     // 3. route

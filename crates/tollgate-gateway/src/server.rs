@@ -98,12 +98,11 @@ async fn request_id_and_access_log(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     req.extensions_mut().insert(RequestId(id.clone()));
-    let span = tracing::info_span!(
-        "request",
-        request_id = id.to_str().unwrap_or_default(),
-        key = tracing::field::Empty,
-        model = tracing::field::Empty,
-    );
+    // The request id alone: key, model and the rest are in the access
+    // line, which shares it. Recording more into the span as they become
+    // known made the JSON formatter re-parse and re-write the span's fields
+    // each time, 14k instructions a request (6 % of the gateway's).
+    let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or_default());
     let mut resp = next.run(req).instrument(span).await;
     let proxied = resp.extensions_mut().remove::<RequestLog>();
     let api = proxied.is_some();

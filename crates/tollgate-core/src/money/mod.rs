@@ -60,12 +60,37 @@ pub fn parse_usd(text: &str) -> Result<Micros, AmountError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usd(pub Micros);
 
-impl fmt::Display for Usd {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let sign = if self.0 < 0 { "-" } else { "" };
+/// Room for any `i64` of micro-USD as dollars: sign, 13 digits, point, 6.
+pub const USD_TEXT_MAX: usize = 21;
+
+impl Usd {
+    /// The text, written into `buf` without the `fmt` machinery (three
+    /// response headers per charged request use it).
+    pub fn text(self, buf: &mut [u8; USD_TEXT_MAX]) -> &str {
         let abs = self.0.unsigned_abs();
         let per = MICROS_PER_USD as u64;
-        write!(f, "{sign}{}.{:06}", abs / per, abs % per)
+        let mut len = 0;
+        let mut put = |bytes: &[u8]| {
+            buf[len..len + bytes.len()].copy_from_slice(bytes);
+            len += bytes.len();
+        };
+        if self.0 < 0 {
+            put(b"-");
+        }
+        put(itoa::Buffer::new().format(abs / per).as_bytes());
+        put(b".");
+        let mut frac = itoa::Buffer::new();
+        let frac = frac.format(abs % per).as_bytes();
+        put(&b"000000"[frac.len()..]);
+        put(frac);
+        // Only ASCII digits, '-' and '.' were written.
+        std::str::from_utf8(&buf[..len]).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for Usd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.text(&mut [0; USD_TEXT_MAX]))
     }
 }
 
@@ -112,5 +137,15 @@ mod tests {
         assert_eq!(Usd(25_000_000).to_string(), "25.000000");
         assert_eq!(Usd(-1_500_000).to_string(), "-1.500000");
         assert_eq!(Usd(0).to_string(), "0.000000");
+        assert_eq!(Usd(i64::MIN).to_string(), "-9223372036854.775808");
+        assert_eq!(Usd(i64::MAX).to_string(), "9223372036854.775807");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn text_reads_back_as_the_same_amount(micros in proptest::prelude::any::<i64>()) {
+            let text = Usd(micros).to_string();
+            proptest::prop_assert_eq!(parse_usd(&text).ok(), Some(micros).filter(|m| *m != i64::MIN));
+        }
     }
 }
