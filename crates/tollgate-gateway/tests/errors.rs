@@ -392,7 +392,7 @@ async fn a_stream_cut_by_the_upstream_ends_with_an_error_event() {
     assert_eq!(last["error"]["code"], "upstream_stream_interrupted");
     // Settled, durably before the error event left, on what was delivered:
     // the prompt and the three one-token chunks, not the 10 asked for.
-    let rows = h.gw().db.usage_rows().await.expect("rows");
+    let rows = h.gw().db.journaled_rows().expect("journal");
     let [row] = rows.as_slice() else {
         panic!("one usage row: {rows:?}")
     };

@@ -180,6 +180,7 @@ async fn metrics_count_scripted_traffic_exactly() {
     };
     assert_eq!(tokens("metered", "input"), usage.0 as f64);
     assert_eq!(tokens("metered", "output"), usage.1 as f64);
+    h.gw().money.flush().await;
     let rows = h.gw().db.usage_rows().await.expect("rows");
     let metered_cost: i64 = rows
         .iter()

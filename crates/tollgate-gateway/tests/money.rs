@@ -272,8 +272,8 @@ async fn a_streamed_answer_is_in_the_ledger_before_its_last_byte() {
         "the usage chunk the gateway asked for is not passed on"
     );
 
-    // No flush: the row was durable before [DONE] went out.
-    let rows = h.gw().db.usage_rows().await.expect("rows");
+    // No flush: the row was durable (journaled) before [DONE] went out.
+    let rows = h.gw().db.journaled_rows().expect("journal");
     let row = rows
         .iter()
         .find(|r| r.request_id == id)

@@ -145,6 +145,16 @@ async fn batches_commit_rows_holds_and_balances_together(backend: Backend) -> Re
     // `c` holds and settles at once (within a batch or across two).
     ledger.hold(hold("c"));
     ledger.record(row("c", 60)).wait().await;
+    if backend == Backend::Sqlite {
+        // Durable once journaled, committed with the next batch.
+        let journaled: Vec<_> = db
+            .journaled_rows()?
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect();
+        assert_eq!(journaled, ["a", "c"]);
+    }
+    ledger.flush().await;
     assert_eq!(db.find_account("acme").await?.balance, 900);
     let rows = db.usage_rows().await?;
     assert_eq!(rows.len(), 2);
@@ -345,5 +355,52 @@ async fn sqlite_connections_run_in_wal_with_normal_sync() -> Result<(), Error> {
     let (_dir, db) = open(Backend::Sqlite).await?;
     let (mode, sync) = db.sqlite_settings().await?;
     assert_eq!((mode.as_str(), sync), ("wal", 1));
+    Ok(())
+}
+
+/// A row is durable once journaled. A run killed before committing leaves
+/// its rows in the journal; the next start commits those SQLite lacks
+/// (each once, with its account debit) and deletes the segment.
+#[tokio::test]
+async fn journaled_rows_a_killed_run_left_are_committed_once_at_start() -> Result<(), Error> {
+    let (dir, db) = open(Backend::Sqlite).await?;
+    db.add_credits("acme", 1_000, "test", "seed").await?;
+    let row = |id: &str, cost| UsageRow {
+        request_id: id.into(),
+        at: 5,
+        account: Some(Arc::from("acme")),
+        model: Arc::from("gpt-4o-mini"),
+        cost,
+        status: 200,
+        ..UsageRow::default()
+    };
+    // `a` made it into SQLite before the kill; `b` and `c` only into the
+    // journal (a segment of an earlier run, as the kill left it).
+    let ledger = Ledger::start(&db)?;
+    ledger.record(row("a", 100)).wait().await;
+    ledger.flush().await;
+    drop(ledger);
+    let segment = dir.path().join("t.db-ledger.7");
+    let mut lines = String::new();
+    for r in [row("a", 100), row("b", 20), row("c", 30)] {
+        lines.push_str(&serde_json::to_string(&r).map_err(|e| Error::Writer(e.to_string()))?);
+        lines.push('\n');
+    }
+    // A line torn by an OS crash mid-write is skipped.
+    lines.push_str("{\"request_id\":\"d\",\"at\"");
+    std::fs::write(&segment, lines).map_err(|e| Error::Writer(e.to_string()))?;
+
+    let ledger = Ledger::start(&db)?;
+    ledger.flush().await;
+    let mut ids: Vec<_> = db
+        .usage_rows()
+        .await?
+        .into_iter()
+        .map(|r| r.request_id)
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["a", "b", "c"]);
+    assert_eq!(db.find_account("acme").await?.balance, 1_000 - 150);
+    assert!(!segment.exists(), "the recovered segment is deleted");
     Ok(())
 }

@@ -9,11 +9,13 @@
 //! settle sooner never write a hold, and a crash still leaves a record of
 //! every long-running request it cut off.
 
+mod journal;
 mod sqlite;
 
 use crate::database::Backend;
 use crate::{Database, Error};
-use serde::Serialize;
+use journal::Journal;
+use serde::{Deserialize, Serialize};
 use sqlite::SqliteWriter;
 use sqlx::AnyConnection;
 use sqlx::any::AnyArguments;
@@ -26,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tollgate_core::money::Micros;
 
 /// One served request, as the ledger keeps it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRow {
     /// The gateway's request id (`x-request-id`).
     pub request_id: String,
@@ -88,6 +90,9 @@ enum Entry {
     Release(String),
     Usage(UsageRow, Option<oneshot::Sender<()>>),
     Flush(oneshot::Sender<()>),
+    /// A journal segment whose rows all came before this entry: deleted once
+    /// they are committed.
+    Retire(std::path::PathBuf),
 }
 
 /// Resolves once a row is durable (or the ledger gave up on it, which it
@@ -108,6 +113,8 @@ impl Durable {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     tx: mpsc::UnboundedSender<Entry>,
+    /// On SQLite, where a row is durable before it is committed.
+    journal: Option<Arc<Journal>>,
 }
 
 /// Most rows in one transaction.
@@ -115,6 +122,9 @@ const MAX_BATCH: usize = 2048;
 /// Rows per PostgreSQL INSERT statement (it allows 65,535 bound values in
 /// one statement).
 const ROWS_PER_INSERT: usize = 256;
+/// On SQLite, how long the writer lets journaled rows gather before it
+/// commits them.
+const GATHER_FOR: Duration = Duration::from_millis(5);
 /// A hold is written once its request has been in flight this long: most
 /// requests settle sooner, and their holds never touch the disk.
 pub const HOLD_PERSIST_AFTER: Duration = Duration::from_millis(200);
@@ -139,11 +149,23 @@ impl Ledger {
             Backend::Postgres => runtime.enable_all(),
         };
         let runtime = runtime.build().map_err(|e| Error::Writer(e.to_string()))?;
+        let journal = match &db.sqlite_path {
+            Some(path) => Some(Arc::new(Journal::open(path).map_err(|e| {
+                Error::Writer(format!("cannot open the ledger journal: {e}"))
+            })?)),
+            None => None,
+        };
+        let writer = Writer {
+            db,
+            journal: journal.clone(),
+            retire: tx.downgrade(),
+            persist_holds_after,
+        };
         std::thread::Builder::new()
             .name("tollgate-ledger".into())
-            .spawn(move || runtime.block_on(write_loop(db, rx, persist_holds_after)))
+            .spawn(move || runtime.block_on(writer.run(rx)))
             .map_err(|e| Error::Writer(e.to_string()))?;
-        Ok(Self { tx })
+        Ok(Self { tx, journal })
     }
 
     /// Records a hold (not waited for: a hold only matters after a crash).
@@ -157,8 +179,12 @@ impl Ledger {
     }
 
     /// Records a served request; the returned [`Durable`] resolves when
-    /// its row is committed.
+    /// its row is durable: at once on SQLite, where the row was appended to
+    /// the journal; once committed on PostgreSQL.
     pub fn record(&self, row: UsageRow) -> Durable {
+        let Some(row) = self.journaled(row) else {
+            return Durable(None);
+        };
         let (done, rx) = oneshot::channel();
         match self.tx.send(Entry::Usage(row, Some(done))) {
             Ok(()) => Durable(Some(rx)),
@@ -171,8 +197,33 @@ impl Ledger {
 
     /// Records a served request without waiting for it.
     pub fn record_detached(&self, row: UsageRow) {
+        let Some(row) = self.journaled(row) else {
+            return;
+        };
         if let Err(e) = self.tx.send(Entry::Usage(row, None)) {
             tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; usage row lost");
+        }
+    }
+
+    /// Appends `row` to the journal and queues it for commit; hands it back
+    /// when there is no journal or the append failed (then the caller waits
+    /// for the commit instead).
+    fn journaled(&self, row: UsageRow) -> Option<UsageRow> {
+        let Some(journal) = &self.journal else {
+            return Some(row);
+        };
+        match journal.append(&row) {
+            Ok(appended) => {
+                if let Err(e) = self.tx.send(Entry::Usage(row, None)) {
+                    tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; the row stays in the journal until the next start");
+                }
+                drop(appended);
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, journal = %journal.base().display(), "cannot append to the ledger journal; waiting for the commit instead");
+                Some(row)
+            }
         }
     }
 
@@ -190,7 +241,7 @@ fn entry_id(e: &Entry) -> &str {
         Entry::Hold(h, _) => &h.request_id,
         Entry::Release(id) => id,
         Entry::Usage(u, _) => &u.request_id,
-        Entry::Flush(_) => "",
+        Entry::Flush(_) | Entry::Retire(_) => "",
     }
 }
 
@@ -209,70 +260,117 @@ struct Batch {
     cleared_holds: Vec<String>,
 }
 
-async fn write_loop(
+/// The writer thread's state.
+struct Writer {
     db: Database,
-    mut rx: mpsc::UnboundedReceiver<Entry>,
+    journal: Option<Arc<Journal>>,
+    /// Queues a [`Entry::Retire`] behind the rows of a rotated segment
+    /// (weak: the writer must not keep its own channel open).
+    retire: mpsc::WeakUnboundedSender<Entry>,
     persist_holds_after: Duration,
-) {
-    let mut sink = Sink::open(&db).await;
-    let mut entries = Vec::with_capacity(MAX_BATCH);
-    let mut open: HashMap<String, OpenHold, foldhash::fast::RandomState> = HashMap::default();
-    loop {
-        // With holds open, wake up in time to write the ones that age.
-        let received = if open.values().any(|h| !h.written) {
-            tokio::time::timeout(persist_holds_after, rx.recv_many(&mut entries, MAX_BATCH))
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Entry>) {
+        let mut sink = Sink::open(&self.db).await;
+        if let (Some(journal), Sink::Sqlite(w)) = (&self.journal, &mut sink) {
+            recover(journal, w);
+        }
+        let mut entries = Vec::with_capacity(MAX_BATCH);
+        let mut open: HashMap<String, OpenHold, foldhash::fast::RandomState> = HashMap::default();
+        // Set when a batch could not be committed: its rows are still in the
+        // journal, which must then stay for the next start to commit.
+        let mut lost = false;
+        loop {
+            // With holds open, wake up in time to write the ones that age.
+            let received = if open.values().any(|h| !h.written) {
+                tokio::time::timeout(
+                    self.persist_holds_after,
+                    rx.recv_many(&mut entries, MAX_BATCH),
+                )
                 .await
                 .ok()
-        } else {
-            Some(rx.recv_many(&mut entries, MAX_BATCH).await)
-        };
-        if received == Some(0) {
-            return;
-        }
-        let mut batch = Batch::default();
-        let mut waiters = Vec::new();
-        for entry in entries.drain(..) {
-            match entry {
-                Entry::Hold(hold, since) => {
-                    open.insert(
-                        hold.request_id.clone(),
-                        OpenHold {
-                            hold,
-                            since,
-                            written: false,
-                        },
-                    );
+            } else {
+                Some(rx.recv_many(&mut entries, MAX_BATCH).await)
+            };
+            if received != Some(0) && self.journal.is_some() && entries.len() < MAX_BATCH {
+                // Journaled rows are durable already and nothing but a flush
+                // waits for their commit: let rows gather into fewer, larger
+                // commits, while senders need not wake a sleeping writer.
+                tokio::time::sleep(GATHER_FOR).await;
+                while entries.len() < MAX_BATCH {
+                    let Ok(entry) = rx.try_recv() else { break };
+                    entries.push(entry);
                 }
-                Entry::Release(id) => {
-                    if open.remove(&id).is_some_and(|h| h.written) {
-                        batch.cleared_holds.push(id);
-                    }
-                }
-                Entry::Usage(row, done) => {
-                    if open.remove(&row.request_id).is_some_and(|h| h.written) {
-                        batch.cleared_holds.push(row.request_id.clone());
-                    }
-                    waiters.extend(done);
-                    batch.rows.push(row);
-                }
-                Entry::Flush(done) => waiters.push(done),
             }
-        }
-        for h in open.values_mut() {
-            if !h.written && h.since.elapsed() >= persist_holds_after {
-                h.written = true;
-                batch.new_holds.push(h.hold.clone());
+            if received == Some(0) {
+                // Every handle is gone and everything queued is committed.
+                if let Some(journal) = &self.journal
+                    && !lost
+                {
+                    retire(&journal.current_path());
+                }
+                return;
             }
+            let mut batch = Batch::default();
+            let mut waiters = Vec::new();
+            let mut retired = Vec::new();
+            for entry in entries.drain(..) {
+                match entry {
+                    Entry::Hold(hold, since) => {
+                        open.insert(
+                            hold.request_id.clone(),
+                            OpenHold {
+                                hold,
+                                since,
+                                written: false,
+                            },
+                        );
+                    }
+                    Entry::Release(id) => {
+                        if open.remove(&id).is_some_and(|h| h.written) {
+                            batch.cleared_holds.push(id);
+                        }
+                    }
+                    Entry::Usage(row, done) => {
+                        if open.remove(&row.request_id).is_some_and(|h| h.written) {
+                            batch.cleared_holds.push(row.request_id.clone());
+                        }
+                        waiters.extend(done);
+                        batch.rows.push(row);
+                    }
+                    Entry::Flush(done) => waiters.push(done),
+                    Entry::Retire(segment) => retired.push(segment),
+                }
+            }
+            for h in open.values_mut() {
+                if !h.written && h.since.elapsed() >= self.persist_holds_after {
+                    h.written = true;
+                    batch.new_holds.push(h.hold.clone());
+                }
+            }
+            lost |= !self.commit(&mut sink, &batch).await;
+            for done in waiters {
+                let _ = done.send(());
+            }
+            if !lost {
+                retired.iter().for_each(|s| retire(s));
+            }
+            self.rotate_if_full();
         }
+    }
+
+    /// Commits `batch`, retrying; false when it gave up.
+    async fn commit(&self, sink: &mut Sink, batch: &Batch) -> bool {
         let mut attempt = 0;
         let started = std::time::Instant::now();
         loop {
-            match sink.write(&batch).await {
+            match sink.write(batch).await {
                 Ok(()) => {
                     metrics::histogram!("tollgate_ledger_commit_seconds").record(started.elapsed());
                     metrics::histogram!("tollgate_ledger_batch_rows")
                         .record(batch.rows.len() as f64);
-                    break;
+                    return true;
                 }
                 Err(e) if attempt < 5 => {
                     attempt += 1;
@@ -282,17 +380,76 @@ async fn write_loop(
                         e,
                         Error::Query(sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
                     ) {
-                        sink = Sink::open(&db).await;
+                        *sink = Sink::open(&self.db).await;
                     }
+                }
+                Err(e) if self.journal.is_some() => {
+                    tracing::error!(error = %e, rows = batch.rows.len(), "ledger batch failed for good; its usage rows stay in the journal and are committed at the next start");
+                    return false;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, rows = batch.rows.len(), "ledger batch failed for good; its usage rows are lost");
-                    break;
+                    return true;
                 }
             }
         }
-        for done in waiters {
-            let _ = done.send(());
+    }
+
+    /// Starts a new journal segment once the current one is full; the old
+    /// one goes once the rows queued before the switch are committed.
+    fn rotate_if_full(&self) {
+        let Some(journal) = self.journal.as_ref().filter(|j| j.is_full()) else {
+            return;
+        };
+        match journal.rotate() {
+            Ok(old) => {
+                if let Some(tx) = self.retire.upgrade() {
+                    let _ = tx.send(Entry::Retire(old));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a new ledger journal segment; appending to the old one")
+            }
+        }
+    }
+}
+
+/// Deletes a journal segment whose rows are all committed.
+fn retire(segment: &std::path::Path) {
+    if let Err(e) = std::fs::remove_file(segment)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(segment = %segment.display(), error = %e, "cannot delete a committed ledger journal segment");
+    }
+}
+
+/// Commits the rows of journal segments a previous run left (it was
+/// killed, or could not commit) that SQLite lacks, then deletes them.
+fn recover(journal: &Journal, writer: &mut SqliteWriter) {
+    let segments = match journal::leftover_segments(journal.base()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list the ledger journal; its rows are not recovered");
+            return;
+        }
+    };
+    let current = journal.current_path();
+    for (_, segment) in segments.iter().filter(|(_, p)| *p != current) {
+        let recovered = journal::read_segment(segment).and_then(|rows| {
+            writer
+                .commit_missing(rows)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        });
+        match recovered {
+            Ok(added) => {
+                if added > 0 {
+                    tracing::warn!(segment = %segment.display(), rows = added, "committed usage rows the last run had journaled but not committed");
+                }
+                retire(segment);
+            }
+            Err(e) => {
+                tracing::error!(segment = %segment.display(), error = %e, "cannot recover a ledger journal segment; it is kept for the next start");
+            }
         }
     }
 }
@@ -739,6 +896,26 @@ impl Database {
             requests = sum("requests"),
         );
         self.usage_lines(sql, since_ms, until_ms).await
+    }
+
+    /// The usage rows in the SQLite ledger's journal, committed or not:
+    /// what is durable so far (for tests; empty on PostgreSQL).
+    pub fn journaled_rows(&self) -> Result<Vec<UsageRow>, Error> {
+        let Some(path) = &self.sqlite_path else {
+            return Ok(Vec::new());
+        };
+        let mut rows = Vec::new();
+        let segments = journal::leftover_segments(&journal::base_of(path))
+            .map_err(|e| Error::Writer(e.to_string()))?;
+        for (_, segment) in segments {
+            match journal::read_segment(&segment) {
+                Ok(r) => rows.extend(r),
+                // Retired meanwhile: its rows are committed.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::Writer(e.to_string())),
+            }
+        }
+        Ok(rows)
     }
 
     /// Every usage row, oldest first (for audits and tests).

@@ -5,9 +5,10 @@
 //! those cost more than the commit itself. The writer's thread does
 //! nothing but commit, so blocking it on SQLite stalls nothing else.
 
-use super::{Batch, HOUR_MS, MINUTE_MS, rollup};
+use super::{Batch, HOUR_MS, MINUTE_MS, UsageRow, rollup};
 use crate::database::SQLITE_SETUP;
 use rusqlite::{Connection, params};
+use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -45,6 +46,37 @@ impl SqliteWriter {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
         written.map(drop)
+    }
+
+    /// Commits the rows SQLite does not have yet (a journal's, after a
+    /// crash) and returns how many that was. A row is known by its request
+    /// id and time.
+    pub(super) fn commit_missing(&mut self, rows: Vec<UsageRow>) -> rusqlite::Result<usize> {
+        let Some(since) = rows.iter().map(|r| r.at).min() else {
+            return Ok(0);
+        };
+        let mut known = HashSet::new();
+        {
+            let mut query = self
+                .conn
+                .prepare("SELECT request_id, at FROM usage WHERE at >= ?1")?;
+            let mut found = query.query([since])?;
+            while let Some(r) = found.next()? {
+                known.insert((r.get::<_, String>(0)?, r.get::<_, i64>(1)?));
+            }
+        }
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter(|r| !known.contains(&(r.request_id.clone(), r.at)))
+            .collect();
+        let added = rows.len();
+        if added > 0 {
+            self.write(&Batch {
+                rows,
+                ..Batch::default()
+            })?;
+        }
+        Ok(added)
     }
 
     fn write_rows(&self, batch: &Batch) -> rusqlite::Result<()> {
