@@ -389,6 +389,15 @@ async fn journaled_rows_a_killed_run_left_are_committed_once_at_start() -> Resul
     // A line torn by an OS crash mid-write is skipped.
     lines.push_str("{\"request_id\":\"d\",\"at\"");
     std::fs::write(&segment, lines).map_err(|e| Error::Writer(e.to_string()))?;
+    // A segment another gateway on this database still appends to (it
+    // holds the lock): not a leftover, left alone.
+    let live = dir.path().join("t.db-ledger.6");
+    let line = serde_json::to_string(&row("e", 1)).map_err(|e| Error::Writer(e.to_string()))?;
+    std::fs::write(&live, line + "\n").map_err(|e| Error::Writer(e.to_string()))?;
+    let other_gateway = std::fs::File::open(&live).map_err(|e| Error::Writer(e.to_string()))?;
+    other_gateway
+        .try_lock()
+        .map_err(|e| Error::Writer(e.to_string()))?;
 
     let ledger = Ledger::start(&db)?;
     ledger.flush().await;
@@ -402,5 +411,6 @@ async fn journaled_rows_a_killed_run_left_are_committed_once_at_start() -> Resul
     assert_eq!(ids, ["a", "b", "c"]);
     assert_eq!(db.find_account("acme").await?.balance, 1_000 - 150);
     assert!(!segment.exists(), "the recovered segment is deleted");
+    assert!(live.exists(), "a live gateway's segment is not recovered");
     Ok(())
 }

@@ -13,6 +13,9 @@
 //! a new segment once the current one is large, and deletes the old one as
 //! soon as every row in it is committed. At start, rows of leftover
 //! segments that SQLite lacks are committed, then the segments deleted.
+//! A segment stays locked (`flock`) while its gateway may still commit
+//! from it, so that a second gateway on the same file (a restart that
+//! overlaps the old process) never takes a live segment for a leftover.
 
 use super::UsageRow;
 use std::fs::{File, OpenOptions};
@@ -57,6 +60,7 @@ impl Journal {
             .last()
             .map_or(0, |(number, _)| number + 1);
         let file = open_segment(&base, next)?;
+        file.try_lock()?;
         Ok(Self {
             base,
             current: RwLock::new(Segment { file, number: next }),
@@ -100,15 +104,37 @@ impl Journal {
         self.bytes.load(Ordering::Relaxed) >= SEGMENT_BYTES
     }
 
-    /// Starts a new segment and returns the old one's path: it may be
-    /// deleted once every row queued so far is committed.
-    pub(super) fn rotate(&self) -> std::io::Result<PathBuf> {
+    /// Starts a new segment and returns the old one, still locked: it may
+    /// be deleted once every row queued so far is committed.
+    pub(super) fn rotate(&self) -> std::io::Result<Retired> {
         let mut segment = self.current.write().unwrap_or_else(|e| e.into_inner());
         let number = segment.number + 1;
         let file = open_segment(&self.base, number)?;
+        file.try_lock()?;
         let old = std::mem::replace(&mut *segment, Segment { file, number });
         self.bytes.store(0, Ordering::Relaxed);
-        Ok(segment_path(&self.base, old.number))
+        Ok(Retired {
+            path: segment_path(&self.base, old.number),
+            _lock: old.file,
+        })
+    }
+}
+
+/// A segment no longer appended to, locked until it is deleted.
+#[derive(Debug)]
+pub(super) struct Retired {
+    pub(super) path: PathBuf,
+    _lock: File,
+}
+
+/// Locks a leftover segment for recovery; `None` while another process
+/// (a gateway still running on the same database) holds it.
+pub(super) fn claim(segment: &Path) -> std::io::Result<Option<File>> {
+    let file = File::open(segment)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
 }
 

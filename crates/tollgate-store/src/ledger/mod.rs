@@ -92,7 +92,7 @@ enum Entry {
     Flush(oneshot::Sender<()>),
     /// A journal segment whose rows all came before this entry: deleted once
     /// they are committed.
-    Retire(std::path::PathBuf),
+    Retire(journal::Retired),
 }
 
 /// Resolves once a row is durable (or the ledger gave up on it, which it
@@ -354,7 +354,7 @@ impl Writer {
                 let _ = done.send(());
             }
             if !lost {
-                retired.iter().for_each(|s| retire(s));
+                retired.iter().for_each(|s| retire(&s.path));
             }
             self.rotate_if_full();
         }
@@ -435,6 +435,15 @@ fn recover(journal: &Journal, writer: &mut SqliteWriter) {
     };
     let current = journal.current_path();
     for (_, segment) in segments.iter().filter(|(_, p)| *p != current) {
+        let _claimed = match journal::claim(segment) {
+            Ok(Some(lock)) => lock,
+            // Another gateway on this database still commits from it.
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::error!(segment = %segment.display(), error = %e, "cannot open a ledger journal segment; it is kept for the next start");
+                continue;
+            }
+        };
         let recovered = journal::read_segment(segment).and_then(|rows| {
             writer
                 .commit_missing(rows)
