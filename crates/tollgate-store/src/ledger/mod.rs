@@ -1,8 +1,9 @@
-//! The usage ledger: one row per served request, written by one task in
+//! The usage ledger: one row per served request, written by one thread in
 //! group-committed batches. Whatever arrives while a batch commits goes
 //! into the next one, so under load a single transaction carries hundreds
-//! of rows and the write costs no throughput; a request can still wait for
-//! its own row to be durable before its last byte goes out.
+//! of rows and the write costs little throughput. A request's row is
+//! durable before its last byte goes out: on SQLite once it is appended
+//! to the journal (the `journal` module), on PostgreSQL once committed.
 //!
 //! Holds of in-flight requests ride the same batches, but only once a
 //! request has been in flight for [`HOLD_PERSIST_AFTER`]: the many that
@@ -101,7 +102,7 @@ enum Entry {
 pub struct Durable(Option<oneshot::Receiver<()>>);
 
 impl Durable {
-    /// Waits for the row's batch to commit.
+    /// Waits until the row is durable.
     pub async fn wait(self) {
         if let Some(rx) = self.0 {
             let _ = rx.await;
