@@ -38,6 +38,8 @@ pub(super) struct Journal {
     current: RwLock<Segment>,
     /// Bytes in the open segment.
     bytes: AtomicU64,
+    /// Past this many bytes, the open segment is due to be retired.
+    segment_bytes: u64,
 }
 
 /// A row is in the journal; the segment cannot rotate while this lives.
@@ -54,7 +56,7 @@ struct Segment {
 impl Journal {
     /// Opens a fresh segment numbered after every segment already there
     /// (which [`leftover_segments`] lists for recovery).
-    pub(super) fn open(database: &Path) -> std::io::Result<Self> {
+    pub(super) fn open(database: &Path, segment_bytes: u64) -> std::io::Result<Self> {
         let base = base_of(database);
         let next = leftover_segments(&base)?
             .last()
@@ -65,6 +67,7 @@ impl Journal {
             base,
             current: RwLock::new(Segment { file, number: next }),
             bytes: AtomicU64::new(0),
+            segment_bytes,
         })
     }
 
@@ -101,7 +104,7 @@ impl Journal {
 
     /// Whether the open segment is due to be retired.
     pub(super) fn is_full(&self) -> bool {
-        self.bytes.load(Ordering::Relaxed) >= SEGMENT_BYTES
+        self.bytes.load(Ordering::Relaxed) >= self.segment_bytes
     }
 
     /// Starts a new segment and returns the old one, still locked: it may

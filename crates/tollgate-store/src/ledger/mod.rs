@@ -140,6 +140,14 @@ impl Ledger {
 
     /// [`Ledger::start`], writing holds open longer than `persist_holds_after`.
     pub fn start_with(db: &Database, persist_holds_after: Duration) -> Result<Self, Error> {
+        Self::spawn(db, persist_holds_after, journal::SEGMENT_BYTES)
+    }
+
+    fn spawn(
+        db: &Database,
+        persist_holds_after: Duration,
+        segment_bytes: u64,
+    ) -> Result<Self, Error> {
         let (tx, rx) = mpsc::unbounded_channel();
         let db = db.clone();
         let mut runtime = tokio::runtime::Builder::new_current_thread();
@@ -151,9 +159,9 @@ impl Ledger {
         };
         let runtime = runtime.build().map_err(|e| Error::Writer(e.to_string()))?;
         let journal = match &db.sqlite_path {
-            Some(path) => Some(Arc::new(Journal::open(path).map_err(|e| {
-                Error::Writer(format!("cannot open the ledger journal: {e}"))
-            })?)),
+            Some(path) => Some(Arc::new(Journal::open(path, segment_bytes).map_err(
+                |e| Error::Writer(format!("cannot open the ledger journal: {e}")),
+            )?)),
             None => None,
         };
         let writer = Writer {
@@ -351,13 +359,15 @@ impl Writer {
                 }
             }
             lost |= !self.commit(&mut sink, &batch).await;
-            for done in waiters {
-                let _ = done.send(());
-            }
             if !lost {
                 retired.iter().for_each(|s| retire(&s.path));
             }
+            // Before the waiters wake: a flush that follows finds the
+            // retirement queued ahead of it.
             self.rotate_if_full();
+            for done in waiters {
+                let _ = done.send(());
+            }
         }
     }
 
@@ -962,5 +972,54 @@ impl Database {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Segments fill, rotate and go once their rows are committed: after a
+    /// flush, every row is in SQLite once and only the open segment is left.
+    #[tokio::test]
+    async fn full_segments_are_deleted_once_their_rows_are_committed() -> Result<(), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Writer(e.to_string()))?;
+        let db = Database::open(&dir.path().join("t.db").to_string_lossy()).await?;
+        // About three rows a segment.
+        let ledger = Ledger::spawn(&db, HOLD_PERSIST_AFTER, 600)?;
+        for i in 0..50 {
+            ledger
+                .record(UsageRow {
+                    request_id: format!("r{i}"),
+                    at: i,
+                    model: Arc::from("gpt-4o-mini"),
+                    status: 200,
+                    ..UsageRow::default()
+                })
+                .wait()
+                .await;
+            // Let some rotations happen between rows, not all at the end.
+            if i % 10 == 9 {
+                ledger.flush().await;
+            }
+        }
+        ledger.flush().await;
+        // A rotation the last commit made is retired with the next batch.
+        ledger.flush().await;
+        let rows = db.usage_rows().await?;
+        assert_eq!(rows.len(), 50);
+        let segments = journal::leftover_segments(&journal::base_of(&dir.path().join("t.db")))
+            .map_err(|e| Error::Writer(e.to_string()))?;
+        assert_eq!(
+            segments.len(),
+            1,
+            "only the open segment is left: {segments:?}"
+        );
+        assert!(
+            db.journaled_rows()?.len() < 50,
+            "committed segments are gone"
+        );
+        drop(ledger);
+        Ok(())
     }
 }
