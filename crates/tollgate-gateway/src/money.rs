@@ -100,6 +100,8 @@ struct Seen {
     last_entry: i64,
     /// Budget scopes (rule scope, window) whose spend has been summed.
     loaded: HashSet<(Arc<str>, Window)>,
+    /// Each account's low-balance mark as last handed to the book.
+    marks: HashMap<String, Option<Micros>>,
 }
 
 /// Budgets, credits, prices and the ledger.
@@ -440,25 +442,30 @@ impl Money {
     /// credit entries added, low-balance marks changed.
     pub async fn sync(&self) -> Result<(), Error> {
         let mut seen = self.seen.lock().await;
+        // Entries first: an entry's account was created before it, so the
+        // account list read next knows every account they name.
         let entries = self.db.credit_entries(None, seen.last_entry).await?;
-        if !entries.is_empty() {
-            let mut known = HashSet::new();
-            for a in self.db.list_accounts().await? {
+        // Every time, not only with new entries: a mark set elsewhere (the
+        // CLI, another replica) comes without one.
+        let mut known = HashSet::new();
+        for a in self.db.list_accounts().await? {
+            if seen.marks.get(&a.name) != Some(&a.low_balance) {
                 self.book
                     .set_low_balance(&a.name, a.low_balance)
                     .await
                     .map_err(unavailable)?;
-                known.insert(a.name);
+                seen.marks.insert(a.name.clone(), a.low_balance);
             }
-            for e in &entries {
-                if known.contains(&e.account) {
-                    self.book
-                        .credit(&e.account, e.id, e.amount)
-                        .await
-                        .map_err(unavailable)?;
-                }
-                seen.last_entry = seen.last_entry.max(e.id);
+            known.insert(a.name);
+        }
+        for e in &entries {
+            if known.contains(&e.account) {
+                self.book
+                    .credit(&e.account, e.id, e.amount)
+                    .await
+                    .map_err(unavailable)?;
             }
+            seen.last_entry = seen.last_entry.max(e.id);
         }
         let version = self.db.budgets_version().await?;
         if version != seen.budgets {
