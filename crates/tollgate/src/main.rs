@@ -2,6 +2,7 @@
 
 mod batch;
 mod keys;
+mod log_writer;
 mod mock;
 mod money;
 mod serve;
@@ -67,22 +68,15 @@ enum Command {
     Batch(batch::BatchArgs),
 }
 
-/// Logs go to stderr through a writer thread, so a request never waits on
-/// the write of its access-log line; the returned guard flushes at exit.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr in batches from a writer thread, so a request never
+/// waits on the write of its access-log line; the returned guard writes
+/// what is left at exit.
+fn init_logging(format: LogFormat) -> anyhow::Result<log_writer::FlushOnDrop> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // PostgreSQL's notices ("relation _sqlx_migrations already exists,
         // skipping" on every start) are not news.
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn"));
-    // Not lossy: under pressure a request waits rather than its line vanishing.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        // Buffered: the writer thread drains every line queued, then flushes
-        // once, so a burst of lines costs one write(2) instead of one each.
-        .finish(std::io::BufWriter::with_capacity(
-            64 << 10,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = log_writer::start(std::io::stderr())?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -92,12 +86,12 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
-    guard
+    Ok(guard)
 }
 
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let _log_guard = init_logging(cli.log_format);
+    let _log_guard = init_logging(cli.log_format)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
