@@ -297,6 +297,8 @@ pub struct ServerConfig {
     /// How long an answer is kept for repeats of its `Idempotency-Key`.
     #[serde(deserialize_with = "duration")]
     pub idempotency_ttl: Duration,
+    /// Threads serving connections; 0 (the default) means one per CPU.
+    pub threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -308,6 +310,7 @@ impl Default for ServerConfig {
             admin_key_env: "TOLLGATE_ADMIN_KEY".into(),
             key_refresh: Duration::from_millis(500),
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            threads: 0,
         }
     }
 }

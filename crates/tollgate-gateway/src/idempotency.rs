@@ -77,6 +77,10 @@ pub struct IdempotencyStore {
 struct Shared {
     redis: RedisIdempotency,
     claim_for: Duration,
+    /// The runtime that built the store, which outlives the threads
+    /// serving requests: where a record or release due after its request
+    /// runs.
+    runtime: tokio::runtime::Handle,
 }
 
 /// How often a duplicate looks again at a record running on another
@@ -110,7 +114,7 @@ impl Guard {
             if let Some(shared) = &self.store.shared {
                 let (redis, ttl, hash) = (shared.redis.clone(), self.store.ttl, self.body_hash);
                 let record = encode(&answer);
-                tokio::spawn(async move {
+                shared.runtime.spawn(async move {
                     if let Err(e) = redis.keep(&key.0, &key.1, &hash, &record, ttl).await {
                         tracing::warn!(error = %e, "could not keep an idempotent answer in Redis; a retry will run again");
                     }
@@ -136,7 +140,7 @@ impl Drop for Guard {
             match &self.store.shared {
                 Some(shared) => {
                     let (redis, hash) = (shared.redis.clone(), self.body_hash);
-                    tokio::spawn(async move {
+                    shared.runtime.spawn(async move {
                         // Failing this, the claim lapses on its own.
                         let _ = redis.release(&key.0, &key.1, &hash).await;
                     });
@@ -166,7 +170,11 @@ impl IdempotencyStore {
         Self {
             slots: Mutex::default(),
             ttl,
-            shared: Some(Shared { redis, claim_for }),
+            shared: Some(Shared {
+                redis,
+                claim_for,
+                runtime: tokio::runtime::Handle::current(),
+            }),
         }
     }
 

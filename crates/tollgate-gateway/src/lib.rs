@@ -157,7 +157,12 @@ impl Gateway {
             if d.api_key_env.is_some() && key.is_none() {
                 tracing::warn!(deployment = %d.name, env = d.api_key_env.as_deref(), "the deployment's key variable is not set; calling it without a key");
             }
-            let deployment = Arc::new(Deployment::new(d, base_url, key)?);
+            let deployment = Arc::new(Deployment::new(
+                d,
+                base_url,
+                key,
+                serving_threads(&config.server),
+            )?);
             deployments.push(deployment.clone());
             for m in &d.models {
                 // Every deployment that lists a model joins its pool.
@@ -239,6 +244,11 @@ impl Gateway {
                 v
             })
             .collect()
+    }
+
+    /// How many threads serve connections.
+    pub fn serving_threads(&self) -> usize {
+        serving_threads(&self.config.server)
     }
 
     /// Whether `/admin` is enabled.
@@ -367,5 +377,13 @@ impl RunningGateway {
         let served = (&mut self.task).await.unwrap_or(Ok(()));
         self.gateway.money.close().await;
         served
+    }
+}
+
+/// `server.threads`, or one per CPU when it is 0.
+fn serving_threads(server: &config::ServerConfig) -> usize {
+    match server.threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
     }
 }

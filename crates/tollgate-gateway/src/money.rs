@@ -121,6 +121,9 @@ pub struct Money {
     clock: Arc<dyn Clock>,
     db: Database,
     seen: tokio::sync::Mutex<Seen>,
+    /// The runtime it was loaded on, which outlives the threads serving
+    /// requests: where settlements due after their request run.
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for Money {
@@ -223,6 +226,7 @@ impl Money {
             clock,
             db,
             seen: tokio::sync::Mutex::default(),
+            runtime: tokio::runtime::Handle::current(),
         };
         let (accounts, last_entry) = money.db.accounts_snapshot(None).await?;
         for a in accounts {
@@ -697,7 +701,8 @@ impl Bill {
         };
         let (money, budgets, account) = (money.clone(), budgets.clone(), account.cloned());
         let reserved = self.reserved;
-        tokio::spawn(async move {
+        let runtime = money.runtime.clone();
+        runtime.spawn(async move {
             use backon::{ExponentialBuilder, Retryable};
             let settle = || {
                 money

@@ -82,7 +82,10 @@ pub struct Deployment {
     /// Endpoint URLs, parsed once: a request never re-parses its URL.
     urls: [reqwest::Url; 3],
     key: Option<ProviderKey>,
-    client: reqwest::Client,
+    /// One connection pool per serving thread (and one for the rest): a
+    /// pooled connection's task runs on the thread that opened it, so a
+    /// request served on another thread would wake that one twice.
+    clients: Box<[reqwest::Client]>,
     first_byte_timeout: Option<Duration>,
     /// Cool-downs and circuit state, shared by every pool it serves in.
     pub health: crate::routing::Health,
@@ -153,6 +156,7 @@ impl Deployment {
         config: &DeploymentConfig,
         base_url: &str,
         api_key: Option<String>,
+        serving_threads: usize,
     ) -> Result<Self, Error> {
         let client_err = |detail: String| Error::UpstreamClient {
             deployment: config.name.clone(),
@@ -180,14 +184,18 @@ impl Deployment {
         } else {
             String::new()
         };
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.timeout)
-            .pool_max_idle_per_host(1024)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| client_err(e.to_string()))?;
+        let clients = (0..=serving_threads)
+            .map(|_| {
+                reqwest::Client::builder()
+                    .connect_timeout(config.connect_timeout)
+                    .timeout(config.timeout)
+                    .pool_max_idle_per_host(1024)
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .tcp_nodelay(true)
+                    .build()
+                    .map_err(|e| client_err(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
         let base = base_url.trim_end_matches('/');
         let url = |e: Endpoint| {
             reqwest::Url::parse(&format!("{base}{}{query}", e.path()))
@@ -202,7 +210,7 @@ impl Deployment {
                 url(Endpoint::Embeddings)?,
             ],
             key,
-            client,
+            clients,
             first_byte_timeout: config.first_byte_timeout,
             health: crate::routing::Health::default(),
             headroom: Headroom::new(LimitSet {
@@ -230,8 +238,8 @@ impl Deployment {
         now: impl Fn() -> u64,
     ) -> Result<Outcome, Error> {
         let url = self.urls[call.endpoint as usize].clone();
-        let mut req = self
-            .client
+        let client = &self.clients[crate::server::serving_thread() % self.clients.len()];
+        let mut req = client
             .post(url)
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(call.body.clone());

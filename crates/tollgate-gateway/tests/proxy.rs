@@ -226,3 +226,34 @@ async fn shutdown_lets_an_in_flight_stream_finish() {
     assert_eq!(tollgate_core::tokens::Encoding::O200k.count(&content), 40);
     shutdown.await.expect("joined").expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn a_stream_longer_than_the_grace_period_is_cut_and_the_shutdown_ends() {
+    let mock = MockConfig {
+        // 600 tokens at 20 a second: half a minute, far past the grace.
+        tokens_per_second: Some(20),
+        ..MockConfig::default()
+    };
+    let h = Harness::with(mock, |c| {
+        c.server.shutdown_grace = Duration::from_millis(200)
+    })
+    .await;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":600,"stream":true}"#;
+    let resp = h.post("/v1/chat/completions", body).await;
+    assert_eq!(resp.status(), 200);
+    let Harness { gateway, .. } = h;
+    let shutdown = tokio::spawn(gateway.shutdown());
+    // The client sees its stream end (cut, or an error) long before the
+    // mock would have finished it, and the gateway stops.
+    let text = resp.text().await.unwrap_or_default();
+    let (content, _, done, _) = parse_sse(&text);
+    assert!(!done, "the stream was cut at the end of the grace period");
+    assert!(
+        tollgate_core::tokens::Encoding::O200k.count(&content) < 600,
+        "not every token arrived"
+    );
+    shutdown
+        .await
+        .expect("joined")
+        .expect("shutdown ends after the grace period");
+}

@@ -121,6 +121,9 @@ pub struct SharedLimiter {
     fallback: MemoryLimiter,
     clock: Arc<dyn Clock>,
     health: Arc<RedisHealth>,
+    /// The runtime that built it, which outlives the threads serving
+    /// requests: where writes that land after their request run.
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for SharedLimiter {
@@ -160,10 +163,17 @@ impl SharedLimiter {
             fallback: MemoryLimiter::new(),
             clock,
             health,
+            runtime: tokio::runtime::Handle::current(),
         };
         let beat = shared.beat_once().await?;
         shared.health.beat(&beat);
         Ok(shared)
+    }
+
+    /// Runs `task` on the runtime that built the limiter, so that a write
+    /// due after its request is done survives the request's serving thread.
+    pub fn spawn_detached(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.runtime.spawn(task);
     }
 
     /// What this replica knows of Redis.

@@ -80,9 +80,9 @@ impl LimitStore {
                 limiter.reconcile(&subjects, delta, stamp.at, clock.now_ns());
             }
             LimitStore::Redis(shared) => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = shared.reconcile(&placement, &subjects, delta, stamp).await {
+                let task = shared.clone();
+                shared.spawn_detached(async move {
+                    if let Err(e) = task.reconcile(&placement, &subjects, delta, stamp).await {
                         tracing::warn!(error = %e, delta, "could not reconcile a request's tokens in Redis");
                     }
                 });
