@@ -16,6 +16,10 @@
 #       and counts against a key budget (both far from running out): a hold
 #       and a budget reservation at admission, a settlement and a ledger
 #       row per request
+#   REFERENCE=1 bench/overhead.sh 8   also nginx and HAProxy (Debian's
+#       nginx-light and haproxy) as plain keep-alive reverse proxies in
+#       front of the same mock, at each rate: what any proxy adds on this
+#       machine, with no auth, limits, ledger or log
 #   DASHBOARD=1 bench/overhead.sh 8           the same with the dashboard open:
 #       a session polls /ui/api/summary and /metrics every second (the page
 #       polls every 5 s, `tollgate top` /metrics every second), and at the
@@ -35,6 +39,55 @@ MOCK_PORT=$(free_port)
 GW_PORT=$(free_port)
 
 "$BIN/tollgate" mock --listen "127.0.0.1:$MOCK_PORT" >"$work/mock.out" 2>&1 &
+references=()
+if [ "${REFERENCE:-0}" = 1 ]; then
+  command -v nginx >/dev/null && command -v haproxy >/dev/null \
+    || { echo "REFERENCE=1 needs nginx and haproxy: apt-get install -y nginx-light haproxy"; exit 1; }
+  NGINX_PORT=$(free_port)
+  HAPROXY_PORT=$(free_port)
+  mkdir -p "$work/nginx"
+  cat >"$work/nginx/nginx.conf" <<NGINX
+worker_processes auto;
+daemon off;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  client_body_temp_path $work/nginx/body;
+  upstream mock { server 127.0.0.1:$MOCK_PORT; keepalive 256; keepalive_requests 100000000; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+}
+NGINX
+  cat >"$work/haproxy.cfg" <<HAPROXY
+global
+  nbthread $(nproc)
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend gateway
+  bind 127.0.0.1:$HAPROXY_PORT
+  default_backend mock
+backend mock
+  server mock 127.0.0.1:$MOCK_PORT
+HAPROXY
+  nginx -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
+  haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.out" 2>&1 &
+  references=("nginx $NGINX_PORT" "haproxy $HAPROXY_PORT")
+fi
 cat >"$work/tollgate.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW_PORT"
@@ -86,6 +139,11 @@ results="$work/results.jsonl"
 for rate in $RATES; do
   "$BIN/tollgate-loadgen" --label mock --url "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" \
     --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
+  for reference in "${references[@]}"; do
+    set -- $reference
+    "$BIN/tollgate-loadgen" --label "$1" --url "http://127.0.0.1:$2/v1/chat/completions" \
+      --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
+  done
   from=$(wc -l <"$work/serve.log")
   "$BIN/tollgate-loadgen" --label gateway --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --key "$KEY" \
     --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
@@ -161,19 +219,22 @@ def overhead(rate, suffix=""):
 print()
 print("| rate (req/s) | target | achieved req/s | errors | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs |")
 print("|---|---|---|---|---|---|---|---|---|")
-for i in range(0, len(rows), 3):
-    m = rows[i]
-    rate = m["target_rate"] or "full speed"
-    for r in rows[i:i + 3]:
+# One group of runs per rate, the mock's first.
+groups = {}
+for r in rows:
+    groups.setdefault(r["target_rate"], []).append(r)
+for rate, runs in groups.items():
+    m = runs[0]
+    for r in runs:
         a = ("", "") if r is m else (r["p50_us"] - m["p50_us"], r["p99_us"] - m["p99_us"])
-        print(f"| {rate} | {r['label']} | {r['rps']:.0f} | {r['errors']} | {r['p50_us']} | {r['p99_us']} | {r['p999_us']} | {a[0]} | {a[1]} |")
+        share = "" if r is m else f" ({r['rps'] / m['rps']:.0%} of the mock)" if not rate else ""
+        print(f"| {rate or 'full speed'} | {r['label']} | {r['rps']:.0f}{share} | {r['errors']} | {r['p50_us']} | {r['p99_us']} | {r['p999_us']} | {a[0]} | {a[1]} |")
 print()
 print("Gateway's own time per request (handler time minus the wait on the upstream; from the access log):")
 print()
 print("| rate (req/s) | key | internal p50 µs | internal p99 µs | internal p99.9 µs |")
 print("|---|---|---|---|---|")
-for i in range(0, len(rows), 3):
-    rate = rows[i]["target_rate"]
+for rate in groups:
     for label, suffix in (("no limits", ""), ("4 limits", "-limits")):
         o = overhead(rate, suffix)
         if o:
