@@ -2,6 +2,7 @@
 
 mod batch;
 mod keys;
+mod log_format;
 mod log_writer;
 mod mock;
 mod money;
@@ -84,7 +85,11 @@ fn init_logging(format: LogFormat) -> anyhow::Result<log_writer::FlushOnDrop> {
         .with_writer(writer);
     match format {
         LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .event_format(log_format::JsonLine)
+            .init(),
     }
     Ok(guard)
 }
