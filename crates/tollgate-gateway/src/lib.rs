@@ -92,10 +92,15 @@ impl Gateway {
     /// [`Gateway::build`] with limits decided on `clock` (tests drive a
     /// fake one).
     pub async fn build_with_clock(
-        config: Config,
+        mut config: Config,
         secret: impl Fn(&str) -> Option<String>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, Error> {
+        // Resolved once: the serving threads and each deployment's pools
+        // per thread must agree on it.
+        if config.server.threads == 0 {
+            config.server.threads = std::thread::available_parallelism().map_or(1, usize::from);
+        }
         // reqwest is built without a default crypto provider; ring is ours.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let db = Database::open(config.database_url()).await?;
@@ -157,12 +162,7 @@ impl Gateway {
             if d.api_key_env.is_some() && key.is_none() {
                 tracing::warn!(deployment = %d.name, env = d.api_key_env.as_deref(), "the deployment's key variable is not set; calling it without a key");
             }
-            let deployment = Arc::new(Deployment::new(
-                d,
-                base_url,
-                key,
-                serving_threads(&config.server),
-            )?);
+            let deployment = Arc::new(Deployment::new(d, base_url, key, config.server.threads)?);
             deployments.push(deployment.clone());
             for m in &d.models {
                 // Every deployment that lists a model joins its pool.
@@ -246,9 +246,10 @@ impl Gateway {
             .collect()
     }
 
-    /// How many threads serve connections.
+    /// How many threads serve connections (`server.threads`, resolved to
+    /// one per CPU when it was 0).
     pub fn serving_threads(&self) -> usize {
-        serving_threads(&self.config.server)
+        self.config.server.threads
     }
 
     /// Whether `/admin` is enabled.
@@ -377,13 +378,5 @@ impl RunningGateway {
         let served = (&mut self.task).await.unwrap_or(Ok(()));
         self.gateway.money.close().await;
         served
-    }
-}
-
-/// `server.threads`, or one per CPU when it is 0.
-fn serving_threads(server: &config::ServerConfig) -> usize {
-    match server.threads {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        n => n,
     }
 }
