@@ -44,7 +44,6 @@ impl Shared {
 }
 
 /// The [`tracing_subscriber::fmt::MakeWriter`] of the batched log.
-#[derive(Clone)]
 pub struct LogBuffer(Arc<Shared>);
 
 /// Writes what is left and stops the writer thread when dropped.
@@ -94,7 +93,9 @@ pub fn start(mut out: impl Write + Send + 'static) -> std::io::Result<(LogBuffer
     ))
 }
 
-impl Write for LogBuffer {
+// On a shared reference, so that the subscriber lends the buffer to each
+// line instead of cloning its `Arc`.
+impl Write for &LogBuffer {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut pending = self.0.lock();
         while pending.bytes.len() >= HOLD_AT && !pending.closed {
@@ -120,10 +121,10 @@ impl Write for LogBuffer {
 }
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
-    type Writer = LogBuffer;
+    type Writer = &'a LogBuffer;
 
     fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
+        self
     }
 }
 
@@ -160,12 +161,12 @@ mod tests {
     fn every_line_is_written_once_in_order_and_the_rest_at_drop() {
         let out = Arc::new(Mutex::new(Vec::new()));
         let (flushed, _rx) = mpsc::channel();
-        let (mut log, guard) = start(Sink(out.clone(), flushed)).expect("started");
+        let (log, guard) = start(Sink(out.clone(), flushed)).expect("started");
         let mut expected = Vec::new();
         // Past FLUSH_AT more than once, so early flushes happen too.
         for i in 0..20_000 {
             let line = format!("line {i}\n");
-            log.write_all(line.as_bytes()).expect("write");
+            (&log).write_all(line.as_bytes()).expect("write");
             expected.extend_from_slice(line.as_bytes());
         }
         drop(guard);
@@ -176,8 +177,8 @@ mod tests {
     fn a_line_is_written_without_more_lines_behind_it() {
         let out = Arc::new(Mutex::new(Vec::new()));
         let (flushed, rx) = mpsc::channel();
-        let (mut log, _guard) = start(Sink(out.clone(), flushed)).expect("started");
-        log.write_all(b"alone\n").expect("write");
+        let (log, _guard) = start(Sink(out.clone(), flushed)).expect("started");
+        (&log).write_all(b"alone\n").expect("write");
         // The writer's timer, not a later line or the guard, writes it.
         while out.lock().expect("sink").is_empty() {
             rx.recv_timeout(Duration::from_secs(10))
