@@ -28,6 +28,19 @@ async fn open(backend: Backend) -> Result<(tempfile::TempDir, Database), Error> 
     Ok((dir, db))
 }
 
+/// A served gpt-4o-mini request charged to the `acme` account.
+fn acme_row(request_id: &str, at: i64, cost: i64) -> UsageRow {
+    UsageRow {
+        request_id: request_id.into(),
+        at,
+        account: Some(Arc::from("acme")),
+        model: Arc::from("gpt-4o-mini"),
+        cost,
+        status: 200,
+        ..UsageRow::default()
+    }
+}
+
 async fn created_key_is_found_by_its_secret_hash_only(backend: Backend) -> Result<(), Error> {
     let (_dir, db) = open(backend).await?;
     let (rec, secret) = db
@@ -128,14 +141,8 @@ async fn batches_commit_rows_holds_and_balances_together(backend: Backend) -> Re
         at: 1,
     };
     let row = |id: &str, cost| UsageRow {
-        request_id: id.into(),
-        at: 2,
-        account: Some(Arc::from("acme")),
-        model: Arc::from("gpt-4o-mini"),
-        cost,
-        status: 200,
         held: true,
-        ..UsageRow::default()
+        ..acme_row(id, 2, cost)
     };
     // `a` settles in a later batch than its hold; `b` is still in flight.
     ledger.hold(hold("a"));
@@ -365,15 +372,7 @@ async fn sqlite_connections_run_in_wal_with_normal_sync() -> Result<(), Error> {
 async fn journaled_rows_a_killed_run_left_are_committed_once_at_start() -> Result<(), Error> {
     let (dir, db) = open(Backend::Sqlite).await?;
     db.add_credits("acme", 1_000, "test", "seed").await?;
-    let row = |id: &str, cost| UsageRow {
-        request_id: id.into(),
-        at: 5,
-        account: Some(Arc::from("acme")),
-        model: Arc::from("gpt-4o-mini"),
-        cost,
-        status: 200,
-        ..UsageRow::default()
-    };
+    let row = |id: &str, cost| acme_row(id, 5, cost);
     // `a` made it into SQLite before the kill; `b` and `c` only into the
     // journal (a segment of an earlier run, as the kill left it).
     let ledger = Ledger::start(&db)?;
