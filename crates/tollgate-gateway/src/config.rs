@@ -299,6 +299,10 @@ pub struct ServerConfig {
     pub idempotency_ttl: Duration,
     /// Threads serving connections; 0 (the default) means one per CPU.
     pub threads: usize,
+    /// How long a client may take to send a request's headers, and then
+    /// its body; an idle keep-alive connection is closed after it too.
+    #[serde(deserialize_with = "duration")]
+    pub read_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -311,6 +315,7 @@ impl Default for ServerConfig {
             key_refresh: Duration::from_millis(500),
             idempotency_ttl: Duration::from_secs(24 * 3600),
             threads: 0,
+            read_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -76,6 +76,9 @@ pub enum Error {
         /// The limit, in bytes.
         limit: usize,
     },
+    /// The client did not send its whole body within the read timeout.
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(Duration),
     /// The client's body could not be read (it hung up or sent garbage framing).
     #[error("cannot read request body: {0}")]
     BodyRead(String),
@@ -337,6 +340,13 @@ impl Error {
             Error::BodyTooLarge { limit } => {
                 invalid(413, "request_too_large", format!("The request body exceeds the gateway's limit of {limit} bytes."))
             }
+            Error::BodyTimeout(waited) => invalid(
+                408,
+                "request_timeout",
+                format!("The request body did not arrive within {}.", humantime::format_duration(*waited)),
+            )
+            // The request itself may be fine: sent again, it may arrive in time.
+            .with_should_retry(true),
             Error::BodyRead(detail) => invalid(400, "invalid_body", format!("The request body could not be read: {detail}.")),
             Error::InvalidUtf8(at) => {
                 invalid(400, "invalid_encoding", format!("The request body is not valid UTF-8 (invalid byte at offset {at})."))

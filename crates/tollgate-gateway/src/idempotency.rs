@@ -286,8 +286,7 @@ async fn serve(gw: &Arc<Gateway>, endpoint: Endpoint, req: Request) -> Result<Re
             expected: "1 to 255 visible characters",
         })?
         .to_owned();
-    let body =
-        pipeline::read_json_body(&parts.headers, body, gw.config.server.max_body_bytes).await?;
+    let body = pipeline::read_json_body(&parts.headers, body, &gw.config.server).await?;
     let mut hasher = Sha256::new();
     hasher.update(endpoint.path().as_bytes());
     hasher.update([0]);

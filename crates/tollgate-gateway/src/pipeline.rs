@@ -13,6 +13,7 @@
 //! 7. **settle** — limits and bill corrected to the real usage, and the
 //!    usage row made durable before the answer's last byte goes out.
 
+use crate::config::ServerConfig;
 use crate::dashboard::budget_reason;
 use crate::error::{Error, api_error_response, write_retry_advice};
 use crate::limits::Plan;
@@ -315,7 +316,7 @@ async fn run(
     log.key = Some(caller.name.clone());
 
     // 2. read
-    let body = read_json_body(&parts.headers, body, gw.config.server.max_body_bytes).await?;
+    let body = read_json_body(&parts.headers, body, &gw.config.server).await?;
     let estimator =
         (caller.policy.counts_tokens || gw.money.may_charge(&caller) || gw.paces_tokens())
             .then_some(gw.estimator);
@@ -616,8 +617,9 @@ fn with_stream_usage(body: &Bytes, has_stream_options: bool) -> Result<Bytes, Er
 pub(crate) async fn read_json_body(
     headers: &HeaderMap,
     body: Body,
-    limit: usize,
+    server: &ServerConfig,
 ) -> Result<Bytes, Error> {
+    let limit = server.max_body_bytes;
     if let Some(ct) = headers.get(CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("(not text)");
         let essence = ct.split(';').next().unwrap_or_default().trim();
@@ -631,12 +633,15 @@ pub(crate) async fn read_json_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(Error::BodyTooLarge { limit });
     }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    // A client that stops sending mid-body is answered, not waited for.
+    let read = tokio::time::timeout(server.read_timeout, Limited::new(body, limit).collect());
+    let bytes = match read.await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(Error::BodyTooLarge { limit });
         }
-        Err(e) => return Err(Error::BodyRead(e.to_string())),
+        Ok(Err(e)) => return Err(Error::BodyRead(e.to_string())),
+        Err(_) => return Err(Error::BodyTimeout(server.read_timeout)),
     };
     if let Err(e) = std::str::from_utf8(&bytes) {
         return Err(Error::InvalidUtf8(e.valid_up_to()));

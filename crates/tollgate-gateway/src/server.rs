@@ -232,9 +232,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let grace = gw.config.server.shutdown_grace;
+    let read_timeout = gw.config.server.read_timeout;
     let mut threads = Vec::new();
     for index in 1..=gw.serving_threads() {
-        threads.push(ServingThread::start(index, router(gw.clone()), grace)?);
+        threads.push(ServingThread::start(
+            index,
+            router(gw.clone()),
+            grace,
+            read_timeout,
+        )?);
     }
     tokio::pin!(shutdown);
     loop {
@@ -284,7 +290,12 @@ struct ServingThread {
 }
 
 impl ServingThread {
-    fn start(index: usize, app: Router, grace: std::time::Duration) -> Result<Self, Error> {
+    fn start(
+        index: usize,
+        app: Router,
+        grace: std::time::Duration,
+        read_timeout: std::time::Duration,
+    ) -> Result<Self, Error> {
         let (connections, incoming) = tokio::sync::mpsc::unbounded_channel();
         let open = Arc::new(AtomicUsize::new(0));
         let (done, finished) = tokio::sync::oneshot::channel();
@@ -297,7 +308,13 @@ impl ServingThread {
             .name(format!("tollgate-serve-{index}"))
             .spawn(move || {
                 SERVING_THREAD.with(|t| t.set(index));
-                runtime.block_on(serve_connections(incoming, counted, app, grace));
+                runtime.block_on(serve_connections(
+                    incoming,
+                    counted,
+                    app,
+                    grace,
+                    read_timeout,
+                ));
                 let _ = done.send(());
                 // The thread stays, parked: database and Redis connections
                 // its requests opened are registered with its runtime and
@@ -314,19 +331,26 @@ impl ServingThread {
 }
 
 /// Serves each connection handed over until the sender closes, then lets
-/// them finish for at most `grace` and closes the rest.
+/// them finish for at most `grace` and closes the rest. An HTTP/1
+/// connection whose client takes longer than `read_timeout` to send a
+/// request's headers (or the next request's) is closed.
 async fn serve_connections(
     mut incoming: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
     open: Arc<AtomicUsize>,
     app: Router,
     grace: std::time::Duration,
+    read_timeout: std::time::Duration,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let (close, closed) = tokio::sync::watch::channel(false);
-    let builder = Builder::new(TokioExecutor::new());
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(read_timeout);
     while let Some(stream) = incoming.recv().await {
         let stream = match tokio::net::TcpStream::from_std(stream) {
             Ok(stream) => stream,

@@ -402,3 +402,65 @@ async fn a_stream_cut_by_the_upstream_ends_with_an_error_event() {
     );
     assert!(row.input_tokens > 0 && row.cost > 0, "{row:?}");
 }
+
+/// Sends `request` on a raw connection and reads until the gateway closes
+/// it (failing if it does not within ten seconds).
+async fn raw_exchange(h: &Harness, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = h.url("").trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    conn.write_all(request).await.expect("written");
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        conn.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the gateway closed the connection")
+    .expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn clients_that_stall_are_answered_or_cut_after_the_read_timeout() {
+    let h = Harness::with(MockConfig::default(), |c| {
+        c.server.read_timeout = std::time::Duration::from_millis(300)
+    })
+    .await;
+
+    // Headers that never end: the connection is closed.
+    let answer = raw_exchange(&h, b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n").await;
+    assert!(
+        !answer.contains("200 OK"),
+        "no request was served: {answer}"
+    );
+
+    // A body that stops short of its length: 408, OpenAI-shaped, worth a retry.
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        h.key,
+        CHAT.len()
+    );
+    let mut request = head.into_bytes();
+    request.extend_from_slice(&CHAT.as_bytes()[..20]);
+    let answer = raw_exchange(&h, &request).await;
+    let (status_line, rest) = answer.split_once("\r\n").expect("a response");
+    assert_eq!(status_line, "HTTP/1.1 408 Request Timeout");
+    let lower = rest.to_ascii_lowercase();
+    assert!(lower.contains("x-should-retry: true"), "{rest}");
+    let body = rest
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let error: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+    assert_eq!(error["error"]["code"], "request_timeout");
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+
+    // A kept-alive connection left idle after its answer is closed.
+    let request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+    let answer = raw_exchange(&h, request).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+}
