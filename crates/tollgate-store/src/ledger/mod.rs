@@ -125,8 +125,10 @@ const MAX_BATCH: usize = 2048;
 /// one statement).
 const ROWS_PER_INSERT: usize = 256;
 /// On SQLite, how long the writer lets journaled rows gather before it
-/// commits them.
-const GATHER_FOR: Duration = Duration::from_millis(5);
+/// commits them. Each commit rewrites the same tree and index pages
+/// whatever its size: at 20k rows/s, 25 ms rather than 5 ms took the
+/// writer from 6 % to 4.3 % of the gateway's CPU (longer gained nothing).
+const GATHER_FOR: Duration = Duration::from_millis(25);
 /// A hold is written once its request has been in flight this long: most
 /// requests settle sooner, and their holds never touch the disk.
 pub const HOLD_PERSIST_AFTER: Duration = Duration::from_millis(200);
@@ -394,10 +396,19 @@ impl Writer {
             } else {
                 Some(rx.recv_many(&mut entries, MAX_BATCH).await)
             };
-            if received != Some(0) && self.journal.is_some() && entries.len() < MAX_BATCH {
-                // Journaled rows are durable already and nothing but a flush
-                // waits for their commit: let rows gather into fewer, larger
-                // commits, while senders need not wake a sleeping writer.
+            let awaited = entries
+                .iter()
+                .any(|e| matches!(e, Entry::Flush(_) | Entry::Usage(_, Some(_))));
+            if received != Some(0)
+                && self.journal.is_some()
+                && entries.len() < MAX_BATCH
+                && !awaited
+            {
+                // Journaled rows are durable already and nothing waits for
+                // their commit: let rows gather into fewer, larger commits,
+                // while senders need not wake a sleeping writer. (A flush or
+                // a row waiting for its commit that arrives meanwhile waits
+                // for the gathering to end.)
                 tokio::time::sleep(GATHER_FOR).await;
                 while entries.len() < MAX_BATCH {
                     let Ok(entry) = rx.try_recv() else { break };
