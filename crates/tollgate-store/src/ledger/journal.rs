@@ -27,15 +27,9 @@ use std::sync::{RwLock, RwLockReadGuard};
 /// A segment is retired once it holds this many bytes (about 50k rows).
 pub(super) const SEGMENT_BYTES: u64 = 16 << 20;
 
-/// Room for a typical row's line.
-const LINE_BYTES: usize = 512;
-
 /// The journal requests append to.
 #[derive(Debug)]
 pub(super) struct Journal {
-    /// Tells this journal's groups of rows apart from another's on the
-    /// same thread (tests run several gateways in one process).
-    pub(super) id: u64,
     /// `<database file>-ledger`; segments are `<base>.<number>`.
     base: PathBuf,
     /// The open segment. Appenders hold the read lock from their write until
@@ -69,9 +63,7 @@ impl Journal {
             .map_or(0, |(number, _)| number + 1);
         let file = open_segment(&base, next)?;
         file.try_lock()?;
-        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Ok(Self {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             base,
             current: RwLock::new(Segment { file, number: next }),
             bytes: AtomicU64::new(0),
@@ -94,23 +86,17 @@ impl Journal {
         segment_path(&self.base, number)
     }
 
-    /// Appends `rows` in one write. The returned guard holds off a
-    /// rotation: queue the rows for the writer before dropping it.
-    pub(super) fn append<'r>(
-        &self,
-        rows: impl IntoIterator<Item = &'r UsageRow>,
-    ) -> std::io::Result<Appended<'_>> {
-        let mut lines = Vec::with_capacity(LINE_BYTES);
-        for row in rows {
-            serde_json::to_writer(&mut lines, row)?;
-            lines.push(b'\n');
-        }
+    /// Appends `row`. The returned guard holds off a rotation: queue the
+    /// row for the writer before dropping it.
+    pub(super) fn append(&self, row: &UsageRow) -> std::io::Result<Appended<'_>> {
+        let mut line = serde_json::to_vec(row)?;
+        line.push(b'\n');
         // A poisoned lock only means another appender panicked; the file
         // handle is still good.
         let segment = self.current.read().unwrap_or_else(|e| e.into_inner());
-        // O_APPEND: concurrent appenders never interleave within a write.
-        (&segment.file).write_all(&lines)?;
-        self.bytes.fetch_add(lines.len() as u64, Ordering::Relaxed);
+        // O_APPEND: concurrent appenders never interleave within a line.
+        (&segment.file).write_all(&line)?;
+        self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
         Ok(Appended {
             _rotation_held_off: segment,
         })

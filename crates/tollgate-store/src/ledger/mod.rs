@@ -21,10 +21,9 @@ use sqlite::SqliteWriter;
 use sqlx::AnyConnection;
 use sqlx::any::AnyArguments;
 use sqlx::{Acquire, Any, Arguments, Encode, Row, Type};
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tollgate_core::money::Micros;
@@ -191,96 +190,18 @@ impl Ledger {
     }
 
     /// Records a served request; the returned [`Durable`] resolves when
-    /// its row is durable: once appended to the journal on SQLite, once
-    /// committed on PostgreSQL.
+    /// its row is durable: at once on SQLite, where the row was appended to
+    /// the journal; once committed on PostgreSQL.
     pub fn record(&self, row: UsageRow) -> Durable {
-        if let Some(journal) = &self.journal
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            return self.join_group(journal, row, &runtime);
-        }
         let Some(row) = self.journaled(row) else {
             return Durable(None);
         };
-        self.committed(row)
-    }
-
-    /// Queues `row` with a waiter that its commit wakes.
-    fn committed(&self, row: UsageRow) -> Durable {
         let (done, rx) = oneshot::channel();
         match self.tx.send(Entry::Usage(row, Some(done))) {
             Ok(()) => Durable(Some(rx)),
             Err(e) => {
                 tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; usage row lost");
                 Durable(None)
-            }
-        }
-    }
-
-    /// Adds `row` to the rows recorded on this thread that wait for one
-    /// journal write, which a task spawned behind the tasks already due to
-    /// run makes: a serving thread's requests that finish in one turn of
-    /// its event loop share one `write(2)`.
-    fn join_group(
-        &self,
-        journal: &Journal,
-        row: UsageRow,
-        runtime: &tokio::runtime::Handle,
-    ) -> Durable {
-        let (done, rx) = oneshot::channel();
-        let mut entry = Some((row, done));
-        let opened = OPEN_GROUPS.with_borrow_mut(|groups| {
-            let known = groups.iter().position(|(id, _)| *id == journal.id);
-            if let Some(i) = known {
-                let mut group = groups[i].1.lock().unwrap_or_else(PoisonError::into_inner);
-                if !group.taken {
-                    group.rows.extend(entry.take());
-                    return None;
-                }
-            }
-            let group = Arc::new(Mutex::new(GroupedRows {
-                rows: entry.take().into_iter().collect(),
-                taken: false,
-            }));
-            match known {
-                Some(i) => groups[i].1 = group.clone(),
-                None => groups.push((journal.id, group.clone())),
-            }
-            Some(group)
-        });
-        if let Some(group) = opened {
-            let ledger = self.clone();
-            runtime.spawn(async move { ledger.write_group(&group) });
-        }
-        Durable(Some(rx))
-    }
-
-    /// Appends a group's rows to the journal in one write and wakes their
-    /// requests; if the append fails, they wait for the commit instead.
-    fn write_group(&self, group: &Mutex<GroupedRows>) {
-        let rows = {
-            let mut group = group.lock().unwrap_or_else(PoisonError::into_inner);
-            group.taken = true;
-            std::mem::take(&mut group.rows)
-        };
-        let Some(journal) = &self.journal else { return };
-        match journal.append(rows.iter().map(|(row, _)| row)) {
-            Ok(appended) => {
-                for (row, done) in rows {
-                    let _ = done.send(());
-                    if let Err(e) = self.tx.send(Entry::Usage(row, None)) {
-                        tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; the row stays in the journal until the next start");
-                    }
-                }
-                drop(appended);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, journal = %journal.base().display(), "cannot append to the ledger journal; waiting for the commit instead");
-                for (row, done) in rows {
-                    if let Err(e) = self.tx.send(Entry::Usage(row, Some(done))) {
-                        tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; usage row lost");
-                    }
-                }
             }
         }
     }
@@ -302,7 +223,7 @@ impl Ledger {
         let Some(journal) = &self.journal else {
             return Some(row);
         };
-        match journal.append([&row]) {
+        match journal.append(&row) {
             Ok(appended) => {
                 if let Err(e) = self.tx.send(Entry::Usage(row, None)) {
                     tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; the row stays in the journal until the next start");
@@ -324,19 +245,6 @@ impl Ledger {
             let _ = rx.await;
         }
     }
-}
-
-/// Rows recorded on one thread that wait for one journal write.
-struct GroupedRows {
-    rows: Vec<(UsageRow, oneshot::Sender<()>)>,
-    /// Set once the write took the rows: later rows start a new group.
-    taken: bool,
-}
-
-thread_local! {
-    /// Per journal (by id), the group that rows recorded on this thread join.
-    static OPEN_GROUPS: RefCell<Vec<(u64, Arc<Mutex<GroupedRows>>)>> =
-        const { RefCell::new(Vec::new()) };
 }
 
 fn entry_id(e: &Entry) -> &str {
@@ -1123,49 +1031,6 @@ mod tests {
             "committed segments are gone"
         );
         drop(ledger);
-        Ok(())
-    }
-
-    /// Requests that finish in one turn of a thread's event loop share one
-    /// journal write; each still learns its row is durable only once that
-    /// row is in the journal.
-    #[tokio::test]
-    async fn rows_recorded_together_are_durable_once_journaled() -> Result<(), Error> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Writer(e.to_string()))?;
-        let db = Database::open(&dir.path().join("t.db").to_string_lossy()).await?;
-        let ledger = Ledger::start(&db)?;
-        let recorders: Vec<_> = (0..20)
-            .map(|i| {
-                let (ledger, db) = (ledger.clone(), db.clone());
-                tokio::spawn(async move {
-                    let id = format!("r{i}");
-                    ledger
-                        .record(UsageRow {
-                            request_id: id.clone(),
-                            model: Arc::from("gpt-4o-mini"),
-                            status: 200,
-                            ..UsageRow::default()
-                        })
-                        .wait()
-                        .await;
-                    let journaled = db.journaled_rows()?;
-                    Ok::<_, Error>(journaled.iter().any(|r| r.request_id == id))
-                })
-            })
-            .collect();
-        for (i, recorder) in recorders.into_iter().enumerate() {
-            let found = recorder.await.map_err(|e| Error::Writer(e.to_string()))??;
-            assert!(found, "row r{i} was durable before it was journaled");
-        }
-        let ids: Vec<_> = db
-            .journaled_rows()?
-            .into_iter()
-            .map(|r| r.request_id)
-            .collect();
-        let expected: Vec<_> = (0..20).map(|i| format!("r{i}")).collect();
-        assert_eq!(ids, expected, "journaled once each, in the order recorded");
-        ledger.flush().await;
-        assert_eq!(db.usage_rows().await?.len(), 20);
         Ok(())
     }
 }
