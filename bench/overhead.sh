@@ -7,6 +7,10 @@
 # Markdown tables.
 #
 #   bench/overhead.sh [DURATION_SECONDS]      (default 10)
+#   ROUNDS=5 bench/overhead.sh 8     every rate's runs five times over,
+#       alternated; the tables give each figure's median over the rounds,
+#       and the cost of limits as the median of the rounds' paired
+#       differences (limits on minus off within one round), with their range
 #   REDIS=redis://127.0.0.1:6379 bench/overhead.sh 8   limits decided in Redis
 #       (prints Redis commands per limited request from INFO commandstats)
 #   DATABASE=postgres://postgres@127.0.0.1:5432/test bench/overhead.sh 8
@@ -32,6 +36,7 @@ cd "$(dirname "$0")/.."
 DURATION=${1:-10}
 CONNS=${CONNS:-32}
 RATES=${RATES:-"1000 5000 0"}
+ROUNDS=${ROUNDS:-1}
 
 cargo build --release -q -p tollgate -p tollgate-loadgen
 source bench/lib.sh
@@ -136,24 +141,26 @@ fi
 
 [ -n "${REDIS:-}" ] && redis-cli -u "$REDIS" CONFIG RESETSTAT >/dev/null
 results="$work/results.jsonl"
+for round in $(seq 1 "$ROUNDS"); do
 for rate in $RATES; do
-  "$BIN/tollgate-loadgen" --label mock --url "http://127.0.0.1:$MOCK_PORT/v1/chat/completions" \
-    --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
+  run() { # label url [key]: one loadgen run, its JSON line tagged with the round
+    "$BIN/tollgate-loadgen" --label "$1" --url "$2/v1/chat/completions" ${3:+--key "$3"} \
+      --rate "$rate" --duration "$DURATION" --connections "$CONNS" | sed "s/^{/{\"round\":$round,/" | tee -a "$results"
+  }
+  run mock "http://127.0.0.1:$MOCK_PORT"
   for reference in "${references[@]}"; do
     set -- $reference
-    "$BIN/tollgate-loadgen" --label "$1" --url "http://127.0.0.1:$2/v1/chat/completions" \
-      --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
+    run "$1" "http://127.0.0.1:$2"
   done
   from=$(wc -l <"$work/serve.log")
-  "$BIN/tollgate-loadgen" --label gateway --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --key "$KEY" \
-    --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
+  run gateway "http://127.0.0.1:$GW_PORT" "$KEY"
   # The gateway's own time per request, from its access log (JSON lines,
   # RUST_LOG=info only): total handler time minus the wait on the upstream.
-  tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate.log"
+  tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate-$round.log"
   from=$(wc -l <"$work/serve.log")
-  "$BIN/tollgate-loadgen" --label gateway+limits --url "http://127.0.0.1:$GW_PORT/v1/chat/completions" --key "$LIMITED_KEY" \
-    --rate "$rate" --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
-  tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate-limits.log"
+  run gateway+limits "http://127.0.0.1:$GW_PORT" "$LIMITED_KEY"
+  tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate-$round-limits.log"
+done
 done
 
 if [ "${DASHBOARD:-0}" = 1 ]; then
@@ -193,15 +200,16 @@ if [ -n "${DATABASE:-}" ]; then
   psql "$DATABASE" -qc "DROP DATABASE IF EXISTS $bench_db WITH (FORCE)"
 fi
 
-python3 - "$results" <<'PY'
-import json, sys
-import os
+python3 - "$results" "$ROUNDS" <<'PY'
+import json, os, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+rounds = int(sys.argv[2])
 work = os.path.dirname(sys.argv[1])
+median = statistics.median
 
-def overhead(rate, suffix=""):
+def overhead(rate, rnd, suffix=""):
     """p50/p99/p99.9 of the gateway's in-process time per request (µs)."""
-    path = os.path.join(work, f"run-{rate}{suffix}.log")
+    path = os.path.join(work, f"run-{rate}-{rnd}{suffix}.log")
     vals = []
     for line in open(path) if os.path.exists(path) else []:
         try:
@@ -216,27 +224,51 @@ def overhead(rate, suffix=""):
     q = lambda p: vals[min(len(vals) - 1, int(p * len(vals)))]
     return q(0.5), q(0.99), q(0.999)
 
+# runs[rate][label] = that target's runs, one per round, in round order.
+runs = {}
+for r in rows:
+    runs.setdefault(r["target_rate"], {}).setdefault(r["label"], []).append(r)
 print()
+if rounds > 1:
+    print(f"Medians over {rounds} alternated rounds; \"added\" is the median of each round's difference to the mock of the same round.")
+    print()
 print("| rate (req/s) | target | achieved req/s | errors | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs |")
 print("|---|---|---|---|---|---|---|---|---|")
-# One group of runs per rate, the mock's first.
-groups = {}
-for r in rows:
-    groups.setdefault(r["target_rate"], []).append(r)
-for rate, runs in groups.items():
-    m = runs[0]
-    for r in runs:
-        a = ("", "") if r is m else (r["p50_us"] - m["p50_us"], r["p99_us"] - m["p99_us"])
-        share = "" if r is m else f" ({r['rps'] / m['rps']:.0%} of the mock)" if not rate else ""
-        print(f"| {rate or 'full speed'} | {r['label']} | {r['rps']:.0f}{share} | {r['errors']} | {r['p50_us']} | {r['p99_us']} | {r['p999_us']} | {a[0]} | {a[1]} |")
+for rate, targets in runs.items():
+    mock = targets["mock"]
+    for label, rs in targets.items():
+        rps = median(r["rps"] for r in rs)
+        added = ("", "")
+        share = ""
+        if label != "mock":
+            added = tuple(round(median(r[k] - m[k] for r, m in zip(rs, mock))) for k in ("p50_us", "p99_us"))
+            if not rate:
+                share = f" ({median(r['rps'] / m['rps'] for r, m in zip(rs, mock)):.0%} of the mock)"
+        p = [round(median(r[k] for r in rs)) for k in ("p50_us", "p99_us", "p999_us")]
+        print(f"| {rate or 'full speed'} | {label} | {rps:.0f}{share} | {sum(r['errors'] for r in rs)} | {p[0]} | {p[1]} | {p[2]} | {added[0]} | {added[1]} |")
 print()
 print("Gateway's own time per request (handler time minus the wait on the upstream; from the access log):")
 print()
 print("| rate (req/s) | key | internal p50 µs | internal p99 µs | internal p99.9 µs |")
 print("|---|---|---|---|---|")
-for rate in groups:
+internal = {}
+for rate in runs:
     for label, suffix in (("no limits", ""), ("4 limits", "-limits")):
-        o = overhead(rate, suffix)
-        if o:
-            print(f"| {rate or 'full speed'} | {label} | {o[0]} | {o[1]} | {o[2]} |")
+        os_ = [overhead(rate, n, suffix) for n in range(1, rounds + 1)]
+        internal[(rate, suffix)] = os_
+        if all(os_):
+            q = [round(median(o[i] for o in os_)) for i in range(3)]
+            print(f"| {rate or 'full speed'} | {label} | {q[0]} | {q[1]} | {q[2]} |")
+print()
+print("What the four limits add, limits on minus off within each round (median, and the rounds' range):")
+print()
+print("| rate (req/s) | end-to-end p50 µs | range | internal p50 µs | range |")
+print("|---|---|---|---|---|")
+for rate, targets in runs.items():
+    e2e = [l["p50_us"] - g["p50_us"] for l, g in zip(targets["gateway+limits"], targets["gateway"])]
+    off, on = internal[(rate, "")], internal[(rate, "-limits")]
+    inner = [b[0] - a[0] for a, b in zip(off, on) if a and b]
+    span = lambda v: f"{min(v)} to {max(v)}" if v else ""
+    inner_median = round(median(inner)) if inner else ""
+    print(f"| {rate or 'full speed'} | {round(median(e2e))} | {span(e2e)} | {inner_median} | {span(inner)} |")
 PY
