@@ -223,36 +223,29 @@ fn write_money_headers(h: &mut HeaderMap, log: &RequestLog) {
 
 /// OpenAI's `x-ratelimit-*` sextet for the tightest request and token limits.
 fn write_ratelimit_headers(h: &mut HeaderMap, standing: &Grant) {
-    let mut put = |name: &'static str, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            h.insert(name, v);
-        }
-    };
+    // Named once, at compile time: a `&str` name is validated on every insert.
+    const REQUESTS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ];
+    const TOKENS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ];
     let mut buf = String::with_capacity(16);
-    for (reading, [limit, remaining, reset]) in [
-        (
-            standing.requests,
-            [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ],
-        ),
-        (
-            standing.tokens,
-            [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ],
-        ),
-    ] {
+    for (reading, [limit, remaining, reset]) in
+        [(standing.requests, REQUESTS), (standing.tokens, TOKENS)]
+    {
         let Some(r) = reading else { continue };
-        put(limit, itoa::Buffer::new().format(r.limit));
-        put(remaining, itoa::Buffer::new().format(r.remaining));
+        h.insert(limit, HeaderValue::from(r.limit));
+        h.insert(remaining, HeaderValue::from(r.remaining));
         buf.clear();
         write_reset(&mut buf, r.reset);
-        put(reset, &buf);
+        if let Ok(v) = HeaderValue::from_str(&buf) {
+            h.insert(reset, v);
+        }
     }
 }
 
