@@ -1,6 +1,6 @@
 //! Token estimation: a chat prompt of about 1k tokens and one of about 50k.
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::time::Duration;
 use tollgate_core::openai::ChatRequest;
@@ -35,11 +35,16 @@ fn prompt(tokens: usize) -> String {
 }
 
 fn body(tokens: usize) -> String {
+    body_with(0, tokens)
+}
+
+/// [`body`] whose prompt starts with `run`, so that each run's is new.
+fn body_with(run: u64, tokens: usize) -> String {
     serde_json::json!({
         "model": "gpt-4o",
         "messages": [
             {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": prompt(tokens)},
+            {"role": "user", "content": format!("{run} {}", prompt(tokens))},
         ],
         "max_tokens": 256,
     })
@@ -59,11 +64,32 @@ fn estimate(c: &mut Criterion) {
     );
     let mut group = c.benchmark_group("estimate chat prompt");
     for tokens in [1_000, 50_000] {
+        let counted = {
+            let text = body(tokens);
+            let req: ChatRequest<'_> = serde_json::from_str(&text).expect("valid");
+            est.chat("gpt-4o", &req).prompt
+        };
+        group.throughput(Throughput::Elements(counted));
+        // A prompt never seen before: every run's text differs (by its
+        // first word), so it is counted, not found in the cache.
+        let mut run = 0u64;
+        group.bench_function(format!("{counted} prompt tokens, new"), |b| {
+            b.iter_batched(
+                || {
+                    run += 1;
+                    body_with(run, tokens)
+                },
+                |text| {
+                    let req: ChatRequest<'_> = serde_json::from_str(&text).expect("valid");
+                    black_box(est.chat("gpt-4o", black_box(&req)));
+                },
+                BatchSize::LargeInput,
+            )
+        });
+        // The same prompt again (a system prompt sent with every call).
         let text = body(tokens);
         let req: ChatRequest<'_> = serde_json::from_str(&text).expect("valid");
-        let counted = est.chat("gpt-4o", &req).prompt;
-        group.throughput(Throughput::Elements(counted));
-        group.bench_function(format!("{counted} prompt tokens"), |b| {
+        group.bench_function(format!("{counted} prompt tokens, repeated"), |b| {
             b.iter(|| black_box(est.chat("gpt-4o", black_box(&req))))
         });
     }

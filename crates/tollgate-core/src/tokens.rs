@@ -2,10 +2,13 @@
 //! compiled in, so this works offline).
 
 use crate::openai::{ChatMessage, ChatRequest, CompletionRequest, EmbeddingRequest};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::sync::{LazyLock, Mutex, PoisonError};
 use tiktoken_rs::CoreBPE;
 
 /// Which BPE a model uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Encoding {
     /// gpt-4o, gpt-4.1, gpt-5, o-series.
     O200k,
@@ -48,7 +51,100 @@ impl Encoding {
 
     /// Number of tokens in `text`.
     pub fn count(self, text: &str) -> u64 {
+        if text.len() < CountCache::MIN_TEXT_BYTES {
+            return self.count_uncached(text);
+        }
+        let hash = CountCache::hash(self, text);
+        let cache = || COUNTS.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = cache().get(hash, self, text) {
+            return n;
+        }
+        // Counted outside the lock: a long text takes milliseconds.
+        let n = self.count_uncached(text);
+        cache().insert(hash, self, text, n);
+        n
+    }
+
+    fn count_uncached(self, text: &str) -> u64 {
         self.bpe().encode_ordinary(text).len() as u64
+    }
+}
+
+/// Token counts of the long texts counted lately. Agents send the same
+/// system prompt and tool descriptions with every call, and counting costs
+/// about 250 µs per 1k tokens; hashing the text to find its count costs a
+/// fraction of a microsecond per 1k.
+static COUNTS: LazyLock<Mutex<CountCache>> = LazyLock::new(Mutex::default);
+/// Seeded once per process; hashed outside the lock.
+static COUNTS_SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
+
+/// Counts keyed by text, in two generations: a text is found in either,
+/// and moves to the current one when found in the older. Once the current
+/// generation holds [`CountCache::GENERATION_BYTES`] of text it becomes
+/// the older one and the older one is dropped, so memory stays bounded and
+/// texts still in use stay.
+#[derive(Default)]
+struct CountCache {
+    current: HashMap<u64, CountedText>,
+    older: HashMap<u64, CountedText>,
+    current_bytes: usize,
+}
+
+struct CountedText {
+    encoding: Encoding,
+    text: Box<str>,
+    tokens: u64,
+}
+
+impl CountCache {
+    /// Shorter texts are counted each time: a lookup would save little.
+    const MIN_TEXT_BYTES: usize = 1024;
+    /// Text kept per generation (so at most twice this in all).
+    const GENERATION_BYTES: usize = 8 << 20;
+
+    /// Where `text` is looked up; only the text itself says it is there.
+    fn hash(encoding: Encoding, text: &str) -> u64 {
+        COUNTS_SEED.hash_one((encoding, text))
+    }
+
+    fn get(&mut self, hash: u64, encoding: Encoding, text: &str) -> Option<u64> {
+        let is_it = |c: &CountedText| c.encoding == encoding && *c.text == *text;
+        if let Some(c) = self.current.get(&hash).filter(|c| is_it(c)) {
+            return Some(c.tokens);
+        }
+        let older = self.older.remove(&hash)?;
+        if !is_it(&older) {
+            self.older.insert(hash, older);
+            return None;
+        }
+        let tokens = older.tokens;
+        self.keep(hash, older);
+        Some(tokens)
+    }
+
+    fn insert(&mut self, hash: u64, encoding: Encoding, text: &str, tokens: u64) {
+        if text.len() > Self::GENERATION_BYTES {
+            return;
+        }
+        let counted = CountedText {
+            encoding,
+            text: text.into(),
+            tokens,
+        };
+        self.keep(hash, counted);
+    }
+
+    fn keep(&mut self, hash: u64, counted: CountedText) {
+        if self.current_bytes + counted.text.len() > Self::GENERATION_BYTES {
+            self.older = std::mem::take(&mut self.current);
+            self.current_bytes = 0;
+        }
+        self.current_bytes += counted.text.len();
+        // A different text under the same hash gives way: the newer one is
+        // the likelier to come again.
+        if let Some(replaced) = self.current.insert(hash, counted) {
+            self.current_bytes -= replaced.text.len();
+        }
     }
 }
 
@@ -216,5 +312,65 @@ mod tests {
         // "hello world" is two tokens in both encodings.
         assert_eq!(Encoding::O200k.count("hello world"), 2);
         assert_eq!(Encoding::Cl100k.count("hello world"), 2);
+    }
+
+    #[test]
+    fn a_long_text_counts_the_same_from_the_cache() {
+        let text = "Limits are exact, and every token is counted. ".repeat(100);
+        assert!(text.len() >= CountCache::MIN_TEXT_BYTES);
+        for encoding in [Encoding::O200k, Encoding::Cl100k] {
+            let exact = encoding.count_uncached(&text);
+            assert_eq!(encoding.count(&text), exact, "first count");
+            assert_eq!(encoding.count(&text), exact, "from the cache");
+        }
+        // The same text in the other encoding is a different entry.
+        assert_ne!(
+            Encoding::O200k.count(&"日本語のテキスト。".repeat(200)),
+            Encoding::Cl100k.count(&"日本語のテキスト。".repeat(200))
+        );
+    }
+
+    #[test]
+    fn the_cache_answers_only_for_the_very_text() {
+        let mut cache = CountCache::default();
+        let (a, b) = ("a".repeat(2000), "b".repeat(2000));
+        let hash = CountCache::hash(Encoding::O200k, &a);
+        cache.insert(hash, Encoding::O200k, &a, 7);
+        assert_eq!(cache.get(hash, Encoding::O200k, &a), Some(7));
+        assert_eq!(cache.get(hash, Encoding::Cl100k, &a), None);
+        // Another text under the same hash (a collision) is not taken for it.
+        assert_eq!(cache.get(hash, Encoding::O200k, &b), None);
+    }
+
+    #[test]
+    fn the_cache_keeps_texts_in_use_within_two_generations() {
+        let mut cache = CountCache::default();
+        let text = |i: usize| format!("{i:08}{}", "x".repeat(1 << 20));
+        let hash = |t: &str| CountCache::hash(Encoding::O200k, t);
+        let used = text(0);
+        cache.insert(hash(&used), Encoding::O200k, &used, 1);
+        // Twenty 1 MiB texts: over two generations' worth.
+        for i in 1..=20 {
+            let t = text(i);
+            cache.insert(hash(&t), Encoding::O200k, &t, i as u64);
+            // `used` is asked for all along, so it keeps moving up.
+            assert_eq!(cache.get(hash(&used), Encoding::O200k, &used), Some(1));
+            assert!(cache.current_bytes <= CountCache::GENERATION_BYTES);
+        }
+        let first = text(1);
+        assert_eq!(
+            cache.get(hash(&first), Encoding::O200k, &first),
+            None,
+            "an unused old text is gone"
+        );
+        let last = text(20);
+        assert_eq!(cache.get(hash(&last), Encoding::O200k, &last), Some(20));
+        let held: usize = cache
+            .current
+            .values()
+            .chain(cache.older.values())
+            .map(|c| c.text.len())
+            .sum();
+        assert!(held <= 2 * CountCache::GENERATION_BYTES);
     }
 }
