@@ -210,6 +210,23 @@ async fn http2_cleartext_is_served() {
 }
 
 #[tokio::test]
+async fn a_stream_outlasting_the_read_timeout_runs_to_its_end() {
+    // 30 tokens at 20 a second: five times the read timeout. The timeout
+    // is for the client's request, not for the answer it is reading.
+    let mock = MockConfig {
+        tokens_per_second: Some(20),
+        ..MockConfig::default()
+    };
+    let h = Harness::with(mock, |c| c.server.read_timeout = Duration::from_millis(300)).await;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":30,"stream":true}"#;
+    let resp = h.post("/v1/chat/completions", body).await;
+    assert_eq!(resp.status(), 200);
+    let (content, _, done, _) = parse_sse(&resp.text().await.expect("stream completes"));
+    assert!(done, "the stream ran to [DONE]");
+    assert_eq!(tollgate_core::tokens::Encoding::O200k.count(&content), 30);
+}
+
+#[tokio::test]
 async fn shutdown_lets_an_in_flight_stream_finish() {
     let mock = MockConfig {
         tokens_per_second: Some(100),
