@@ -299,8 +299,9 @@ pub struct ServerConfig {
     pub idempotency_ttl: Duration,
     /// Threads serving connections; 0 (the default) means one per CPU.
     pub threads: usize,
-    /// How long a client may take to send a request's headers, and then
-    /// its body; an idle keep-alive connection is closed after it too.
+    /// How long a client may take to send a request's headers, or pause
+    /// while sending its body; an idle keep-alive connection is closed
+    /// after it too.
     #[serde(deserialize_with = "duration")]
     pub read_timeout: Duration,
 }

@@ -76,8 +76,8 @@ pub enum Error {
         /// The limit, in bytes.
         limit: usize,
     },
-    /// The client did not send its whole body within the read timeout.
-    #[error("request body not received within {0:?}")]
+    /// The client paused longer than the read timeout while sending its body.
+    #[error("request body stalled for {0:?}")]
     BodyTimeout(Duration),
     /// The client's body could not be read (it hung up or sent garbage framing).
     #[error("cannot read request body: {0}")]
@@ -343,7 +343,7 @@ impl Error {
             Error::BodyTimeout(waited) => invalid(
                 408,
                 "request_timeout",
-                format!("The request body did not arrive within {}.", humantime::format_duration(*waited)),
+                format!("The request body stopped arriving: nothing came for {}.", humantime::format_duration(*waited)),
             )
             // The request itself may be fine: sent again, it may arrive in time.
             .with_should_retry(true),

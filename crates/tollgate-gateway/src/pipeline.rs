@@ -626,15 +626,29 @@ pub(crate) async fn read_json_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(Error::BodyTooLarge { limit });
     }
-    // A client that stops sending mid-body is answered, not waited for.
-    let read = tokio::time::timeout(server.read_timeout, Limited::new(body, limit).collect());
-    let bytes = match read.await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(Error::BodyTooLarge { limit });
+    // A client that stops sending mid-body is answered, not waited for; a
+    // slow one that keeps sending is read to the end.
+    let mut body = Limited::new(body, limit);
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(1);
+    loop {
+        let frame = match tokio::time::timeout(server.read_timeout, body.frame()).await {
+            Err(_) => return Err(Error::BodyTimeout(server.read_timeout)),
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(Error::BodyTooLarge { limit });
+            }
+            Ok(Some(Err(e))) => return Err(Error::BodyRead(e.to_string())),
+        };
+        if let Ok(data) = frame.into_data() {
+            chunks.push(data);
         }
-        Ok(Err(e)) => return Err(Error::BodyRead(e.to_string())),
-        Err(_) => return Err(Error::BodyTimeout(server.read_timeout)),
+    }
+    // Most bodies arrive as one chunk, kept as it is.
+    let bytes = if chunks.len() == 1 {
+        chunks.swap_remove(0)
+    } else {
+        Bytes::from(chunks.concat())
     };
     if let Err(e) = std::str::from_utf8(&bytes) {
         return Err(Error::InvalidUtf8(e.valid_up_to()));

@@ -406,12 +406,23 @@ async fn a_stream_cut_by_the_upstream_ends_with_an_error_event() {
 /// Sends `request` on a raw connection and reads until the gateway closes
 /// it (failing if it does not within ten seconds).
 async fn raw_exchange(h: &Harness, request: &[u8]) -> String {
+    raw_exchange_paced(h, &[request], std::time::Duration::ZERO).await
+}
+
+/// [`raw_exchange`], sending the request in `pieces` with `pause` between
+/// them: a slow client.
+async fn raw_exchange_paced(h: &Harness, pieces: &[&[u8]], pause: std::time::Duration) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = h.url("").trim_start_matches("http://").to_owned();
     let mut conn = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connects");
-    conn.write_all(request).await.expect("written");
+    for (i, piece) in pieces.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(pause).await;
+        }
+        conn.write_all(piece).await.expect("written");
+    }
     let mut answer = Vec::new();
     tokio::time::timeout(
         std::time::Duration::from_secs(10),
@@ -444,7 +455,7 @@ async fn clients_that_stall_are_answered_or_cut_after_the_read_timeout() {
         h.key,
         CHAT.len()
     );
-    let mut request = head.into_bytes();
+    let mut request = head.clone().into_bytes();
     request.extend_from_slice(&CHAT.as_bytes()[..20]);
     let answer = raw_exchange(&h, &request).await;
     let (status_line, rest) = answer.split_once("\r\n").expect("a response");
@@ -458,6 +469,13 @@ async fn clients_that_stall_are_answered_or_cut_after_the_read_timeout() {
     let error: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
     assert_eq!(error["error"]["code"], "request_timeout");
     assert_eq!(error["error"]["type"], "invalid_request_error");
+
+    // A slow body that keeps coming is read to its end, however long it
+    // takes in all: the timeout is for a pause.
+    let mut pieces: Vec<&[u8]> = vec![head.as_bytes()];
+    pieces.extend(CHAT.as_bytes().chunks(CHAT.len() / 4 + 1));
+    let answer = raw_exchange_paced(&h, &pieces, std::time::Duration::from_millis(150)).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
 
     // A kept-alive connection left idle after its answer is closed.
     let request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
