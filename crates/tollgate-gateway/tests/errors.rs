@@ -421,16 +421,20 @@ async fn raw_exchange_paced(h: &Harness, pieces: &[&[u8]], pause: std::time::Dur
         if i > 0 {
             tokio::time::sleep(pause).await;
         }
-        conn.write_all(piece).await.expect("written");
+        // The gateway may answer and close before the client is done: what
+        // it answered is read below.
+        if conn.write_all(piece).await.is_err() {
+            break;
+        }
     }
     let mut answer = Vec::new();
-    tokio::time::timeout(
+    // A reset after the answer still leaves the answer in `answer`.
+    let _ = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         conn.read_to_end(&mut answer),
     )
     .await
-    .expect("the gateway closed the connection")
-    .expect("read");
+    .expect("the gateway closed the connection");
     String::from_utf8_lossy(&answer).into_owned()
 }
 
