@@ -243,13 +243,17 @@ mod tests {
         let lines = Lines::default();
         let builder = tracing_subscriber::fmt()
             .with_writer(lines.clone())
-            .with_ansi(false)
-            .json()
-            .flatten_event(true);
+            .with_ansi(false);
         if json_line {
-            tracing::subscriber::with_default(builder.event_format(JsonLine).finish(), emit);
+            // As `main` sets it up.
+            let subscriber = builder
+                .fmt_fields(JsonFields::new())
+                .event_format(JsonLine)
+                .finish();
+            tracing::subscriber::with_default(subscriber, emit);
         } else {
-            tracing::subscriber::with_default(builder.finish(), emit);
+            let subscriber = builder.json().flatten_event(true).finish();
+            tracing::subscriber::with_default(subscriber, emit);
         }
         let text = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("UTF-8");
         let mut blanked = String::new();

@@ -85,9 +85,9 @@ fn init_logging(format: LogFormat) -> anyhow::Result<log_writer::FlushOnDrop> {
         .with_writer(writer);
     match format {
         LogFormat::Human => builder.init(),
+        // Span fields stored as JSON, which `JsonLine` splices into the line.
         LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
             .event_format(log_format::JsonLine)
             .init(),
     }
