@@ -9,9 +9,9 @@
 #   bench/overhead.sh [DURATION_SECONDS]      (default 10)
 #   ROUNDS=5 bench/overhead.sh 8     every rate's runs five times over,
 #       alternated (the two keys' order swapped every other round); the
-#       tables give each figure's median over the rounds,
-#       and the cost of limits as the median of the rounds' paired
-#       differences (limits on minus off within one round), with their range
+#       tables give each figure's median over the rounds, and the cost of
+#       limits as the median of the rounds' paired differences (limits on
+#       minus off within one round), with their range
 #   REDIS=redis://127.0.0.1:6379 bench/overhead.sh 8   limits decided in Redis
 #       (prints Redis commands per limited request from INFO commandstats)
 #   DATABASE=postgres://postgres@127.0.0.1:5432/test bench/overhead.sh 8
@@ -142,35 +142,35 @@ fi
 
 [ -n "${REDIS:-}" ] && redis-cli -u "$REDIS" CONFIG RESETSTAT >/dev/null
 results="$work/results.jsonl"
+run() { # label url [key]: one loadgen run at $rate, its JSON line tagged with $round
+  "$BIN/tollgate-loadgen" --label "$1" --url "$2/v1/chat/completions" ${3:+--key "$3"} \
+    --rate "$rate" --duration "$DURATION" --connections "$CONNS" | sed "s/^{/{\"round\":$round,/" | tee -a "$results"
+}
+through_gateway() { # label key log-suffix
+  local from
+  from=$(wc -l <"$work/serve.log")
+  run "$1" "http://127.0.0.1:$GW_PORT" "$2"
+  # The gateway's own time per request, from its access log (JSON lines,
+  # RUST_LOG=info only): total handler time minus the wait on the upstream.
+  tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate-$round$3.log"
+}
 for round in $(seq 1 "$ROUNDS"); do
-for rate in $RATES; do
-  run() { # label url [key]: one loadgen run, its JSON line tagged with the round
-    "$BIN/tollgate-loadgen" --label "$1" --url "$2/v1/chat/completions" ${3:+--key "$3"} \
-      --rate "$rate" --duration "$DURATION" --connections "$CONNS" | sed "s/^{/{\"round\":$round,/" | tee -a "$results"
-  }
-  run mock "http://127.0.0.1:$MOCK_PORT"
-  for reference in "${references[@]}"; do
-    set -- $reference
-    run "$1" "http://127.0.0.1:$2"
+  for rate in $RATES; do
+    run mock "http://127.0.0.1:$MOCK_PORT"
+    for reference in "${references[@]}"; do
+      set -- $reference
+      run "$1" "http://127.0.0.1:$2"
+    done
+    # Even rounds take the limited key first: whatever the second run of a
+    # pair inherits (a longer ledger, a warmer cache) falls on both sides.
+    if [ $((round % 2)) = 1 ]; then
+      through_gateway gateway "$KEY" ""
+      through_gateway gateway+limits "$LIMITED_KEY" -limits
+    else
+      through_gateway gateway+limits "$LIMITED_KEY" -limits
+      through_gateway gateway "$KEY" ""
+    fi
   done
-  through_gateway() { # label key log-suffix
-    local from
-    from=$(wc -l <"$work/serve.log")
-    run "$1" "http://127.0.0.1:$GW_PORT" "$2"
-    # The gateway's own time per request, from its access log (JSON lines,
-    # RUST_LOG=info only): total handler time minus the wait on the upstream.
-    tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate-$round$3.log"
-  }
-  # Even rounds take the limited key first: whatever the second run of a
-  # pair inherits (a longer ledger, a warmer cache) falls on both sides.
-  if [ $((round % 2)) = 1 ]; then
-    through_gateway gateway "$KEY" ""
-    through_gateway gateway+limits "$LIMITED_KEY" -limits
-  else
-    through_gateway gateway+limits "$LIMITED_KEY" -limits
-    through_gateway gateway "$KEY" ""
-  fi
-done
 done
 
 if [ "${DASHBOARD:-0}" = 1 ]; then
