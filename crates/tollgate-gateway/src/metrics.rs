@@ -8,9 +8,11 @@
 
 use crate::Gateway;
 use crate::limits::Plan;
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 use tollgate_core::limits::Grant;
 
@@ -189,8 +191,90 @@ pub fn model_label(gw: &Gateway, model: Option<&Arc<str>>) -> Arc<str> {
     }
 }
 
+/// Handles of the series a label set records into on every request,
+/// registered on its first request: looking a series up by name and labels
+/// costs more than the rest of recording (a key built, hashed and compared,
+/// several times a request).
+struct SeriesCache<K, V>(LazyLock<Mutex<HashMap<K, Arc<V>, foldhash::fast::RandomState>>>);
+
+impl<K: Eq + Hash, V> SeriesCache<K, V> {
+    const fn new() -> Self {
+        Self(LazyLock::new(Mutex::default))
+    }
+
+    fn get(&self, labels: K, register: impl FnOnce(&K) -> V) -> Arc<V> {
+        // The lock is held for a lookup only; a panic elsewhere leaves the
+        // map whole, so a poisoned lock is taken as it is.
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(series) = map.get(&labels) {
+            return series.clone();
+        }
+        // Registered against the gateway's recorder, never the no-op one
+        // that stands in before it is installed.
+        handle();
+        let series = Arc::new(register(&labels));
+        map.insert(labels, series.clone());
+        series
+    }
+}
+
+/// A key's series for one model, each registered when first recorded to:
+/// a series that never counted anything does not show.
+struct KeyModelSeries {
+    key: Arc<str>,
+    model: Arc<str>,
+    served: OnceLock<Counter>,
+    tokens: OnceLock<[Counter; 2]>,
+    cost: OnceLock<Counter>,
+}
+
+static KEY_MODEL: SeriesCache<(Arc<str>, Arc<str>), KeyModelSeries> = SeriesCache::new();
+
+fn key_model(key: Arc<str>, model: Arc<str>) -> Arc<KeyModelSeries> {
+    KEY_MODEL.get((key, model), |(key, model)| KeyModelSeries {
+        key: key.clone(),
+        model: model.clone(),
+        served: OnceLock::new(),
+        tokens: OnceLock::new(),
+        cost: OnceLock::new(),
+    })
+}
+
+/// A deployment's series, registered as `KeyModelSeries`' are.
+struct DeploymentSeries {
+    name: Arc<str>,
+    first_byte: OnceLock<Histogram>,
+    upstream: OnceLock<Histogram>,
+    ok: OnceLock<Counter>,
+}
+
+static DEPLOYMENT: SeriesCache<Arc<str>, DeploymentSeries> = SeriesCache::new();
+
+fn deployment(name: Arc<str>) -> Arc<DeploymentSeries> {
+    DEPLOYMENT.get(name, |name| DeploymentSeries {
+        name: name.clone(),
+        first_byte: OnceLock::new(),
+        upstream: OnceLock::new(),
+        ok: OnceLock::new(),
+    })
+}
+
 /// One API request answered.
 pub fn request(key: Arc<str>, model: Arc<str>, status: u16, decision: Decision) {
+    if status == 200 && decision == Decision::Admitted {
+        let series = key_model(key, model);
+        series
+            .served
+            .get_or_init(|| {
+                request_counter(series.key.clone(), series.model.clone(), 200, decision)
+            })
+            .increment(1);
+    } else {
+        request_counter(key, model, status, decision).increment(1);
+    }
+}
+
+fn request_counter(key: Arc<str>, model: Arc<str>, status: u16, decision: Decision) -> Counter {
     counter!(
         "tollgate_requests_total",
         "key" => key,
@@ -198,7 +282,6 @@ pub fn request(key: Arc<str>, model: Arc<str>, status: u16, decision: Decision) 
         "status" => status_label(status),
         "decision" => decision.as_str(),
     )
-    .increment(1);
 }
 
 /// A status code as a label, without allocating for the common ones.
@@ -222,19 +305,32 @@ fn status_label(status: u16) -> metrics::SharedString {
 
 /// Tokens and spend of one settled request.
 pub fn settled(key: Arc<str>, model: Arc<str>, input: u64, output: u64, cost: i64) {
-    counter!("tollgate_tokens_total", "key" => key.clone(), "model" => model.clone(), "direction" => "input")
-        .increment(input);
-    counter!("tollgate_tokens_total", "key" => key.clone(), "model" => model.clone(), "direction" => "output")
-        .increment(output);
+    let series = key_model(key, model);
+    let (key, model) = (&series.key, &series.model);
+    let [input_tokens, output_tokens] = series.tokens.get_or_init(|| {
+        ["input", "output"].map(|direction| {
+            counter!("tollgate_tokens_total", "key" => key.clone(), "model" => model.clone(), "direction" => direction)
+        })
+    });
+    input_tokens.increment(input);
+    output_tokens.increment(output);
     if cost > 0 {
-        counter!("tollgate_cost_micro_usd_total", "key" => key, "model" => model)
+        series
+            .cost
+            .get_or_init(|| counter!("tollgate_cost_micro_usd_total", "key" => key.clone(), "model" => model.clone()))
             .increment(cost as u64);
     }
 }
 
 /// The time an upstream took, by deployment.
-pub fn upstream(deployment: Arc<str>, waited: Duration) {
-    histogram!("tollgate_upstream_seconds", "deployment" => deployment).record(waited);
+pub fn upstream(deployment_name: Arc<str>, waited: Duration) {
+    let series = deployment(deployment_name);
+    series
+        .upstream
+        .get_or_init(
+            || histogram!("tollgate_upstream_seconds", "deployment" => series.name.clone()),
+        )
+        .record(waited);
 }
 
 /// An admitted request: how full its tightest limits are now, and how long
@@ -277,14 +373,29 @@ pub fn limit_store_available(up: bool) {
 }
 
 /// One upstream call and how it ended.
-pub fn attempt(deployment: Arc<str>, outcome: &'static str) {
-    counter!("tollgate_upstream_attempts_total", "deployment" => deployment, "outcome" => outcome)
-        .increment(1);
+pub fn attempt(deployment_name: Arc<str>, outcome: &'static str) {
+    if outcome == "ok" {
+        let series = deployment(deployment_name);
+        series
+            .ok
+            .get_or_init(|| attempt_counter(series.name.clone(), "ok"))
+            .increment(1);
+    } else {
+        attempt_counter(deployment_name, outcome).increment(1);
+    }
+}
+
+fn attempt_counter(deployment_name: Arc<str>, outcome: &'static str) -> Counter {
+    counter!("tollgate_upstream_attempts_total", "deployment" => deployment_name, "outcome" => outcome)
 }
 
 /// The time to an upstream's response headers.
-pub fn first_byte(deployment: Arc<str>, waited: Duration) {
-    histogram!("tollgate_upstream_first_byte_seconds", "deployment" => deployment).record(waited);
+pub fn first_byte(deployment_name: Arc<str>, waited: Duration) {
+    let series = deployment(deployment_name);
+    series
+        .first_byte
+        .get_or_init(|| histogram!("tollgate_upstream_first_byte_seconds", "deployment" => series.name.clone()))
+        .record(waited);
 }
 
 /// A request moved down its model's fallback chain.
