@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod routing;
 pub mod server;
 mod stream;
+pub mod transport;
 pub mod upstream;
 
 pub use config::Config;
@@ -101,7 +102,7 @@ impl Gateway {
         if config.server.threads == 0 {
             config.server.threads = std::thread::available_parallelism().map_or(1, usize::from);
         }
-        // reqwest is built without a default crypto provider; ring is ours.
+        // rustls is built without a default crypto provider; ring is ours.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let db = Database::open(config.database_url()).await?;
         let keys = KeyCache::load(db.clone(), config.clone()).await?;

@@ -21,13 +21,14 @@ use crate::metrics::Decision;
 use crate::routing::{Failed, Pool, Sent, trigger_of};
 use crate::server::RequestId;
 use crate::stream::{Prompt, UsageTap};
+use crate::transport::UpstreamBody;
 use crate::upstream::{Call, Deployment, Endpoint, Outcome, Timeouts};
 use crate::{Gateway, idempotency};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::{StreamExt, stream};
+use futures_util::stream;
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Limited};
@@ -499,11 +500,11 @@ async fn run(
         Outcome::Success(upstream) => {
             let upstream_id = upstream_request_id(&upstream);
             let status = upstream.status();
-            let body = match upstream.bytes().await {
+            let body = match upstream.into_body().bytes().await {
                 Ok(b) => b,
                 Err(e) => {
                     admission.settle(0);
-                    let e = deployment.transport_error(e);
+                    let e = deployment.body_error(e);
                     bill.settle(None, e.to_api_error().status, None);
                     return Err(e);
                 }
@@ -760,7 +761,7 @@ fn provider_headers(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
-fn upstream_request_id(upstream: &reqwest::Response) -> Option<HeaderValue> {
+fn upstream_request_id(upstream: &http::Response<UpstreamBody>) -> Option<HeaderValue> {
     upstream.headers().get("x-request-id").cloned()
 }
 
@@ -790,18 +791,18 @@ fn stream_error_event(e: &ApiError) -> Bytes {
 /// with it the upstream call, and its drop settles the admission.
 fn relay_stream(
     deployment: &Arc<Deployment>,
-    upstream: reqwest::Response,
+    upstream: http::Response<UpstreamBody>,
     tap: Option<UsageTap>,
 ) -> Response {
     let upstream_id = upstream_request_id(&upstream);
     let deployment = deployment.clone();
-    let chunks = upstream.bytes_stream();
+    let chunks = upstream.into_body();
     let body = stream::unfold(Some((chunks, tap)), move |state| {
         let deployment = deployment.clone();
         async move {
             let (mut chunks, mut tap) = state?;
             loop {
-                match chunks.next().await {
+                match chunks.chunk().await {
                     Some(Ok(bytes)) => {
                         let out = match tap.as_mut() {
                             Some(t) => t.feed(&bytes),
@@ -812,7 +813,7 @@ fn relay_stream(
                         }
                     }
                     Some(Err(e)) => {
-                        let err = deployment.transport_error(e);
+                        let err = deployment.body_error(e);
                         tracing::warn!(deployment = %deployment.name, error = %err, "upstream stream broke off");
                         let api = ApiError::new(
                             502,

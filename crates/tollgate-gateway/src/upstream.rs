@@ -5,6 +5,7 @@
 use crate::config::{DeploymentConfig, Provider};
 use crate::error::Error;
 use crate::headroom::{Headroom, Reservation};
+use crate::transport::{BodyError, SendError, Transport, UpstreamBody};
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{HeaderMap, StatusCode};
@@ -80,12 +81,10 @@ pub struct Deployment {
     /// Models it serves.
     pub models: Vec<String>,
     /// Endpoint URLs, parsed once: a request never re-parses its URL.
-    urls: [reqwest::Url; 3],
+    urls: [http::Uri; 3],
     key: Option<ProviderKey>,
-    /// One connection pool per serving thread (and one for the rest): a
-    /// pooled connection's task runs on the thread that opened it, so a
-    /// request served on another thread would wake that one twice.
-    clients: Box<[reqwest::Client]>,
+    transport: Transport,
+    timeout: Duration,
     first_byte_timeout: Option<Duration>,
     /// Cool-downs and circuit state, shared by every pool it serves in.
     pub health: crate::routing::Health,
@@ -97,7 +96,7 @@ pub struct Deployment {
 #[derive(Debug)]
 pub enum Outcome {
     /// A 2xx; the body is still to be read or streamed.
-    Success(reqwest::Response),
+    Success(http::Response<UpstreamBody>),
     /// A 4xx other than 429: the caller's fault, passed through unchanged.
     CallerError {
         /// Status.
@@ -184,33 +183,28 @@ impl Deployment {
         } else {
             String::new()
         };
-        let clients = (0..=serving_threads)
-            .map(|_| {
-                reqwest::Client::builder()
-                    .connect_timeout(config.connect_timeout)
-                    .timeout(config.timeout)
-                    .pool_max_idle_per_host(1024)
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .tcp_nodelay(true)
-                    .build()
-                    .map_err(|e| client_err(e.to_string()))
-            })
-            .collect::<Result<_, _>>()?;
         let base = base_url.trim_end_matches('/');
         let url = |e: Endpoint| {
-            reqwest::Url::parse(&format!("{base}{}{query}", e.path()))
-                .map_err(|err| client_err(format!("base_url `{base_url}` is not a URL: {err}")))
+            let url = format!("{base}{}{query}", e.path());
+            url.parse::<http::Uri>()
+                .ok()
+                .filter(|u| u.scheme().is_some() && u.host().is_some())
+                .ok_or_else(|| client_err(format!("base_url `{base_url}` is not a URL")))
         };
+        let urls = [
+            url(Endpoint::ChatCompletions)?,
+            url(Endpoint::Completions)?,
+            url(Endpoint::Embeddings)?,
+        ];
+        let transport = Transport::new(&urls[0], config.connect_timeout, serving_threads + 1)
+            .map_err(client_err)?;
         Ok(Self {
             name: config.name.as_str().into(),
             models: config.models.clone(),
-            urls: [
-                url(Endpoint::ChatCompletions)?,
-                url(Endpoint::Completions)?,
-                url(Endpoint::Embeddings)?,
-            ],
+            urls,
             key,
-            clients,
+            transport,
+            timeout: config.timeout,
             first_byte_timeout: config.first_byte_timeout,
             health: crate::routing::Health::default(),
             headroom: Headroom::new(LimitSet {
@@ -237,39 +231,38 @@ impl Deployment {
         reservation: Reservation<'_>,
         now: impl Fn() -> u64,
     ) -> Result<Outcome, Error> {
-        let url = self.urls[call.endpoint as usize].clone();
-        let client = &self.clients[crate::server::serving_thread() % self.clients.len()];
-        let mut req = client
-            .post(url)
+        let mut req = http::Request::post(self.urls[call.endpoint as usize].clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .body(call.body.clone());
+            .body(call.body.clone())
+            .map_err(|e| self.unreachable(e.to_string()))?;
+        let headers = req.headers_mut();
         if let Some(key) = &self.key {
-            req = req.header(key.0.clone(), key.1.clone());
+            headers.insert(key.0.clone(), key.1.clone());
         }
         for (name, value) in call.passthrough {
-            req = req.header(name, value);
+            headers.append(name, value.clone());
         }
-        if let Some(total) = call.timeouts.total {
-            req = req.timeout(total);
-        }
-        let sent = std::time::Instant::now();
-        let resp = match call.timeouts.first_byte.or(self.first_byte_timeout) {
-            Some(limit) => tokio::time::timeout(limit, req.send()).await.map_err(|_| {
-                Error::UpstreamTimeout {
-                    deployment: self.name.to_string(),
-                }
-            })?,
-            None => req.send().await,
-        }
-        .map_err(|e| self.transport_error(e))?;
+        let sent = tokio::time::Instant::now();
+        let deadline = sent + call.timeouts.total.unwrap_or(self.timeout);
+        let head_by = match call.timeouts.first_byte.or(self.first_byte_timeout) {
+            Some(limit) => deadline.min(sent + limit),
+            None => deadline,
+        };
+        let thread = crate::server::serving_thread();
+        let resp = match self.transport.send(thread, req, head_by, deadline).await {
+            Ok(resp) => resp,
+            Err(SendError::Timeout) => return Err(self.timed_out()),
+            Err(SendError::Unreachable(detail)) => return Err(self.unreachable(detail)),
+        };
         crate::metrics::first_byte(self.name.clone(), sent.elapsed());
         self.headroom.observe(resp.headers(), now(), reservation);
         let status = resp.status();
         if status.is_success() {
             return Ok(Outcome::Success(resp));
         }
-        let headers = resp.headers().clone();
-        let body = resp.bytes().await.map_err(|e| self.transport_error(e))?;
+        let (head, body) = resp.into_parts();
+        let headers = head.headers;
+        let body = body.bytes().await.map_err(|e| self.body_error(e))?;
         let (code, message) = error_fields(&body);
         if status == StatusCode::TOO_MANY_REQUESTS {
             return Ok(Outcome::Throttled {
@@ -302,35 +295,27 @@ impl Deployment {
         })
     }
 
-    /// Sorts a transport failure into timeout, unreachable or invalid.
-    /// The URL is left out: clients need not learn where upstreams live.
-    pub fn transport_error(&self, e: reqwest::Error) -> Error {
-        let e = &e.without_url();
-        let deployment = self.name.to_string();
-        if e.is_timeout() {
-            Error::UpstreamTimeout { deployment }
-        } else if e.is_connect() || (e.is_request() && !e.is_body()) {
-            Error::UpstreamUnreachable {
-                deployment,
-                detail: error_chain(e),
-            }
-        } else {
-            Error::UpstreamInvalid {
-                deployment,
-                detail: error_chain(e),
-            }
+    /// A response body that could not be read to its end.
+    pub fn body_error(&self, e: BodyError) -> Error {
+        match e {
+            BodyError::Timeout => self.timed_out(),
+            BodyError::Broken(detail) => Error::UpstreamInvalid {
+                deployment: self.name.to_string(),
+                detail,
+            },
         }
     }
-}
 
-/// An error with its causes, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
+    fn timed_out(&self) -> Error {
+        Error::UpstreamTimeout {
+            deployment: self.name.to_string(),
+        }
     }
-    s
+
+    fn unreachable(&self, detail: String) -> Error {
+        Error::UpstreamUnreachable {
+            deployment: self.name.to_string(),
+            detail,
+        }
+    }
 }

@@ -171,6 +171,34 @@ async fn no_secret_reaches_a_log_line_or_an_error_body() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_deployment_the_environment_proxies_is_reached_through_the_proxy() {
+    // The simulated provider stands in for the proxy: it routes on the
+    // path of the absolute URL a proxy is sent. The deployment's own host
+    // can never resolve (`.invalid`), so an answer came through the proxy.
+    let mock = MockServer::start(MockConfig::default(), SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .expect("mock");
+    let proxy = mock.base_url().trim_end_matches("/v1").to_owned();
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("tollgate.toml"),
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[[deployments]]\nname = \"up\"\nprovider = \"openai_compatible\"\nbase_url = \"http://provider.invalid/v1\"\napi_key_env = \"UPSTREAM_KEY\"\nmodels = [\"gpt-4o\"]\n",
+    )
+    .expect("config");
+    let s = serve_with_env(
+        dir.path(),
+        &["serve"],
+        &dir.path().join("log"),
+        &[("HTTP_PROXY", &proxy), ("NO_PROXY", "")],
+    );
+    let key = dev_key(&s.banner);
+    let (status, body) = chat(&s.url, &key, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"usage\""), "{body}");
+    stop(s);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn top_shows_live_traffic_per_key() {
     let dir = tempfile::tempdir().expect("dir");
     let s = serve(

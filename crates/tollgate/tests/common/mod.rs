@@ -24,8 +24,14 @@ pub struct Served {
 }
 
 pub fn serve(dir: &Path, args: &[&str], log_file: &Path) -> Served {
+    serve_with_env(dir, args, log_file, &[])
+}
+
+/// `serve` with more environment variables.
+pub fn serve_with_env(dir: &Path, args: &[&str], log_file: &Path, env: &[(&str, &str)]) -> Served {
     let mut child = tollgate()
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .env("RUST_LOG", "debug")
         .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
