@@ -532,7 +532,8 @@ type RollupKey<'a> = (i64, &'a str, &'a str, &'a str);
 /// A batch's rows summed per `width` bucket, key, team and model (usually
 /// one or two groups for a whole batch).
 fn rollup(rows: &[UsageRow], width: i64) -> Vec<(RollupKey<'_>, UsagePoint)> {
-    let mut sums: HashMap<RollupKey<'_>, UsagePoint> = HashMap::new();
+    let mut sums: HashMap<RollupKey<'_>, UsagePoint, foldhash::fast::RandomState> =
+        HashMap::default();
     for r in rows {
         let key = (
             r.at - r.at.rem_euclid(width),
