@@ -56,12 +56,32 @@ fn estimate(c: &mut Criterion) {
         fallback: Encoding::O200k,
         default_output: 256,
     };
-    let short = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello, how are you?"}],"max_tokens":16}"#;
-    let req: ChatRequest<'_> = serde_json::from_str(short).expect("valid");
-    c.bench_function(
-        "estimate chat prompt: one short message (the overhead benchmark's)",
-        |b| b.iter(|| black_box(est.chat("gpt-4o-mini", black_box(&req)))),
-    );
+    // The overhead benchmark's one short message, as one never seen before
+    // (a number makes each run's new) and as one sent again.
+    let short = |run: u64| {
+        format!(
+            r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"Hello {run}, how are you?"}}],"max_tokens":16}}"#
+        )
+    };
+    let mut run = 0u64;
+    c.bench_function("estimate chat prompt: one short message, new", |b| {
+        b.iter_batched(
+            || {
+                run += 1;
+                short(run)
+            },
+            |text| {
+                let req: ChatRequest<'_> = serde_json::from_str(&text).expect("valid");
+                black_box(est.chat("gpt-4o-mini", black_box(&req)));
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let text = short(0);
+    let req: ChatRequest<'_> = serde_json::from_str(&text).expect("valid");
+    c.bench_function("estimate chat prompt: one short message, repeated", |b| {
+        b.iter(|| black_box(est.chat("gpt-4o-mini", black_box(&req))))
+    });
     let mut group = c.benchmark_group("estimate chat prompt");
     for tokens in [1_000, 50_000] {
         let counted = {
