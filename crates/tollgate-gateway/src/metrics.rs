@@ -333,13 +333,20 @@ pub fn upstream(deployment_name: Arc<str>, waited: Duration) {
         .record(waited);
 }
 
+/// `tollgate_limit_utilization_ratio` by subject kind and dimension.
+static UTILIZATION: SeriesCache<(&'static str, &'static str), Histogram> = SeriesCache::new();
+
 /// An admitted request: how full its tightest limits are now, and how long
 /// it queued.
 pub fn admitted(plan: &Plan, grant: &Grant, waited: Duration) {
     for (dimension, reading) in [("requests", grant.requests), ("tokens", grant.tokens)] {
         if let Some(r) = reading.filter(|r| r.limit > 0) {
             let used = r.limit.saturating_sub(r.remaining) as f64 / r.limit as f64;
-            histogram!("tollgate_limit_utilization_ratio", "subject" => plan.kind(r.subject), "dimension" => dimension)
+            let labels = (plan.kind(r.subject), dimension);
+            UTILIZATION
+                .get(labels, |&(subject, dimension)| {
+                    histogram!("tollgate_limit_utilization_ratio", "subject" => subject, "dimension" => dimension)
+                })
                 .record(used);
         }
     }

@@ -765,9 +765,15 @@ fn upstream_request_id(upstream: &http::Response<UpstreamBody>) -> Option<Header
     upstream.headers().get("x-request-id").cloned()
 }
 
+/// Headers a relayed answer carries at most (content type, request ids,
+/// the `x-ratelimit-*` six, cost and balances, deployment): room for them
+/// up front, so the map is not grown and rehashed twice on the way.
+const RESPONSE_HEADERS: usize = 16;
+
 fn relay_body(status: StatusCode, upstream_id: Option<HeaderValue>, body: Bytes) -> Response {
     let mut resp = (status, body).into_response();
     let h = resp.headers_mut();
+    h.reserve(RESPONSE_HEADERS);
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(id) = upstream_id {
         h.insert("x-upstream-request-id", id);
@@ -844,6 +850,7 @@ fn relay_stream(
     });
     let mut resp = Response::new(Body::from_stream(body));
     let h = resp.headers_mut();
+    h.reserve(RESPONSE_HEADERS);
     h.insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream; charset=utf-8"),

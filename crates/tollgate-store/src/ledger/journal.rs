@@ -89,7 +89,9 @@ impl Journal {
     /// Appends `row`. The returned guard holds off a rotation: queue the
     /// row for the writer before dropping it.
     pub(super) fn append(&self, row: &UsageRow) -> std::io::Result<Appended<'_>> {
-        let mut line = serde_json::to_vec(row)?;
+        // A row's line is 300-500 bytes: one allocation, not three.
+        let mut line = Vec::with_capacity(512);
+        serde_json::to_writer(&mut line, row)?;
         line.push(b'\n');
         // A poisoned lock only means another appender panicked; the file
         // handle is still good.
