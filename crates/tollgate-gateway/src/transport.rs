@@ -144,7 +144,7 @@ fn request_error(e: &(dyn std::error::Error + 'static)) -> SendError {
 }
 
 /// An error with its causes, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

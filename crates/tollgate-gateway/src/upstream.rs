@@ -186,10 +186,17 @@ impl Deployment {
         let base = base_url.trim_end_matches('/');
         let url = |e: Endpoint| {
             let url = format!("{base}{}{query}", e.path());
-            url.parse::<http::Uri>()
-                .ok()
-                .filter(|u| u.scheme().is_some() && u.host().is_some())
-                .ok_or_else(|| client_err(format!("base_url `{base_url}` is not a URL")))
+            match url.parse::<http::Uri>() {
+                Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
+                    Ok(u)
+                }
+                Ok(_) => Err(client_err(format!(
+                    "base_url `{base_url}` is not an http:// or https:// URL with a host"
+                ))),
+                Err(err) => Err(client_err(format!(
+                    "base_url `{base_url}` is not a URL: {err}"
+                ))),
+            }
         };
         let urls = [
             url(Endpoint::ChatCompletions)?,
@@ -316,6 +323,31 @@ impl Deployment {
         Error::UpstreamUnreachable {
             deployment: self.name.to_string(),
             detail,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(base_url: &str) -> Result<Deployment, Error> {
+        let config: DeploymentConfig =
+            toml::from_str("name = \"d\"\nprovider = \"openai_compatible\"\nmodels = [\"m\"]\n")
+                .expect("config");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Deployment::new(&config, base_url, None, 1)
+    }
+
+    #[test]
+    fn a_base_url_must_be_an_http_or_https_url_with_a_host() {
+        for bad in ["not a url", "ftp://files.example/v1", "/v1", "http://"] {
+            let err = deployment(bad).expect_err(bad).to_string();
+            assert!(err.contains(&format!("base_url `{bad}`")), "{bad}: {err}");
+        }
+        for good in ["http://127.0.0.1:1/v1", "https://api.openai.com/v1/"] {
+            let d = deployment(good).expect(good);
+            assert_eq!(d.urls[0].path(), "/v1/chat/completions", "{good}");
         }
     }
 }
