@@ -21,7 +21,7 @@ use std::task::Poll;
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
-type DirectClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+type DirectClient = Client<ConnectWithin<hyper_rustls::HttpsConnector<HttpConnector>>, Full<Bytes>>;
 
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
@@ -77,13 +77,15 @@ impl Transport {
                 let mut http = HttpConnector::new();
                 http.enforce_http(false);
                 http.set_nodelay(true);
-                http.set_connect_timeout(Some(connect_timeout));
-                let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(tls.clone())
-                    .https_or_http()
-                    .enable_http1()
-                    .enable_http2()
-                    .wrap_connector(http);
+                let connector = ConnectWithin {
+                    inner: hyper_rustls::HttpsConnectorBuilder::new()
+                        .with_tls_config(tls.clone())
+                        .https_or_http()
+                        .enable_http1()
+                        .enable_http2()
+                        .wrap_connector(http),
+                    limit: connect_timeout,
+                };
                 Client::builder(TokioExecutor::new())
                     .pool_max_idle_per_host(1024)
                     .pool_idle_timeout(POOL_IDLE)
@@ -125,6 +127,46 @@ impl Transport {
                     .map(|body| UpstreamBody::new(Inner::Proxied(body), deadline)))
             }
         }
+    }
+}
+
+/// A connector whose connections must be up, TLS handshake included,
+/// within `limit` (hyper's own connect timeout stops at TCP).
+#[derive(Debug, Clone)]
+pub struct ConnectWithin<C> {
+    inner: C,
+    limit: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<C> tower_service::Service<http::Uri> for ConnectWithin<C>
+where
+    C: tower_service::Service<http::Uri>,
+    C::Error: Into<BoxError>,
+    C::Future: Send + 'static,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let limit = self.limit;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connecting took longer than connect_timeout",
+                )
+                .into()),
+            }
+        })
     }
 }
 

@@ -289,6 +289,44 @@ async fn unreachable_upstream_is_502() {
 }
 
 #[tokio::test]
+async fn a_tls_handshake_that_never_finishes_is_cut_at_the_connect_timeout() {
+    // A listener that takes connections and never says a word: TCP
+    // connects at once, the TLS handshake waits forever.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let h = Harness::with(MockConfig::default(), |c| {
+        c.routing.max_attempts = 1;
+        c.routing.circuit_failures = 0;
+        let d = &mut c.deployments[0];
+        d.base_url = Some(format!("https://{addr}/v1"));
+        d.connect_timeout = std::time::Duration::from_millis(200);
+        d.timeout = std::time::Duration::from_secs(600);
+    })
+    .await;
+    // Only the connect timeout can end this before the call's 600 s: the
+    // bound here guards against a hang, it measures nothing.
+    let resp = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        h.post("/v1/chat/completions", CHAT),
+    )
+    .await
+    .expect("answered long before the call's own timeout");
+    let (s, c, retry, _) = error_of(resp).await;
+    assert_eq!(
+        (s, c.as_str(), retry.as_str()),
+        (504, "upstream_timeout", "true")
+    );
+}
+
+#[tokio::test]
 async fn provider_rate_limits_pass_through_with_their_retry_advice() {
     let h = Harness::with(
         MockConfig {
