@@ -38,12 +38,7 @@ measure() { # mode
 [server]
 listen = "127.0.0.1:$port"
 
-[[deployments]]
-name = "mock"
-provider = "openai_compatible"
-base_url = "http://127.0.0.1:$MOCK_PORT/v1"
-api_key_env = "BENCH_UPSTREAM_KEY"
-models = ["gpt-4o-mini"]
+$(mock_deployment)
 TOML
   local args=(--name bench --json)
   if [ "$mode" != plain ]; then

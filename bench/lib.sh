@@ -1,8 +1,21 @@
 # Shared by the bench/*.sh scripts (sourced after their build): where the
 # release binaries are, a scratch directory removed on exit together with
-# every background job, and a free loopback port.
+# every background job, a free loopback port, and the gateway's deployment
+# of the simulated provider.
 BIN=$PWD/target/release
 work=$(mktemp -d)
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# The gateway's one deployment, for its tollgate.toml: the simulated
+# provider on $MOCK_PORT, serving the benchmarks' model.
+mock_deployment() {
+  cat <<TOML
+[[deployments]]
+name = "mock"
+provider = "openai_compatible"
+base_url = "http://127.0.0.1:$MOCK_PORT/v1"
+api_key_env = "BENCH_UPSTREAM_KEY"
+models = ["gpt-4o-mini"]
+TOML
+}

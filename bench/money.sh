@@ -33,12 +33,7 @@ listen = "127.0.0.1:0"
 [money]
 ledger = $ledger
 
-[[deployments]]
-name = "mock"
-provider = "openai_compatible"
-base_url = "http://127.0.0.1:$MOCK_PORT/v1"
-api_key_env = "BENCH_UPSTREAM_KEY"
-models = ["gpt-4o-mini"]
+$(mock_deployment)
 TOML
   if [ "$mode" = money ]; then
     (cd "$dir" && "$BIN/tollgate" credits add bench 100000.00 --why benchmark >/dev/null \

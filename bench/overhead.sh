@@ -98,12 +98,7 @@ cat >"$work/tollgate.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW_PORT"
 
-[[deployments]]
-name = "mock"
-provider = "openai_compatible"
-base_url = "http://127.0.0.1:$MOCK_PORT/v1"
-api_key_env = "BENCH_UPSTREAM_KEY"
-models = ["gpt-4o-mini"]
+$(mock_deployment)
 TOML
 if [ -n "${REDIS:-}" ]; then
   printf '\n[state]\nredis_url = "%s"\nredis_prefix = "tollgate-bench-%s"\n' "$REDIS" "$$" >>"$work/tollgate.toml"
