@@ -6,18 +6,17 @@
 //! environment sends through an HTTP proxy (`HTTPS_PROXY`, `NO_PROXY`, …),
 //! which the direct client does not speak.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{Request, Response};
-use http_body::Body as _;
-use http_body_util::Full;
+use http_body::Frame;
+use http_body_util::{BodyExt, Collected, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_platform_verifier::ConfigVerifierExt;
-use std::future::poll_fn;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
@@ -150,7 +149,7 @@ where
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Result<(), BoxError>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
@@ -224,47 +223,45 @@ impl UpstreamBody {
 
     /// The next piece of the body as it arrives; `None` at its end.
     pub async fn chunk(&mut self) -> Option<Result<Bytes, BodyError>> {
-        poll_fn(|cx| {
-            loop {
-                let frame = match &mut self.inner {
-                    Inner::Direct(b) => Pin::new(b).poll_frame(cx).map_err(|e| error_chain(&e)),
-                    Inner::Proxied(b) => Pin::new(b)
-                        .poll_frame(cx)
-                        .map_err(|e| error_chain(&e.without_url())),
-                };
-                return match frame {
-                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) if !data.is_empty() => Poll::Ready(Some(Ok(data))),
-                        // Trailers and empty frames carry nothing to relay.
-                        _ => continue,
-                    },
-                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Broken(e)))),
-                    Poll::Ready(None) => Poll::Ready(None),
-                    Poll::Pending => match self.deadline.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Timeout))),
-                        Poll::Pending => Poll::Pending,
-                    },
-                };
+        loop {
+            match self.frame().await? {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => return Some(Ok(data)),
+                    // Trailers and empty frames carry nothing to relay.
+                    _ => continue,
+                },
+                Err(e) => return Some(Err(e)),
             }
-        })
-        .await
+        }
     }
 
-    /// The whole body.
-    pub async fn bytes(mut self) -> Result<Bytes, BodyError> {
-        let Some(first) = self.chunk().await.transpose()? else {
-            return Ok(Bytes::new());
+    /// The whole body (one that arrived in one piece is not copied).
+    pub async fn bytes(self) -> Result<Bytes, BodyError> {
+        self.collect().await.map(Collected::to_bytes)
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let frame = match &mut this.inner {
+            Inner::Direct(b) => Pin::new(b).poll_frame(cx).map_err(|e| error_chain(&e)),
+            Inner::Proxied(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| error_chain(&e.without_url())),
         };
-        // Most bodies arrive in one piece: no copy for them.
-        let Some(second) = self.chunk().await.transpose()? else {
-            return Ok(first);
-        };
-        let mut all = BytesMut::with_capacity(first.len() + second.len());
-        all.extend_from_slice(&first);
-        all.extend_from_slice(&second);
-        while let Some(more) = self.chunk().await.transpose()? {
-            all.extend_from_slice(&more);
+        match frame {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(BodyError::Broken))),
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Timeout))),
+                Poll::Pending => Poll::Pending,
+            },
         }
-        Ok(all.freeze())
     }
 }
