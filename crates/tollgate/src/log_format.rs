@@ -82,9 +82,7 @@ fn timestamp(w: &mut Writer<'_>, now: SystemTime) -> fmt::Result {
     w.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)?;
     let micros = since_epoch.subsec_micros();
     let mut frac = *b".000000Z";
-    for (i, digit) in frac[1..7].iter_mut().rev().enumerate() {
-        *digit = b'0' + (micros / 10u32.pow(i as u32) % 10) as u8;
-    }
+    padded(&mut frac[1..7], u64::from(micros));
     w.write_str(std::str::from_utf8(&frac).map_err(|_| fmt::Error)?)
 }
 
@@ -93,19 +91,22 @@ fn date_and_time(secs: u64) -> [u8; 19] {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days);
     let mut out = *b"0000-00-00T00:00:00";
-    let mut put = |at: usize, width: usize, mut n: u64| {
-        for i in (at..at + width).rev() {
-            out[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-        }
-    };
-    put(0, 4, year);
-    put(5, 2, month);
-    put(8, 2, day);
-    put(11, 2, rem / 3600);
-    put(14, 2, rem / 60 % 60);
-    put(17, 2, rem % 60);
+    padded(&mut out[0..4], year);
+    padded(&mut out[5..7], month);
+    padded(&mut out[8..10], day);
+    padded(&mut out[11..13], rem / 3600);
+    padded(&mut out[14..16], rem / 60 % 60);
+    padded(&mut out[17..19], rem % 60);
     out
+}
+
+/// Writes the last `digits.len()` decimal digits of `n` into `digits`,
+/// zero-padded.
+fn padded(digits: &mut [u8], mut n: u64) {
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
 }
 
 /// Year, month and day of the `days`-th day after 1970-01-01 in the
