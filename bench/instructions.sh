@@ -42,7 +42,7 @@ $(mock_deployment)
 TOML
   local args=(--name bench --json)
   if [ "$mode" != plain ]; then
-    args+=(--rpm 1000000000 --tpm 1000000000000 --rpd 1000000000000 --tpd 1000000000000000)
+    args+=("${FAR_LIMITS[@]}")
   fi
   if [ "$mode" = money ]; then
     (cd "$dir" && "$BIN/tollgate" credits add bench 1000000 --why "instructions bench" >/dev/null \

@@ -19,3 +19,6 @@ api_key_env = "BENCH_UPSTREAM_KEY"
 models = ["gpt-4o-mini"]
 TOML
 }
+# Four limits (rpm, tpm, rpd, tpd) far above what any run sends: a key
+# under them pays for every decision and is never refused.
+FAR_LIMITS=(--rpm 1000000000 --tpm 1000000000000 --rpd 1000000000000 --tpd 1000000000000000)

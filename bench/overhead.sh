@@ -115,8 +115,8 @@ if [ "${MONEY:-0}" = 1 ]; then
     && "$BIN/tollgate" budgets set key:bench-limits --window day --cap 1000000 >/dev/null)
   money_args=(--account bench)
 fi
-(cd "$work" && "$BIN/tollgate" keys create --name bench-limits --rpm 1000000000 --tpm 1000000000000 \
-  --rpd 1000000000000 --tpd 1000000000000000 "${money_args[@]}" --json >"$work/limited.json")
+(cd "$work" && "$BIN/tollgate" keys create --name bench-limits "${FAR_LIMITS[@]}" "${money_args[@]}" \
+  --json >"$work/limited.json")
 LIMITED_KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/limited.json")
 ADMIN_KEY=bench-admin-key-0123456789abcdef
 (cd "$work" && exec env BENCH_UPSTREAM_KEY=sk-bench-upstream TOLLGATE_ADMIN_KEY=$ADMIN_KEY RUST_LOG=${GATEWAY_LOG:-info} "$BIN/tollgate" --log-format json serve >"$work/serve.out" 2>"$work/serve.log") &
