@@ -91,8 +91,7 @@ impl Journal {
     pub(super) fn append(&self, row: &UsageRow) -> std::io::Result<Appended<'_>> {
         // A row's line is 300-500 bytes: one allocation, not three.
         let mut line = Vec::with_capacity(512);
-        serde_json::to_writer(&mut line, row)?;
-        line.push(b'\n');
+        write_line(&mut line, row);
         // A poisoned lock only means another appender panicked; the file
         // handle is still good.
         let segment = self.current.read().unwrap_or_else(|e| e.into_inner());
@@ -193,6 +192,55 @@ pub(super) fn leftover_segments(base: &Path) -> std::io::Result<Vec<(u64, PathBu
     Ok(found)
 }
 
+/// `row` as a JSON object and a newline, as serde would write it less
+/// the fields that are `None` (read back as `None`). By hand: serde_json,
+/// escaping every field name and value through its generic serializer,
+/// spent 5k instructions a row, a quarter of what the ledger costs a
+/// request; this spends about a fifth of that.
+fn write_line(out: &mut Vec<u8>, row: &UsageRow) {
+    fn text(out: &mut Vec<u8>, name: &str, value: &str) {
+        out.extend_from_slice(name.as_bytes());
+        if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            out.push(b'"');
+            out.extend_from_slice(value.as_bytes());
+            out.push(b'"');
+        } else {
+            // What needs escaping, serde_json escapes (into a Vec: infallible).
+            let _ = serde_json::to_writer(&mut *out, value);
+        }
+    }
+    fn optional(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
+        if let Some(value) = value {
+            text(out, name, value);
+        }
+    }
+    fn number(out: &mut Vec<u8>, name: &str, value: impl itoa::Integer) {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+    text(out, "{\"request_id\":", &row.request_id);
+    number(out, ",\"at\":", row.at);
+    optional(out, ",\"key_id\":", row.key_id.as_deref());
+    optional(out, ",\"key_name\":", row.key_name.as_deref());
+    optional(out, ",\"user\":", row.user.as_deref());
+    optional(out, ",\"team\":", row.team.as_deref());
+    optional(out, ",\"account\":", row.account.as_deref());
+    text(out, ",\"model\":", &row.model);
+    optional(out, ",\"served_model\":", row.served_model.as_deref());
+    optional(out, ",\"deployment\":", row.deployment.as_deref());
+    number(out, ",\"input_tokens\":", row.input_tokens);
+    number(out, ",\"cached_tokens\":", row.cached_tokens);
+    number(out, ",\"output_tokens\":", row.output_tokens);
+    number(out, ",\"cost\":", row.cost);
+    number(out, ",\"status\":", row.status);
+    number(out, ",\"latency_ms\":", row.latency_ms);
+    out.extend_from_slice(if row.streamed {
+        b",\"streamed\":true}\n"
+    } else {
+        b",\"streamed\":false}\n"
+    });
+}
+
 /// Every row in `segment`. A torn last line (an OS crash mid-write) is
 /// skipped and logged: that row was never acknowledged.
 pub(super) fn read_segment(segment: &Path) -> std::io::Result<Vec<UsageRow>> {
@@ -210,4 +258,80 @@ pub(super) fn read_segment(segment: &Path) -> std::io::Result<Vec<UsageRow>> {
         }
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    fn name() -> impl Strategy<Value = Option<String>> {
+        // Any text: quotes, backslashes, control characters, newlines and
+        // characters beyond ASCII included.
+        proptest::option::of(any::<String>())
+    }
+
+    fn rows() -> impl Strategy<Value = UsageRow> {
+        (
+            (
+                any::<String>(),
+                any::<i64>(),
+                name(),
+                name(),
+                name(),
+                name(),
+            ),
+            (name(), any::<String>(), name(), name()),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<i64>()),
+            (any::<u16>(), any::<u64>(), any::<bool>()),
+        )
+            .prop_map(
+                |(
+                    (request_id, at, key_id, key_name, user, team),
+                    (account, model, served_model, deployment),
+                    (input_tokens, cached_tokens, output_tokens, cost),
+                    (status, latency_ms, streamed),
+                )| UsageRow {
+                    request_id,
+                    at,
+                    key_id: key_id.map(Arc::from),
+                    key_name: key_name.map(Arc::from),
+                    user,
+                    team: team.map(Arc::from),
+                    account: account.map(Arc::from),
+                    model: Arc::from(model),
+                    served_model,
+                    deployment: deployment.map(Arc::from),
+                    input_tokens,
+                    cached_tokens,
+                    output_tokens,
+                    cost,
+                    status,
+                    latency_ms,
+                    streamed,
+                    held: false,
+                },
+            )
+    }
+
+    proptest! {
+        /// A line is one line, reads back as the row it was written from,
+        /// and holds what serde writes for the row, less its nulls.
+        #[test]
+        fn a_line_reads_back_as_its_row(row in rows()) {
+            let mut line = Vec::new();
+            write_line(&mut line, &row);
+            prop_assert_eq!(line.iter().position(|&b| b == b'\n'), Some(line.len() - 1));
+            let read: UsageRow = serde_json::from_slice(&line).expect("a JSON row");
+            prop_assert_eq!(&read, &row);
+            let mut by_serde = serde_json::to_value(&row).expect("serde");
+            by_serde
+                .as_object_mut()
+                .expect("an object")
+                .retain(|_, v| !v.is_null());
+            let written: serde_json::Value = serde_json::from_slice(&line).expect("JSON");
+            prop_assert_eq!(written, by_serde);
+        }
+    }
 }
