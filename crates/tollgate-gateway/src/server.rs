@@ -125,7 +125,7 @@ async fn request_id_and_access_log(
     tracing::info!(
         target: "tollgate::access",
         request_id = id.to_str().unwrap_or_default(),
-        %method,
+        method = method.as_str(),
         path,
         status,
         key = log.key.as_deref(),

@@ -87,7 +87,7 @@ fn init_logging(format: LogFormat) -> anyhow::Result<log_writer::FlushOnDrop> {
         LogFormat::Human => builder.init(),
         // Span fields stored as JSON, which `JsonLine` splices into the line.
         LogFormat::Json => builder
-            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .fmt_fields(log_format::SpanFields)
             .event_format(log_format::JsonLine)
             .init(),
     }
