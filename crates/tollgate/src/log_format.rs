@@ -191,8 +191,9 @@ impl<'w> FormatFields<'w> for SpanFields {
         current: &'w mut FormattedFields<Self>,
         fields: &Record<'_>,
     ) -> fmt::Result {
-        // Rare (a field recorded after its span opened): merged as JSON.
-        type Object = serde_json::Map<String, serde_json::Value>;
+        // Rare (a field recorded after its span opened): merged as JSON,
+        // in a map whose keys stay in order whatever serde_json's features.
+        type Object = std::collections::BTreeMap<String, serde_json::Value>;
         let mut values = SpanValues::default();
         fields.record(&mut values);
         let added: Object = serde_json::from_str(&values.object()).map_err(|_| fmt::Error)?;
