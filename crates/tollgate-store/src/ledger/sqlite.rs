@@ -102,24 +102,17 @@ impl SqliteWriter {
     /// of a one-row INSERT's; 16 to a statement take 1.8k instructions a
     /// row off the ledger's 24k.
     fn insert_usage(&self, rows: &[UsageRow]) -> rusqlite::Result<()> {
-        let mut full = rows.chunks_exact(ROWS_PER_INSERT);
-        if full.len() > 0 {
-            let mut insert = self
-                .conn
-                .prepare_cached(&self.usage_inserts[ROWS_PER_INSERT.ilog2() as usize])?;
-            for chunk in &mut full {
+        let mut rest = rows;
+        while !rest.is_empty() {
+            // Each statement is looked up once (the cache hashes its SQL)
+            // and runs for every chunk of its size.
+            let k = rest.len().min(ROWS_PER_INSERT).ilog2();
+            let mut insert = self.conn.prepare_cached(&self.usage_inserts[k as usize])?;
+            while let Some((chunk, tail)) = rest.split_at_checked(1 << k) {
                 bind_usage(&mut insert, chunk)?;
                 insert.raw_execute()?;
+                rest = tail;
             }
-        }
-        let mut rest = full.remainder();
-        while !rest.is_empty() {
-            let k = rest.len().ilog2();
-            let (chunk, tail) = rest.split_at(1 << k);
-            let mut insert = self.conn.prepare_cached(&self.usage_inserts[k as usize])?;
-            bind_usage(&mut insert, chunk)?;
-            insert.raw_execute()?;
-            rest = tail;
         }
         Ok(())
     }
