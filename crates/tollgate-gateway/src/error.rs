@@ -3,6 +3,7 @@
 //! so a new variant cannot ship without a decided status.
 
 use crate::config::ConfigError;
+use crate::header_names as names;
 use crate::limits::RateLimited;
 use axum::response::{IntoResponse, Response};
 use http::HeaderValue;
@@ -566,7 +567,7 @@ pub fn write_retry_advice(
 ) {
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     h.insert(
-        "x-should-retry",
+        names::SHOULD_RETRY.clone(),
         HeaderValue::from_static(if should_retry { "true" } else { "false" }),
     );
     if let Some(after) = retry_after {
@@ -577,7 +578,7 @@ pub fn write_retry_advice(
         // Rounded up: a client that comes back after exactly this is admitted.
         let ms = after.as_nanos().div_ceil(1_000_000);
         if let Ok(v) = HeaderValue::from_str(&ms.to_string()) {
-            h.insert("retry-after-ms", v);
+            h.insert(names::RETRY_AFTER_MS.clone(), v);
         }
     }
 }

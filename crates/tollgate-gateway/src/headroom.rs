@@ -11,7 +11,8 @@
 //! has not counted yet when it answers another), never up: a report can be
 //! stale, and other clients of the same provider key only ever use more.
 
-use http::HeaderMap;
+use crate::header_names as names;
+use http::{HeaderMap, HeaderName};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -164,19 +165,15 @@ impl Headroom {
     /// down to the provider's remaining minus the calls still in flight.
     pub fn observe(&self, headers: &HeaderMap, now: u64, reservation: Reservation<'_>) {
         drop(reservation);
-        let read = |name: &str| {
+        let read = |name: &HeaderName| {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
         };
-        let requests = (
-            read("x-ratelimit-limit-requests"),
-            read("x-ratelimit-remaining-requests"),
-        );
-        let tokens = (
-            read("x-ratelimit-limit-tokens"),
-            read("x-ratelimit-remaining-tokens"),
-        );
+        let [limit, remaining, _] = &names::RATELIMIT_REQUESTS;
+        let requests = (read(limit), read(remaining));
+        let [limit, remaining, _] = &names::RATELIMIT_TOKENS;
+        let tokens = (read(limit), read(remaining));
         if requests == (None, None) && tokens == (None, None) {
             return;
         }

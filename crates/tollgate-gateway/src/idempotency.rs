@@ -16,6 +16,7 @@
 
 use crate::Gateway;
 use crate::error::Error;
+use crate::header_names as names;
 use crate::pipeline::{self, RequestLog};
 use crate::upstream::Endpoint;
 use axum::body::Body;
@@ -33,8 +34,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tollgate_store::redis::{IdempotencyClaim, RedisIdempotency};
 
-/// The request header.
-pub const HEADER: &str = "idempotency-key";
 /// Longest idempotency key accepted.
 const MAX_KEY_BYTES: usize = 255;
 
@@ -277,7 +276,7 @@ async fn serve(gw: &Arc<Gateway>, endpoint: Endpoint, req: Request) -> Result<Re
     let caller = gw.keys.authenticate(&parts.headers).await?;
     let idem = parts
         .headers
-        .get(HEADER)
+        .get(&names::IDEMPOTENCY_KEY)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_BYTES)

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod dashboard;
 pub mod error;
+pub mod header_names;
 pub mod headroom;
 pub mod idempotency;
 pub mod limits;

@@ -16,6 +16,7 @@
 use crate::config::ServerConfig;
 use crate::dashboard::budget_reason;
 use crate::error::{Error, api_error_response, write_retry_advice};
+use crate::header_names as names;
 use crate::limits::Plan;
 use crate::metrics::Decision;
 use crate::routing::{Failed, Pool, Sent, trigger_of};
@@ -29,7 +30,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use std::convert::Infallible;
@@ -114,7 +115,7 @@ pub(crate) async fn embeddings(State(gw): State<Arc<Gateway>>, req: Request) -> 
 }
 
 async fn dispatch(gw: &Arc<Gateway>, endpoint: Endpoint, req: Request) -> Response {
-    if req.headers().contains_key(idempotency::HEADER) {
+    if req.headers().contains_key(&names::IDEMPOTENCY_KEY) {
         idempotency::proxy(gw, endpoint, req).await
     } else {
         proxy(gw, endpoint, req).await
@@ -143,23 +144,23 @@ pub(crate) async fn proxy(gw: &Gateway, endpoint: Endpoint, req: Request) -> Res
         .as_deref()
         .and_then(|m| HeaderValue::from_str(m).ok())
     {
-        h.insert("x-tollgate-model", v);
+        h.insert(names::MODEL.clone(), v);
     }
     if let Some(v) = log
         .deployment
         .as_deref()
         .and_then(|d| HeaderValue::from_str(d).ok())
     {
-        h.insert("x-tollgate-deployment", v);
+        h.insert(names::DEPLOYMENT.clone(), v);
         if let Some(v) = log
             .fallback
             .as_deref()
             .and_then(|f| HeaderValue::from_str(f).ok())
         {
-            h.insert("x-tollgate-fallback", v);
+            h.insert(names::FALLBACK.clone(), v);
         }
         h.insert(
-            "x-tollgate-attempts",
+            names::ATTEMPTS.clone(),
             HeaderValue::from(log.attempts.max(1)),
         );
     }
@@ -206,46 +207,33 @@ fn note_refusal(gw: &Gateway, e: &Error, log: &mut RequestLog) {
 /// `x-tollgate-cost-usd`, `x-tollgate-budget-remaining-usd` and
 /// `x-tollgate-credits-remaining-usd`, for what is known.
 fn write_money_headers(h: &mut HeaderMap, log: &RequestLog) {
-    const COST: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
-    const BUDGET: HeaderName = HeaderName::from_static("x-tollgate-budget-remaining-usd");
-    const CREDITS: HeaderName = HeaderName::from_static("x-tollgate-credits-remaining-usd");
     for (name, amount) in [
-        (COST, log.cost),
-        (BUDGET, log.remaining.budget),
-        (CREDITS, log.remaining.credits),
+        (&names::COST_USD, log.cost),
+        (&names::BUDGET_REMAINING_USD, log.remaining.budget),
+        (&names::CREDITS_REMAINING_USD, log.remaining.credits),
     ] {
         if let Some(v) =
             amount.and_then(|a| HeaderValue::from_str(Usd(a).text(&mut [0; USD_TEXT_MAX])).ok())
         {
-            h.insert(name, v);
+            h.insert(name.clone(), v);
         }
     }
 }
 
 /// OpenAI's `x-ratelimit-*` sextet for the tightest request and token limits.
 fn write_ratelimit_headers(h: &mut HeaderMap, standing: &Grant) {
-    // Named once, at compile time: a `&str` name is validated on every insert.
-    const REQUESTS: [HeaderName; 3] = [
-        HeaderName::from_static("x-ratelimit-limit-requests"),
-        HeaderName::from_static("x-ratelimit-remaining-requests"),
-        HeaderName::from_static("x-ratelimit-reset-requests"),
-    ];
-    const TOKENS: [HeaderName; 3] = [
-        HeaderName::from_static("x-ratelimit-limit-tokens"),
-        HeaderName::from_static("x-ratelimit-remaining-tokens"),
-        HeaderName::from_static("x-ratelimit-reset-tokens"),
-    ];
     let mut buf = String::with_capacity(16);
-    for (reading, [limit, remaining, reset]) in
-        [(standing.requests, REQUESTS), (standing.tokens, TOKENS)]
-    {
+    for (reading, [limit, remaining, reset]) in [
+        (standing.requests, &names::RATELIMIT_REQUESTS),
+        (standing.tokens, &names::RATELIMIT_TOKENS),
+    ] {
         let Some(r) = reading else { continue };
-        h.insert(limit, HeaderValue::from(r.limit));
-        h.insert(remaining, HeaderValue::from(r.remaining));
+        h.insert(limit.clone(), HeaderValue::from(r.limit));
+        h.insert(remaining.clone(), HeaderValue::from(r.remaining));
         buf.clear();
         write_reset(&mut buf, r.reset);
         if let Ok(v) = HeaderValue::from_str(&buf) {
-            h.insert(reset, v);
+            h.insert(reset.clone(), v);
         }
     }
 }
@@ -258,7 +246,7 @@ const MAX_USER_BYTES: usize = 256;
 /// (cut at [`MAX_USER_BYTES`], which can only merge, never split, users).
 fn end_user<'a>(headers: &'a HeaderMap, summary: &'a Summary) -> Option<&'a str> {
     let user = headers
-        .get("x-tollgate-user")
+        .get(&names::USER)
         .and_then(|v| v.to_str().ok())
         .filter(|u| !u.is_empty())
         .or(summary.user.as_deref())
@@ -271,8 +259,12 @@ fn end_user<'a>(headers: &'a HeaderMap, summary: &'a Summary) -> Option<&'a str>
 }
 
 /// A duration header such as `x-tollgate-max-wait: 30s`.
-fn duration_header(headers: &HeaderMap, header: &'static str) -> Result<Option<Duration>, Error> {
-    let Some(v) = headers.get(header) else {
+fn duration_header(
+    headers: &HeaderMap,
+    name: &'static HeaderName,
+) -> Result<Option<Duration>, Error> {
+    let header = name.as_str();
+    let Some(v) = headers.get(name) else {
         return Ok(None);
     };
     let text = v.to_str().unwrap_or_default().trim();
@@ -286,13 +278,16 @@ fn duration_header(headers: &HeaderMap, header: &'static str) -> Result<Option<D
 
 /// The request's own upstream timeouts, each positive and at most `max`.
 fn requested_timeouts(headers: &HeaderMap, max: Duration) -> Result<Timeouts, Error> {
-    let bounded = |header| match duration_header(headers, header)? {
-        Some(d) if d.is_zero() || d > max => Err(Error::HeaderOutOfRange { header, max }),
+    let bounded = |name: &'static HeaderName| match duration_header(headers, name)? {
+        Some(d) if d.is_zero() || d > max => Err(Error::HeaderOutOfRange {
+            header: name.as_str(),
+            max,
+        }),
         d => Ok(d),
     };
     Ok(Timeouts {
-        first_byte: bounded("x-tollgate-first-byte-timeout")?,
-        total: bounded("x-tollgate-timeout")?,
+        first_byte: bounded(&names::FIRST_BYTE_TIMEOUT)?,
+        total: bounded(&names::TIMEOUT)?,
     })
 }
 
@@ -334,8 +329,7 @@ async fn run(
     // 4. admission: money first (a spent budget is final, so it is the
     // answer even when a rate limit would also refuse), then limits.
     let user = end_user(&parts.headers, &summary);
-    let max_wait =
-        duration_header(&parts.headers, "x-tollgate-max-wait")?.or(caller.policy.max_wait);
+    let max_wait = duration_header(&parts.headers, &names::MAX_WAIT)?.or(caller.policy.max_wait);
     let timeouts = requested_timeouts(&parts.headers, gw.config.routing.max_request_timeout)?;
     let request_id = parts
         .extensions
@@ -553,8 +547,10 @@ async fn run(
             if let Some(ct) = content_type {
                 resp.headers_mut().insert(CONTENT_TYPE, ct);
             }
-            resp.headers_mut()
-                .insert("x-should-retry", HeaderValue::from_static("false"));
+            resp.headers_mut().insert(
+                names::SHOULD_RETRY.clone(),
+                HeaderValue::from_static("false"),
+            );
             resp
         }
         Outcome::Throttled {
@@ -762,7 +758,7 @@ fn provider_headers(headers: &HeaderMap) -> HeaderMap {
 }
 
 fn upstream_request_id(upstream: &http::Response<UpstreamBody>) -> Option<HeaderValue> {
-    upstream.headers().get("x-request-id").cloned()
+    upstream.headers().get(&names::REQUEST_ID).cloned()
 }
 
 /// Headers a relayed answer carries at most (content type, request ids,
@@ -776,7 +772,7 @@ fn relay_body(status: StatusCode, upstream_id: Option<HeaderValue>, body: Bytes)
     h.reserve(RESPONSE_HEADERS);
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(id) = upstream_id {
-        h.insert("x-upstream-request-id", id);
+        h.insert(names::UPSTREAM_REQUEST_ID.clone(), id);
     }
     resp
 }
@@ -855,9 +851,9 @@ fn relay_stream(
         CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream; charset=utf-8"),
     );
-    h.insert("cache-control", HeaderValue::from_static("no-cache"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Some(id) = upstream_id {
-        h.insert("x-upstream-request-id", id);
+        h.insert(names::UPSTREAM_REQUEST_ID.clone(), id);
     }
     resp
 }

@@ -3,6 +3,7 @@
 //! the grace period. HTTP/1.1 keep-alive and HTTP/2 (h2c) on one port.
 
 use crate::error::{Error, api_error_response};
+use crate::header_names as names;
 use crate::pipeline::{self, RequestLog};
 use crate::{Gateway, admin, dashboard, metrics};
 use axum::Router;
@@ -89,7 +90,7 @@ async fn request_id_and_access_log(
     let started = Instant::now();
     let id = req
         .headers()
-        .get("x-request-id")
+        .get(&names::REQUEST_ID)
         .filter(|v| sane_request_id(v))
         .cloned()
         .unwrap_or_else(|| {
@@ -142,7 +143,7 @@ async fn request_id_and_access_log(
         overhead_us = log.upstream.map(|u| latency.saturating_sub(u).as_micros() as u64),
         "request"
     );
-    resp.headers_mut().insert("x-request-id", id);
+    resp.headers_mut().insert(names::REQUEST_ID.clone(), id);
     resp
 }
 

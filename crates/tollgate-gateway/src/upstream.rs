@@ -4,6 +4,7 @@
 
 use crate::config::{DeploymentConfig, Provider};
 use crate::error::Error;
+use crate::header_names as names;
 use crate::headroom::{Headroom, Reservation};
 use crate::transport::{BodyError, SendError, Transport, UpstreamBody};
 use bytes::Bytes;
@@ -120,7 +121,7 @@ pub enum Outcome {
 /// The `retry-after-ms` or `Retry-After` (seconds) of a response.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let ms = headers
-        .get("retry-after-ms")
+        .get(&names::RETRY_AFTER_MS)
         .and_then(|v| v.to_str().ok()?.trim().parse::<f64>().ok())
         .filter(|ms| ms.is_finite() && *ms >= 0.0)
         .map(|ms| Duration::from_secs_f64(ms / 1000.0));
