@@ -2,16 +2,20 @@
 # Instructions per request: the gateway under valgrind's callgrind, which
 # counts instructions rather than time, so the figure repeats from run to
 # run whatever else the machine is doing (the timed benchmarks on a shared
-# 2-core VM move by 10-20 %). Three keys, as the timed benchmarks have them:
+# 2-core VM move by 10-20 %). Four modes, as the timed benchmarks have them:
+#   off     no limits, no ledger (auth, routing, JSON access log): what
+#           bench/money.sh measures money against
 #   plain   no limits (auth, routing, ledger row, JSON access log)
 #   limits  four limits (rpm, tpm, rpd, tpd: token estimate, admission,
 #           settlement), never refusing
 #   money   the four limits, a key budget and a prepaid account (hold,
 #           reservation, settlement), never refusing
+#   billing a key budget, an org budget and a prepaid account without
+#           limits: bench/money.sh's `money` (run it with MODES=billing)
 # Counting starts after a warm-up and covers only the measured requests
 # (REQUESTS at 400 req/s over 8 connections); the mock runs natively.
 #
-#   bench/instructions.sh              all three modes
+#   bench/instructions.sh              all four modes
 #   MODES=money KEEP=/tmp/cg bench/instructions.sh
 #       keeps callgrind.out.MODE there, for callgrind_annotate
 #
@@ -19,7 +23,7 @@
 # counted in its software form (about 7k instructions; far less natively).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODES=${MODES:-"plain limits money"}
+MODES=${MODES:-"off plain limits money"}
 REQUESTS=${REQUESTS:-4000}
 command -v valgrind >/dev/null || { echo "needs valgrind: apt-get install -y valgrind"; exit 1; }
 
@@ -38,16 +42,22 @@ measure() { # mode
 [server]
 listen = "127.0.0.1:$port"
 
+[money]
+ledger = $([ "$mode" = off ] && echo false || echo true)
+
 $(mock_deployment)
 TOML
   local args=(--name bench --json)
-  if [ "$mode" != plain ]; then
+  if [ "$mode" = limits ] || [ "$mode" = money ]; then
     args+=("${FAR_LIMITS[@]}")
   fi
-  if [ "$mode" = money ]; then
+  if [ "$mode" = money ] || [ "$mode" = billing ]; then
     (cd "$dir" && "$BIN/tollgate" credits add bench 1000000 --why "instructions bench" >/dev/null \
       && "$BIN/tollgate" budgets set key:bench --window day --cap 1000000 >/dev/null)
     args+=(--account bench)
+  fi
+  if [ "$mode" = billing ]; then
+    (cd "$dir" && "$BIN/tollgate" budgets set org --window day --cap 1000000 >/dev/null)
   fi
   local key
   key=$(cd "$dir" && "$BIN/tollgate" keys create "${args[@]}" | grep -o 'tg-[0-9a-f]\{64\}')

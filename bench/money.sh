@@ -6,9 +6,15 @@
 #   money   the ledger on, and a key drawing on a prepaid account under a
 #           key budget and an org budget (estimate, reservation, hold,
 #           settlement and row on every request; never refusing)
-# Prints one JSON line per run and a Markdown table with each mode's
-# throughput against `off`. Then the ledger's own rate: rows per second
-# SQLite sustains through the group-committing writer, without HTTP.
+# Each round runs the three modes in a rotated order, so that no mode
+# always follows the same one (a run that wrote the ledger leaves the
+# kernel dirty pages to flush during the next). Prints one JSON line per
+# run and a Markdown table with each mode's throughput against `off`, and
+# the CPU the gateway and the mock each spent a request: the host's speed
+# drifts by 10-20 % between runs, which moves throughput but scales both
+# processes' CPU alike, so the gateway's CPU against the mock's shows what
+# a mode costs with less of the drift. Then the ledger's own rate: rows per
+# second SQLite sustains through the group-committing writer, without HTTP.
 #
 #   bench/money.sh [DURATION_SECONDS]     (default 10; ROUNDS=2, CONNS=32)
 set -euo pipefail
@@ -21,6 +27,9 @@ cargo build --release -q -p tollgate -p tollgate-loadgen
 source bench/lib.sh
 MOCK_PORT=$(free_port)
 "$BIN/tollgate" mock --listen "127.0.0.1:$MOCK_PORT" >"$work/mock.out" 2>&1 &
+mock_pid=$!
+# CPU time (user + system, in clock ticks) process $1 has used.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # One directory (database) per mode, each set up by the CLI.
 setup() {
@@ -49,8 +58,10 @@ setup ledger true
 setup money true
 
 results="$work/results.jsonl"
+modes=(off ledger money)
 for round in $(seq 1 "$ROUNDS"); do
-  for mode in off ledger money; do
+  for i in 0 1 2; do
+    mode=${modes[$(((i + round - 1) % 3))]}
     dir="$work/$mode"
     port=$(free_port)
     sed -i "s/^listen = .*/listen = \"127.0.0.1:$port\"/" "$dir/tollgate.toml"
@@ -58,8 +69,21 @@ for round in $(seq 1 "$ROUNDS"); do
     (cd "$dir" && exec env BENCH_UPSTREAM_KEY=sk-bench RUST_LOG=warn "$BIN/tollgate" serve >"$dir/serve.out" 2>"$dir/serve.log") &
     pid=$!
     for _ in $(seq 1 100); do grep -q "listening on" "$dir/serve.out" 2>/dev/null && break; sleep 0.1; done
-    "$BIN/tollgate-loadgen" --label "$mode" --url "http://127.0.0.1:$port/v1/chat/completions" --key "$key" \
-      --rate 0 --duration "$DURATION" --connections "$CONNS" | tee -a "$results"
+    url="http://127.0.0.1:$port/v1/chat/completions"
+    "$BIN/tollgate-loadgen" --url "$url" --key "$key" --rate 0 --duration 2 --warmup 0 \
+      --connections "$CONNS" >/dev/null
+    gateway_cpu=$(cpu_ticks "$pid") mock_cpu=$(cpu_ticks "$mock_pid")
+    "$BIN/tollgate-loadgen" --label "$mode" --url "$url" --key "$key" \
+      --rate 0 --duration "$DURATION" --warmup 0 --connections "$CONNS" >"$work/run.json"
+    python3 - "$work/run.json" "$(getconf CLK_TCK)" "$(($(cpu_ticks "$pid") - gateway_cpu))" \
+      "$(($(cpu_ticks "$mock_pid") - mock_cpu))" <<'PY' | tee -a "$results"
+import json, sys
+run = json.load(open(sys.argv[1]))
+tick_us = 1e6 / int(sys.argv[2])
+run["gateway_cpu_us"] = round(int(sys.argv[3]) * tick_us / run["requests"], 1)
+run["mock_cpu_us"] = round(int(sys.argv[4]) * tick_us / run["requests"], 1)
+print(json.dumps(run))
+PY
     kill -TERM "$pid"; wait "$pid" || true
   done
 done
@@ -86,6 +110,20 @@ for mode in ("off", "ledger", "money"):
     ratios = [100 * r["rps"] / o["rps"] for r, o in zip(rs, by["off"])]
     print(f"| {mode} | {len(rs)} | {rps:.0f} | {100 * rps / base:.1f}% | {statistics.median(ratios):.1f}% "
           f"| {min(ratios):.0f}–{max(ratios):.0f}% | {p50:.0f} | {p99:.0f} | {sum(r['errors'] for r in rs)} |")
+print()
+print("CPU a request, medians of the runs (µs; the gateway's against the mock's, and what the mode adds to `off` by that measure):")
+print()
+print("| mode | gateway | mock | gateway / mock | added to off |")
+print("|---|---|---|---|---|")
+def relative(r):
+    return r["gateway_cpu_us"] / r["mock_cpu_us"]
+off_relative = statistics.median(relative(r) for r in by["off"])
+for mode in ("off", "ledger", "money"):
+    rs = by[mode]
+    rel = statistics.median(relative(r) for r in rs)
+    print(f"| {mode} | {statistics.median(r['gateway_cpu_us'] for r in rs):.1f} "
+          f"| {statistics.median(r['mock_cpu_us'] for r in rs):.1f} | {rel:.2f} "
+          f"| {100 * (rel / off_relative - 1):+.1f}% |")
 PY
 
 echo
