@@ -618,7 +618,7 @@ impl Bill {
     pub fn cancel(mut self) {
         let row = self.row.take();
         if self.reserved_in_store() {
-            self.settle_store(0);
+            self.settle_store(0, self.money.clock.now_ns());
         }
         if let (Some(ledger), Some(row)) = (&self.money.ledger, row.filter(|r| r.held)) {
             ledger.release(&row.request_id);
@@ -635,7 +635,7 @@ impl Bill {
     ) -> Settled {
         let now = self.money.clock.now_ns();
         let remaining = if self.reserved_in_store() {
-            self.settle_store(cost)
+            self.settle_store(cost, now)
         } else {
             Remaining::default()
         };
@@ -678,14 +678,14 @@ impl Bill {
         !self.pending && (!self.plan.budgets.is_empty() || self.plan.account.is_some())
     }
 
-    /// Replaces the reservation with `cost` in the store and returns what
-    /// is left. In memory that is immediate. In Redis the call goes out on
-    /// a task (a settlement also runs from `Drop`), retried a few times,
-    /// and what is left is the reservation's remainder moved by the
-    /// difference, which is exact unless other requests settled meanwhile.
-    fn settle_store(&self, cost: Micros) -> Remaining {
+    /// Replaces the reservation with `cost` in the store at `now` (ns) and
+    /// returns what is left. In memory that is immediate. In Redis the call
+    /// goes out on a task (a settlement also runs from `Drop`), retried a
+    /// few times, and what is left is the reservation's remainder moved by
+    /// the difference, which is exact unless other requests settled
+    /// meanwhile.
+    fn settle_store(&self, cost: Micros, now: u64) -> Remaining {
         let money = &self.money;
-        let now = money.clock.now_ns();
         let (budgets, account) = (&self.plan.budgets, self.plan.account.as_ref());
         if let MoneyStore::Memory(book) = &*money.book {
             let (remaining, alerts) = book.settle(budgets, account, self.reserved, cost, now);

@@ -13,6 +13,9 @@ use tollgate_core::money::{Budget, Micros, Window};
 #[derive(Debug, Clone, Copy, Default)]
 struct Spend {
     window_start: u64,
+    /// Where the window `window_start` opened ends (`u64::MAX`: never; 0
+    /// until known).
+    window_end: u64,
     spent: Micros,
     reserved: Micros,
     alerted: bool,
@@ -21,12 +24,18 @@ struct Spend {
 impl Spend {
     /// Starts a new window's count when `now_ns` has left the old one.
     fn roll(&mut self, window: Window, now_ns: u64) {
+        // Nearly every call falls in the window already known: no calendar
+        // arithmetic (a month's start converts the date to and fro).
+        if (self.window_start..self.window_end).contains(&now_ns) {
+            return;
+        }
         let start = window.start(now_ns);
         if start != self.window_start {
             self.window_start = start;
             self.spent = 0;
             self.alerted = false;
         }
+        self.window_end = window.end(now_ns).unwrap_or(u64::MAX);
     }
 }
 
@@ -158,10 +167,7 @@ impl MoneyBook {
             let s = st
                 .spend
                 .entry((b.scope.clone(), b.budget.window))
-                .or_insert_with(|| Spend {
-                    window_start: b.budget.window.start(now_ns),
-                    ..Spend::default()
-                });
+                .or_default();
             s.roll(b.budget.window, now_ns);
             let committed = s.spent + s.reserved;
             if committed + amount > b.budget.cap {
@@ -302,6 +308,7 @@ impl MoneyBook {
         let mut st = self.state();
         let s = st.spend.entry((Arc::from(scope), window)).or_default();
         s.window_start = window.start(now_ns);
+        s.window_end = window.end(now_ns).unwrap_or(u64::MAX);
         s.spent = spent;
         s.alerted = false;
     }
@@ -316,5 +323,32 @@ impl MoneyBook {
             }
             None => (0, 0),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY_NS: u64 = 86_400 * 1_000_000_000;
+
+    /// A month's count stays through the month's last nanosecond, restarts
+    /// at the next, and restarts again when the clock is set back.
+    #[test]
+    fn a_month_count_restarts_exactly_at_the_month_boundary() {
+        let mid_january = 20_468 * DAY_NS + DAY_NS / 2; // 2026-01-15 12:00 UTC
+        let february = 20_485 * DAY_NS; // 2026-02-01 00:00 UTC
+        let mut s = Spend::default();
+        s.roll(Window::Month, mid_january);
+        s.spent = 5;
+        s.roll(Window::Month, february - 1);
+        assert_eq!(s.spent, 5);
+        s.roll(Window::Month, february);
+        assert_eq!((s.spent, s.window_start), (0, february));
+        s.spent = 7;
+        s.roll(Window::Month, february + 27 * DAY_NS);
+        assert_eq!(s.spent, 7);
+        s.roll(Window::Month, mid_january);
+        assert_eq!(s.spent, 0);
     }
 }
