@@ -4,7 +4,7 @@
 //! makes the same changes durable behind it.
 
 use foldhash::fast::RandomState;
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tollgate_core::money::{Budget, Micros, Window};
@@ -131,9 +131,41 @@ pub enum MoneyAlert {
 struct State {
     // foldhash: these are looked up twice per request; SipHash's DoS
     // resistance is not needed for names the operator configured, and
-    // foldhash is seeded per process anyway.
+    // foldhash is seeded per process anyway. Looked up by `&str`
+    // (hashbrown's `entry_ref`): a cloned `Arc` for the key would write
+    // its count, a cache line every serving thread shares, twice a lookup.
     spend: HashMap<(Arc<str>, Window), Spend, RandomState>,
     accounts: HashMap<Arc<str>, Funds, RandomState>,
+}
+
+/// A `spend` key borrowed: it hashes as the owned tuple does.
+#[derive(Hash)]
+struct ScopeWindow<'a>(&'a str, Window);
+
+impl hashbrown::Equivalent<(Arc<str>, Window)> for ScopeWindow<'_> {
+    fn equivalent(&self, key: &(Arc<str>, Window)) -> bool {
+        *key.0 == *self.0 && key.1 == self.1
+    }
+}
+
+impl From<&ScopeWindow<'_>> for (Arc<str>, Window) {
+    fn from(key: &ScopeWindow<'_>) -> Self {
+        (Arc::from(key.0), key.1)
+    }
+}
+
+impl State {
+    /// The count of `scope` over `window`, made on first use.
+    fn spend_mut(&mut self, scope: &str, window: Window) -> &mut Spend {
+        self.spend
+            .entry_ref(&ScopeWindow(scope, window))
+            .or_default()
+    }
+
+    /// `account`'s funds, made on first use.
+    fn funds_mut(&mut self, account: &str) -> &mut Funds {
+        self.accounts.entry_ref(account).or_default()
+    }
 }
 
 /// Spend and funds in memory.
@@ -164,10 +196,7 @@ impl MoneyBook {
         let mut st = self.state();
         let mut remaining = Remaining::default();
         for b in budgets {
-            let s = st
-                .spend
-                .entry((b.scope.clone(), b.budget.window))
-                .or_default();
+            let s = st.spend_mut(&b.scope, b.budget.window);
             s.roll(b.budget.window, now_ns);
             let committed = s.spent + s.reserved;
             if committed + amount > b.budget.cap {
@@ -189,7 +218,7 @@ impl MoneyBook {
             remaining.budget = Some(remaining.budget.map_or(left, |r: Micros| r.min(left)));
         }
         if let Some(a) = account {
-            let f = st.accounts.entry(a.clone()).or_default();
+            let f = st.funds_mut(a);
             if f.balance - f.held < amount {
                 return Err(MoneyRefusal::Credits {
                     account: a.clone(),
@@ -202,9 +231,7 @@ impl MoneyBook {
             remaining.credits = Some(f.balance - f.held);
         }
         for b in budgets {
-            if let Some(s) = st.spend.get_mut(&(b.scope.clone(), b.budget.window)) {
-                s.reserved += amount;
-            }
+            st.spend_mut(&b.scope, b.budget.window).reserved += amount;
         }
         Ok(remaining)
     }
@@ -224,10 +251,7 @@ impl MoneyBook {
         let mut remaining = Remaining::default();
         let mut alerts = Vec::new();
         for b in budgets {
-            let s = st
-                .spend
-                .entry((b.scope.clone(), b.budget.window))
-                .or_default();
+            let s = st.spend_mut(&b.scope, b.budget.window);
             s.roll(b.budget.window, now_ns);
             s.reserved = (s.reserved - reserved).max(0);
             s.spent += actual;
@@ -248,7 +272,7 @@ impl MoneyBook {
             }
         }
         if let Some(a) = account {
-            let f = st.accounts.entry(a.clone()).or_default();
+            let f = st.funds_mut(a);
             f.held = (f.held - reserved).max(0);
             f.balance -= actual;
             remaining.credits = Some(f.balance - f.held);
@@ -271,7 +295,7 @@ impl MoneyBook {
     /// them (at start, and when an account first appears).
     pub fn set_account(&self, account: &str, balance: Micros, low_balance: Option<Micros>) {
         let mut st = self.state();
-        let f = st.accounts.entry(Arc::from(account)).or_default();
+        let f = st.funds_mut(account);
         f.balance = balance;
         f.low_balance = low_balance;
         f.low_alerted = low_balance.is_some_and(|l| balance < l);
@@ -280,7 +304,7 @@ impl MoneyBook {
     /// Adds a credit entry (a top-up, or a negative adjustment).
     pub fn credit(&self, account: &str, amount: Micros) {
         let mut st = self.state();
-        let f = st.accounts.entry(Arc::from(account)).or_default();
+        let f = st.funds_mut(account);
         f.balance += amount;
         if f.low_balance.is_none_or(|l| f.balance >= l) {
             f.low_alerted = false;
@@ -290,7 +314,7 @@ impl MoneyBook {
     /// Changes an account's low-balance mark.
     pub fn set_low_balance(&self, account: &str, low_balance: Option<Micros>) {
         let mut st = self.state();
-        let f = st.accounts.entry(Arc::from(account)).or_default();
+        let f = st.funds_mut(account);
         f.low_balance = low_balance;
     }
 
@@ -306,7 +330,7 @@ impl MoneyBook {
     /// ledger sums it (at start, and when a budget is added).
     pub fn set_spend(&self, scope: &str, window: Window, spent: Micros, now_ns: u64) {
         let mut st = self.state();
-        let s = st.spend.entry((Arc::from(scope), window)).or_default();
+        let s = st.spend_mut(scope, window);
         s.window_start = window.start(now_ns);
         s.window_end = window.end(now_ns).unwrap_or(u64::MAX);
         s.spent = spent;
@@ -316,7 +340,7 @@ impl MoneyBook {
     /// Spend of `scope` in the current window: (spent, reserved).
     pub fn spend(&self, scope: &str, window: Window, now_ns: u64) -> (Micros, Micros) {
         let mut st = self.state();
-        match st.spend.get_mut(&(Arc::from(scope), window)) {
+        match st.spend.get_mut(&ScopeWindow(scope, window)) {
             Some(s) => {
                 s.roll(window, now_ns);
                 (s.spent, s.reserved)
@@ -331,6 +355,31 @@ mod tests {
     use super::*;
 
     const DAY_NS: u64 = 86_400 * 1_000_000_000;
+
+    /// The borrowed key hashes as the stored one: a map that grows rehashes
+    /// its keys and must still find each by name.
+    #[test]
+    fn counts_are_found_by_name_across_growth() {
+        use std::hash::BuildHasher;
+        let mut st = State::default();
+        let owned: (Arc<str>, Window) = (Arc::from("team:a"), Window::Month);
+        assert_eq!(
+            st.spend.hasher().hash_one(&owned),
+            st.spend.hasher().hash_one(ScopeWindow("team:a", Window::Month))
+        );
+        for i in 0..1_000 {
+            for w in Window::ALL {
+                st.spend_mut(&format!("user:{i}"), w).spent = i;
+            }
+        }
+        assert_eq!(st.spend.len(), 4_000);
+        for i in 0..1_000 {
+            for w in Window::ALL {
+                assert_eq!(st.spend_mut(&format!("user:{i}"), w).spent, i);
+            }
+        }
+        assert_eq!(st.spend.len(), 4_000);
+    }
 
     /// A month's count stays through the month's last nanosecond, restarts
     /// at the next, and restarts again when the clock is set back.
