@@ -365,7 +365,9 @@ mod tests {
         let owned: (Arc<str>, Window) = (Arc::from("team:a"), Window::Month);
         assert_eq!(
             st.spend.hasher().hash_one(&owned),
-            st.spend.hasher().hash_one(ScopeWindow("team:a", Window::Month))
+            st.spend
+                .hasher()
+                .hash_one(ScopeWindow("team:a", Window::Month))
         );
         for i in 0..1_000 {
             for w in Window::ALL {
