@@ -7,7 +7,7 @@
 #           key budget and an org budget (estimate, reservation, hold,
 #           settlement and row on every request; never refusing)
 # Each round runs the three modes in a rotated order, so that no mode
-# always follows the same one (a run that wrote the ledger leaves the
+# always follows the same one (a run that wrote the ledger may leave the
 # kernel dirty pages to flush during the next). Prints one JSON line per
 # run and a Markdown table with each mode's throughput against `off`, and
 # the CPU the gateway and the mock each spent a request: the host's speed
