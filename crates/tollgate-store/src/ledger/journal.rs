@@ -40,6 +40,8 @@ pub(super) struct Journal {
     bytes: AtomicU64,
     /// Past this many bytes, the open segment is due to be retired.
     segment_bytes: u64,
+    /// Writes made, for tests of the grouping.
+    writes: AtomicU64,
 }
 
 /// A row is in the journal; the segment cannot rotate while this lives.
@@ -68,6 +70,7 @@ impl Journal {
             current: RwLock::new(Segment { file, number: next }),
             bytes: AtomicU64::new(0),
             segment_bytes,
+            writes: AtomicU64::new(0),
         })
     }
 
@@ -86,21 +89,33 @@ impl Journal {
         segment_path(&self.base, number)
     }
 
-    /// Appends `row`. The returned guard holds off a rotation: queue the
-    /// row for the writer before dropping it.
-    pub(super) fn append(&self, row: &UsageRow) -> std::io::Result<Appended<'_>> {
-        // A row's line is 300-500 bytes: one allocation, not three.
-        let mut line = Vec::with_capacity(512);
-        write_line(&mut line, row);
+    /// Appends `rows` in one `write(2)`. The returned guard holds off a
+    /// rotation: queue the rows for the writer before dropping it.
+    pub(super) fn append<'r>(
+        &self,
+        rows: impl ExactSizeIterator<Item = &'r UsageRow>,
+    ) -> std::io::Result<Appended<'_>> {
+        // A row's line is 300-500 bytes: one allocation for all of them.
+        let mut lines = Vec::with_capacity(512 * rows.len());
+        for row in rows {
+            write_line(&mut lines, row);
+        }
         // A poisoned lock only means another appender panicked; the file
         // handle is still good.
         let segment = self.current.read().unwrap_or_else(|e| e.into_inner());
-        // O_APPEND: concurrent appenders never interleave within a line.
-        (&segment.file).write_all(&line)?;
-        self.bytes.fetch_add(line.len() as u64, Ordering::Relaxed);
+        // O_APPEND: concurrent appenders never interleave within a write.
+        (&segment.file).write_all(&lines)?;
+        self.bytes.fetch_add(lines.len() as u64, Ordering::Relaxed);
+        self.writes.fetch_add(1, Ordering::Relaxed);
         Ok(Appended {
             _rotation_held_off: segment,
         })
+    }
+
+    /// How many writes appended rows so far.
+    #[cfg(test)]
+    pub(super) fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
     }
 
     /// Whether the open segment is due to be retired.

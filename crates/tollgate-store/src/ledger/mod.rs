@@ -4,6 +4,8 @@
 //! of rows and the write costs little throughput. A request's row is
 //! durable before its last byte goes out: on SQLite once it is appended
 //! to the journal (the `journal` module), on PostgreSQL once committed.
+//! Journal appends are grouped too: the rows a serving thread settles in
+//! one turn of its event loop go to the file in one `write(2)`.
 //!
 //! Holds of in-flight requests ride the same batches, but only once a
 //! request has been in flight for [`HOLD_PERSIST_AFTER`]: the many that
@@ -23,8 +25,9 @@ use sqlx::any::AnyArguments;
 use sqlx::{Acquire, Any, Arguments, Encode, Row, Type};
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use thread_local::ThreadLocal;
 use tokio::sync::{mpsc, oneshot};
 use tollgate_core::money::Micros;
 
@@ -116,6 +119,29 @@ pub struct Ledger {
     tx: mpsc::UnboundedSender<Entry>,
     /// On SQLite, where a row is durable before it is committed.
     journal: Option<Arc<Journal>>,
+    /// Rows waiting for their thread's next journal write.
+    groups: Arc<ThreadLocal<Arc<Mutex<Group>>>>,
+}
+
+/// Rows one thread recorded since its last journal write, each with
+/// whoever waits for it to be durable.
+type Group = Vec<(UsageRow, Option<oneshot::Sender<()>>)>;
+
+/// Writes a thread's group to the journal: run as a task queued behind
+/// the tasks that were ready when the group's first row came, so that the
+/// rows they settle join it. Dropped unrun (its runtime shutting down), it
+/// writes the group all the same.
+struct GroupWrite {
+    group: Arc<Mutex<Group>>,
+    journal: Arc<Journal>,
+    tx: mpsc::UnboundedSender<Entry>,
+}
+
+impl Drop for GroupWrite {
+    fn drop(&mut self) {
+        let rows = std::mem::take(&mut *self.group.lock().unwrap_or_else(|e| e.into_inner()));
+        append(&self.journal, &self.tx, rows);
+    }
 }
 
 /// Most rows in one transaction.
@@ -176,7 +202,11 @@ impl Ledger {
             .name("tollgate-ledger".into())
             .spawn(move || runtime.block_on(writer.run(rx)))
             .map_err(|e| Error::Writer(e.to_string()))?;
-        Ok(Self { tx, journal })
+        Ok(Self {
+            tx,
+            journal,
+            groups: Arc::default(),
+        })
     }
 
     /// Records a hold (not waited for: a hold only matters after a crash).
@@ -190,59 +220,109 @@ impl Ledger {
     }
 
     /// Records a served request; the returned [`Durable`] resolves when
-    /// its row is durable: at once on SQLite, where the row was appended to
-    /// the journal; once committed on PostgreSQL.
+    /// its row is durable: once appended to the journal on SQLite, once
+    /// committed on PostgreSQL.
     pub fn record(&self, row: UsageRow) -> Durable {
-        let Some(row) = self.journaled(row) else {
-            return Durable(None);
-        };
         let (done, rx) = oneshot::channel();
-        match self.tx.send(Entry::Usage(row, Some(done))) {
-            Ok(()) => Durable(Some(rx)),
-            Err(e) => {
-                tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; usage row lost");
-                Durable(None)
-            }
+        let entry = if self.journal.is_some() {
+            self.journaled(row, Some(done))
+        } else {
+            Some(Entry::Usage(row, Some(done)))
+        };
+        if let Some(entry) = entry
+            && let Err(e) = self.tx.send(entry)
+        {
+            tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; usage row lost");
+            return Durable(None);
         }
+        Durable(Some(rx))
     }
 
     /// Records a served request without waiting for it.
     pub fn record_detached(&self, row: UsageRow) {
-        let Some(row) = self.journaled(row) else {
-            return;
+        let entry = if self.journal.is_some() {
+            self.journaled(row, None)
+        } else {
+            Some(Entry::Usage(row, None))
         };
-        if let Err(e) = self.tx.send(Entry::Usage(row, None)) {
+        if let Some(entry) = entry
+            && let Err(e) = self.tx.send(entry)
+        {
             tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; usage row lost");
         }
     }
 
-    /// Appends `row` to the journal and queues it for commit; hands it back
-    /// when there is no journal or the append failed (then the caller waits
-    /// for the commit instead).
-    fn journaled(&self, row: UsageRow) -> Option<UsageRow> {
-        let Some(journal) = &self.journal else {
-            return Some(row);
+    /// Adds `row` to this thread's journal group, whose write task resolves
+    /// `done`; outside a tokio runtime, appends it at once. Hands back the
+    /// entry to send when there is no journal.
+    fn journaled(&self, row: UsageRow, done: Option<oneshot::Sender<()>>) -> Option<Entry> {
+        let journal = self.journal.as_ref()?;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            append(journal, &self.tx, vec![(row, done)]);
+            return None;
         };
-        match journal.append(&row) {
-            Ok(appended) => {
-                if let Err(e) = self.tx.send(Entry::Usage(row, None)) {
-                    tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; the row stays in the journal until the next start");
-                }
-                drop(appended);
-                None
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, journal = %journal.base().display(), "cannot append to the ledger journal; waiting for the commit instead");
-                Some(row)
-            }
+        let group = self.groups.get_or_default();
+        let first = {
+            let mut rows = group.lock().unwrap_or_else(|e| e.into_inner());
+            rows.push((row, done));
+            rows.len() == 1
+        };
+        if first {
+            let write = GroupWrite {
+                group: group.clone(),
+                journal: journal.clone(),
+                tx: self.tx.clone(),
+            };
+            runtime.spawn(async move { drop(write) });
+        }
+        None
+    }
+
+    /// Appends every thread's waiting rows to the journal now.
+    fn append_groups(&self) {
+        let Some(journal) = &self.journal else { return };
+        for group in self.groups.iter() {
+            let rows = std::mem::take(&mut *group.lock().unwrap_or_else(|e| e.into_inner()));
+            append(journal, &self.tx, rows);
         }
     }
 
     /// Waits until everything recorded so far is committed.
     pub async fn flush(&self) {
+        self.append_groups();
         let (done, rx) = oneshot::channel();
         if self.tx.send(Entry::Flush(done)).is_ok() {
             let _ = rx.await;
+        }
+    }
+}
+
+/// Appends `rows` to the journal in one write and queues them for commit,
+/// then tells their waiters they are durable; when the append fails, they
+/// wait for the commit instead.
+fn append(journal: &Journal, tx: &mpsc::UnboundedSender<Entry>, rows: Group) {
+    if rows.is_empty() {
+        return;
+    }
+    match journal.append(rows.iter().map(|(row, _)| row)) {
+        Ok(appended) => {
+            for (row, done) in rows {
+                if let Err(e) = tx.send(Entry::Usage(row, None)) {
+                    tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; the row stays in the journal until the next start");
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
+            drop(appended);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, journal = %journal.base().display(), rows = rows.len(), "cannot append to the ledger journal; waiting for the commit instead");
+            for (row, done) in rows {
+                if let Err(e) = tx.send(Entry::Usage(row, done)) {
+                    tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; usage row lost");
+                }
+            }
         }
     }
 }
@@ -991,25 +1071,92 @@ impl Database {
 mod tests {
     use super::*;
 
+    fn row(i: i64) -> UsageRow {
+        UsageRow {
+            request_id: format!("r{i}"),
+            at: i,
+            model: Arc::from("gpt-4o-mini"),
+            status: 200,
+            ..UsageRow::default()
+        }
+    }
+
+    async fn scratch() -> Result<(tempfile::TempDir, Database), Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Writer(e.to_string()))?;
+        let db = Database::open(&dir.path().join("t.db").to_string_lossy()).await?;
+        Ok((dir, db))
+    }
+
+    fn ids(rows: &[UsageRow]) -> Vec<&str> {
+        let mut ids: Vec<_> = rows.iter().map(|r| r.request_id.as_str()).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Rows that tasks of one thread settle in the same turn go to the
+    /// journal in one write, and each is there once its caller is told so.
+    #[tokio::test]
+    async fn rows_settled_in_one_turn_share_one_journal_write() -> Result<(), Error> {
+        let (_dir, db) = scratch().await?;
+        let ledger = Ledger::start(&db)?;
+        let journal = ledger.journal.clone().expect("SQLite journals");
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let (ledger, db) = (ledger.clone(), db.clone());
+                tokio::spawn(async move {
+                    ledger.record(row(i)).wait().await;
+                    db.journaled_rows()
+                        .map(|rows| rows.iter().any(|r| r.request_id == format!("r{i}")))
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert!(task.await.expect("no panic")?, "durable means journaled");
+        }
+        assert_eq!(journal.writes(), 1, "twenty rows, one write");
+        // A row settled later starts a group of its own.
+        ledger.record(row(20)).wait().await;
+        assert_eq!(journal.writes(), 2);
+        assert_eq!(db.journaled_rows()?.len(), 21);
+        Ok(())
+    }
+
+    /// A row recorded without waiting is written even when its runtime
+    /// ends before the group's write task ran, and a flush commits rows
+    /// still waiting in a group.
+    #[test]
+    fn grouped_rows_are_never_left_behind() -> Result<(), Error> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Writer(e.to_string()))?;
+        let (_dir, db) = runtime.block_on(scratch())?;
+        let ledger = Ledger::start(&db)?;
+        runtime.block_on(async { ledger.record_detached(row(1)) });
+        drop(runtime);
+        assert_eq!(ids(&db.journaled_rows()?), ["r1"]);
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Writer(e.to_string()))?;
+        runtime.block_on(async {
+            ledger.record_detached(row(2));
+            ledger.flush().await;
+            assert_eq!(ids(&db.usage_rows().await?), ["r1", "r2"]);
+            Ok(())
+        })
+    }
+
     /// Segments fill, rotate and go once their rows are committed: after a
     /// flush, every row is in SQLite once and only the open segment is left.
     #[tokio::test]
     async fn full_segments_are_deleted_once_their_rows_are_committed() -> Result<(), Error> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Writer(e.to_string()))?;
-        let db = Database::open(&dir.path().join("t.db").to_string_lossy()).await?;
+        let (dir, db) = scratch().await?;
         // About three rows a segment.
         let ledger = Ledger::spawn(&db, HOLD_PERSIST_AFTER, 600)?;
         for i in 0..50 {
-            ledger
-                .record(UsageRow {
-                    request_id: format!("r{i}"),
-                    at: i,
-                    model: Arc::from("gpt-4o-mini"),
-                    status: 200,
-                    ..UsageRow::default()
-                })
-                .wait()
-                .await;
+            ledger.record(row(i)).wait().await;
             // Let some rotations happen between rows, not all at the end.
             if i % 10 == 9 {
                 ledger.flush().await;
