@@ -1,9 +1,10 @@
 //! The SQLite ledger's journal: a request's usage row is durable once it
-//! is appended, one `write(2)` from the request's own task, to a file
-//! beside the database; the writer thread commits it to SQLite afterwards,
-//! in batches as large as the load makes them. A request therefore never
-//! waits on a thread hand-off or a commit, which on a 2-core VM were most
-//! of its added latency at low rates.
+//! is appended to a file beside the database, by its own serving thread,
+//! in one `write(2)` with the rows that thread settled in the same turn;
+//! the writer thread commits it to SQLite afterwards, in batches as large
+//! as the load makes them. A request therefore never waits on a thread
+//! hand-off or a commit, which on a 2-core VM were most of its added
+//! latency at low rates.
 //!
 //! The guarantee is SQLite's own with `synchronous = NORMAL` (WAL): what
 //! reached the file survives the process being killed; only an operating
