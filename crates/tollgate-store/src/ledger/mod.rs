@@ -224,42 +224,36 @@ impl Ledger {
     /// committed on PostgreSQL.
     pub fn record(&self, row: UsageRow) -> Durable {
         let (done, rx) = oneshot::channel();
-        let entry = if self.journal.is_some() {
-            self.journaled(row, Some(done))
-        } else {
-            Some(Entry::Usage(row, Some(done)))
-        };
-        if let Some(entry) = entry
-            && let Err(e) = self.tx.send(entry)
-        {
-            tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; usage row lost");
-            return Durable(None);
-        }
-        Durable(Some(rx))
+        Durable(self.queue(row, Some(done)).then_some(rx))
     }
 
     /// Records a served request without waiting for it.
     pub fn record_detached(&self, row: UsageRow) {
-        let entry = if self.journal.is_some() {
-            self.journaled(row, None)
-        } else {
-            Some(Entry::Usage(row, None))
-        };
-        if let Some(entry) = entry
-            && let Err(e) = self.tx.send(entry)
-        {
-            tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; usage row lost");
+        self.queue(row, None);
+    }
+
+    /// Journals `row` on SQLite, queues it for commit on PostgreSQL; false
+    /// when the writer has stopped and the row is lost.
+    fn queue(&self, row: UsageRow, done: Option<oneshot::Sender<()>>) -> bool {
+        if let Some(journal) = &self.journal {
+            self.journaled(journal, row, done);
+            return true;
+        }
+        match self.tx.send(Entry::Usage(row, done)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; usage row lost");
+                false
+            }
         }
     }
 
     /// Adds `row` to this thread's journal group, whose write task resolves
-    /// `done`; outside a tokio runtime, appends it at once. Hands back the
-    /// entry to send when there is no journal.
-    fn journaled(&self, row: UsageRow, done: Option<oneshot::Sender<()>>) -> Option<Entry> {
-        let journal = self.journal.as_ref()?;
+    /// `done`; outside a tokio runtime, appends it at once.
+    fn journaled(&self, journal: &Arc<Journal>, row: UsageRow, done: Option<oneshot::Sender<()>>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             append(journal, &self.tx, vec![(row, done)]);
-            return None;
+            return;
         };
         let group = self.groups.get_or_default();
         let first = {
@@ -275,7 +269,6 @@ impl Ledger {
             };
             runtime.spawn(async move { drop(write) });
         }
-        None
     }
 
     /// Appends every thread's waiting rows to the journal now.
