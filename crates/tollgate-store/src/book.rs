@@ -331,8 +331,7 @@ impl MoneyBook {
     pub fn set_spend(&self, scope: &str, window: Window, spent: Micros, now_ns: u64) {
         let mut st = self.state();
         let s = st.spend_mut(scope, window);
-        s.window_start = window.start(now_ns);
-        s.window_end = window.end(now_ns).unwrap_or(u64::MAX);
+        s.roll(window, now_ns);
         s.spent = spent;
         s.alerted = false;
     }
