@@ -139,8 +139,7 @@ struct GroupWrite {
 
 impl Drop for GroupWrite {
     fn drop(&mut self) {
-        let rows = std::mem::take(&mut *self.group.lock().unwrap_or_else(|e| e.into_inner()));
-        append(&self.journal, &self.tx, rows);
+        append(&self.journal, &self.tx, take(&self.group));
     }
 }
 
@@ -275,8 +274,7 @@ impl Ledger {
     fn append_groups(&self) {
         let Some(journal) = &self.journal else { return };
         for group in self.groups.iter() {
-            let rows = std::mem::take(&mut *group.lock().unwrap_or_else(|e| e.into_inner()));
-            append(journal, &self.tx, rows);
+            append(journal, &self.tx, take(group));
         }
     }
 
@@ -288,6 +286,12 @@ impl Ledger {
             let _ = rx.await;
         }
     }
+}
+
+/// Empties `group`, handing back its rows. A poisoned lock only means a
+/// thread panicked while pushing; the rows in it are whole.
+fn take(group: &Mutex<Group>) -> Group {
+    std::mem::take(&mut *group.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// Appends `rows` to the journal in one write and queues them for commit,
