@@ -9,11 +9,12 @@
 # Each round runs the three modes in a rotated order, so that no mode
 # always follows the same one (a run that wrote the ledger may leave the
 # kernel dirty pages to flush during the next). Prints one JSON line per
-# run and a Markdown table with each mode's throughput against `off`, and
-# the CPU the gateway and the mock each spent a request: the host's speed
-# drifts by 10-20 % between runs, which moves throughput but scales both
-# processes' CPU alike, so the gateway's CPU against the mock's shows what
-# a mode costs with less of the drift. Then the ledger's own rate: rows per
+# run and a Markdown table with each mode's throughput against `off` (and
+# a 95 % bootstrap interval over the rounds), and the CPU the gateway and
+# the mock each spent a request: the host's speed drifts by 10-20 %
+# between runs, which moves throughput but scales both processes' CPU
+# alike, so the gateway's CPU against the mock's shows what a mode costs
+# with less of the drift. Then the ledger's own rate: rows per
 # second SQLite sustains through the group-committing writer, without HTTP.
 #
 #   bench/money.sh [DURATION_SECONDS]     (default 10; ROUNDS=2, CONNS=32)
@@ -91,25 +92,40 @@ rows=$(cd "$work/money" && "$BIN/tollgate" usage --by key --json | python3 -c 'i
 echo "ledger rows written in the money runs (warm-up included): $rows"
 
 python3 - "$results" <<'PY'
-import json, statistics, sys
+import json, random, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 by = {}
 for r in rows:
     by.setdefault(r["label"], []).append(r)
 base = statistics.mean(r["rps"] for r in by["off"])
+
+def interval(rs, offs):
+    """95 % bootstrap interval of a mode's mean throughput against off's,
+    resampling whole rounds (a round's modes share the host's speed).
+    Seeded: the same runs give the same interval."""
+    pick = random.Random(1)
+    rounds = list(zip(rs, offs))
+    ratios = sorted(
+        sum(r["rps"] for r, _ in sample) / sum(o["rps"] for _, o in sample)
+        for sample in ([pick.choice(rounds) for _ in rounds] for _ in range(4000))
+    )
+    return 100 * ratios[len(ratios) // 40], 100 * ratios[-len(ratios) // 40 - 1]
+
 print()
 # The host's speed drifts between runs; a round's modes run back to back,
 # so each mode against the same round's `off` cancels most of the drift.
-print("| mode | runs | req/s (mean) | vs off (means) | vs off (median of rounds) | rounds' range | p50 µs | p99 µs | errors |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| mode | runs | req/s (mean) | vs off (means) | 95 % interval | vs off (median of rounds) | rounds' range | p50 µs | p99 µs | errors |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for mode in ("off", "ledger", "money"):
     rs = by[mode]
     rps = statistics.mean(r["rps"] for r in rs)
     p50 = statistics.mean(r["p50_us"] for r in rs)
     p99 = statistics.mean(r["p99_us"] for r in rs)
     ratios = [100 * r["rps"] / o["rps"] for r, o in zip(rs, by["off"])]
-    print(f"| {mode} | {len(rs)} | {rps:.0f} | {100 * rps / base:.1f}% | {statistics.median(ratios):.1f}% "
-          f"| {min(ratios):.0f}–{max(ratios):.0f}% | {p50:.0f} | {p99:.0f} | {sum(r['errors'] for r in rs)} |")
+    low, high = interval(rs, by["off"])
+    print(f"| {mode} | {len(rs)} | {rps:.0f} | {100 * rps / base:.1f}% | {low:.1f}–{high:.1f}% "
+          f"| {statistics.median(ratios):.1f}% | {min(ratios):.0f}–{max(ratios):.0f}% | {p50:.0f} | {p99:.0f} "
+          f"| {sum(r['errors'] for r in rs)} |")
 print()
 print("CPU a request, medians of the runs (µs; the gateway's against the mock's, and what the mode adds to `off` by that measure):")
 print()
