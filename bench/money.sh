@@ -109,7 +109,8 @@ def interval(rs, offs):
         sum(r["rps"] for r, _ in sample) / sum(o["rps"] for _, o in sample)
         for sample in ([pick.choice(rounds) for _ in rounds] for _ in range(4000))
     )
-    return 100 * ratios[len(ratios) // 40], 100 * ratios[-len(ratios) // 40 - 1]
+    tail = len(ratios) // 40  # 2.5 % each side
+    return 100 * ratios[tail], 100 * ratios[-tail - 1]
 
 print()
 # The host's speed drifts between runs; a round's modes run back to back,
