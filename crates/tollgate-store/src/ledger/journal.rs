@@ -42,6 +42,7 @@ pub(super) struct Journal {
     /// Past this many bytes, the open segment is due to be retired.
     segment_bytes: u64,
     /// Writes made, for tests of the grouping.
+    #[cfg(test)]
     writes: AtomicU64,
 }
 
@@ -71,6 +72,7 @@ impl Journal {
             current: RwLock::new(Segment { file, number: next }),
             bytes: AtomicU64::new(0),
             segment_bytes,
+            #[cfg(test)]
             writes: AtomicU64::new(0),
         })
     }
@@ -107,6 +109,7 @@ impl Journal {
         // O_APPEND: concurrent appenders never interleave within a write.
         (&segment.file).write_all(&lines)?;
         self.bytes.fetch_add(lines.len() as u64, Ordering::Relaxed);
+        #[cfg(test)]
         self.writes.fetch_add(1, Ordering::Relaxed);
         Ok(Appended {
             _rotation_held_off: segment,
