@@ -554,6 +554,12 @@ impl Config {
                 )));
             }
         }
+        if self.teams.contains_key("-") {
+            // Reports and rollups write `-` for "no team".
+            return Err(ConfigError::Invalid(
+                "a team may not be named `-`: it stands for \"no team\" in usage reports".into(),
+            ));
+        }
         if let Err(e) = tollgate_core::money::PriceTable::with_overrides(&self.prices) {
             return Err(ConfigError::Invalid(e.to_string()));
         }
@@ -696,5 +702,14 @@ mod tests {
         )];
         let e = Config::load(None, env).expect_err("refused").to_string();
         assert!(e.contains("server.max_body_bytes"), "{e}");
+    }
+
+    #[test]
+    fn a_team_named_none_is_refused() {
+        let f = write("[teams.\"-\"]\nrpm = 10\n");
+        let e = Config::load(Some(f.path()), [])
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("no team"), "{e}");
     }
 }

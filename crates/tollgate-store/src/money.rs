@@ -169,6 +169,14 @@ impl Database {
     /// Settled spend since `since_ms` per scope of `column`: one sum for
     /// `name`, or one per member when `name` is `None`. Scopes come back
     /// named as budgets name them (`team:search`).
+    ///
+    /// Every budget window starts on a UTC hour, so the org, a key and a
+    /// team are summed from the hourly rollups, which the ledger writes in
+    /// the same transaction as the rows: a month's spend in time that grows
+    /// with hours and groups, not with the rows (seconds a budget at start
+    /// with millions of rows). End users are not in the rollups, and the
+    /// rollups write `-` for "no team", which a team or key of that name
+    /// would be taken for: those sums read the rows.
     pub async fn spend_since(
         &self,
         column: SpendColumn,
@@ -176,16 +184,27 @@ impl Database {
         since_ms: i64,
     ) -> Result<Vec<(String, Micros)>, Error> {
         let col = column.column();
+        let table = if self.rollups_answer(column, name, since_ms).await? {
+            "usage_hours"
+        } else {
+            "usage"
+        };
         // SUM of BIGINT is NUMERIC in PostgreSQL: cast back. PostgreSQL
         // refuses to group by a constant, and the org sums everything anyway.
         let sum = "CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS spent";
+        // A member's rows: not none, which the rollups write as `-`.
+        let member = if table == "usage" {
+            format!("{col} IS NOT NULL")
+        } else {
+            format!("{col} <> '-'")
+        };
         let sql = match (column, name) {
-            (SpendColumn::Org, _) => format!("SELECT {sum} FROM usage WHERE at >= $1"),
+            (SpendColumn::Org, _) => format!("SELECT {sum} FROM {table} WHERE at >= $1"),
             (_, Some(_)) => format!(
-                "SELECT {col} AS scope, {sum} FROM usage WHERE at >= $1 AND {col} = $2 GROUP BY {col}"
+                "SELECT {col} AS scope, {sum} FROM {table} WHERE at >= $1 AND {col} = $2 GROUP BY {col}"
             ),
             (_, None) => format!(
-                "SELECT {col} AS scope, {sum} FROM usage WHERE at >= $1 AND {col} IS NOT NULL GROUP BY {col}"
+                "SELECT {col} AS scope, {sum} FROM {table} WHERE at >= $1 AND {member} GROUP BY {col}"
             ),
         };
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(since_ms);
@@ -202,6 +221,38 @@ impl Database {
                 Ok((scope, r.try_get("spent")?))
             })
             .collect()
+    }
+
+    /// Whether the hourly rollups sum exactly what the rows would.
+    async fn rollups_answer(
+        &self,
+        column: SpendColumn,
+        name: Option<&str>,
+        since_ms: i64,
+    ) -> Result<bool, Error> {
+        const HOUR_MS: i64 = 3_600_000;
+        if since_ms.rem_euclid(HOUR_MS) != 0 {
+            return Ok(false);
+        }
+        let key_column = match column {
+            SpendColumn::Org => return Ok(true),
+            SpendColumn::User => return Ok(false),
+            SpendColumn::Key => "name",
+            SpendColumn::Team => "team",
+        };
+        match name {
+            Some(n) => Ok(n != "-"),
+            // All members: unless some key is named `-` (keys are never
+            // deleted, nor renamed) or is in a team named `-` (which the
+            // config refuses), a `-` in the rollups means none.
+            None => {
+                let sql = format!("SELECT COUNT(*) AS n FROM api_keys WHERE {key_column} = '-'");
+                let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(row.try_get::<i64, _>("n")? == 0)
+            }
+        }
     }
 
     /// Adds `amount` to `account` (created on its first entry) with who

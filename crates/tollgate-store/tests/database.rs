@@ -328,6 +328,128 @@ async fn budgets_accounts_and_spend_round_trip(backend: Backend) -> Result<(), E
     Ok(())
 }
 
+/// Budgets are seeded from the hourly rollups where they can answer: the
+/// sums are the rows' own, for every scope and window start, and where a
+/// `-` in the rollups could mean a key named `-` rather than none, from
+/// the rows.
+async fn spend_sums_are_the_rows_whichever_table_answers(backend: Backend) -> Result<(), Error> {
+    let (_dir, db) = open(backend).await?;
+    let ledger = Ledger::start(&db)?;
+    let keys = ["web", "batch"];
+    let teams = [Some("search"), None, Some("ads")];
+    let users = [Some("ann"), None];
+    let mut rows = Vec::new();
+    // Seven hours of rows, some on an hour's first and last millisecond.
+    for i in 0..61_i64 {
+        let at = match i {
+            0 => 0,
+            1 => HOUR_MS - 1,
+            2 => 3 * HOUR_MS,
+            i => i * 7 * MINUTE_MS + i,
+        };
+        let row = UsageRow {
+            request_id: format!("r{i}"),
+            at,
+            key_name: Some(Arc::from(keys[i as usize % 2])),
+            team: teams[i as usize % 3].map(Arc::from),
+            user: users[i as usize % 2].map(str::to_owned),
+            model: Arc::from("gpt-4o-mini"),
+            cost: i * 13 + 1,
+            status: 200,
+            ..UsageRow::default()
+        };
+        ledger.record_detached(row.clone());
+        rows.push(row);
+    }
+    ledger.flush().await;
+
+    let expected = |rows: &[UsageRow], since: i64, scope: &dyn Fn(&UsageRow) -> Option<String>| {
+        let mut sums = std::collections::BTreeMap::<String, i64>::new();
+        for r in rows.iter().filter(|r| r.at >= since) {
+            if let Some(s) = scope(r) {
+                *sums.entry(s).or_default() += r.cost;
+            }
+        }
+        sums.into_iter().collect::<Vec<_>>()
+    };
+    let sorted = |mut v: Vec<(String, i64)>| {
+        v.sort();
+        v
+    };
+    let key = |r: &UsageRow| r.key_name.as_deref().map(|k| format!("key:{k}"));
+    let team = |r: &UsageRow| r.team.as_deref().map(|t| format!("team:{t}"));
+    let user = |r: &UsageRow| r.user.as_deref().map(|u| format!("user:{u}"));
+    // Hour starts (the rollups), and two that are not (the rows).
+    for since in [
+        0,
+        HOUR_MS,
+        3 * HOUR_MS,
+        6 * HOUR_MS,
+        3 * HOUR_MS + 1,
+        HOUR_MS - 1,
+    ] {
+        let org: i64 = rows.iter().filter(|r| r.at >= since).map(|r| r.cost).sum();
+        assert_eq!(
+            db.spend_since(SpendColumn::Org, None, since).await?,
+            [("org".to_owned(), org)],
+            "org since {since}"
+        );
+        assert_eq!(
+            sorted(db.spend_since(SpendColumn::Key, None, since).await?),
+            expected(&rows, since, &key),
+            "keys since {since}"
+        );
+        assert_eq!(
+            sorted(db.spend_since(SpendColumn::Team, None, since).await?),
+            expected(&rows, since, &team),
+            "teams since {since}"
+        );
+        assert_eq!(
+            sorted(db.spend_since(SpendColumn::User, None, since).await?),
+            expected(&rows, since, &user),
+            "users since {since}"
+        );
+        let search = expected(&rows, since, &|r| team(r).filter(|t| t == "team:search"));
+        assert_eq!(
+            db.spend_since(SpendColumn::Team, Some("search"), since)
+                .await?,
+            search,
+            "team:search since {since}"
+        );
+    }
+
+    // A key named `-`, and a row with no key name: the rollups hold both
+    // under `-`, the rows tell them apart.
+    db.create_key(NewKey {
+        name: "-".into(),
+        ..NewKey::default()
+    })
+    .await?;
+    for (i, name) in [(100, Some("-")), (101, None)] {
+        let row = UsageRow {
+            request_id: format!("r{i}"),
+            at: 4 * HOUR_MS,
+            key_name: name.map(Arc::from),
+            model: Arc::from("gpt-4o-mini"),
+            cost: 1_000 * i,
+            status: 200,
+            ..UsageRow::default()
+        };
+        ledger.record_detached(row.clone());
+        rows.push(row);
+    }
+    ledger.flush().await;
+    assert_eq!(
+        db.spend_since(SpendColumn::Key, Some("-"), 0).await?,
+        [("key:-".to_owned(), 100_000)]
+    );
+    assert_eq!(
+        sorted(db.spend_since(SpendColumn::Key, None, 0).await?),
+        expected(&rows, 0, &key)
+    );
+    Ok(())
+}
+
 /// Runs each scenario on a SQLite file and on PostgreSQL.
 macro_rules! on_both_databases {
     ($($scenario:ident),* $(,)?) => {
@@ -352,6 +474,7 @@ on_both_databases!(
     batches_commit_rows_holds_and_balances_together,
     rollups_sum_exactly_what_the_rows_hold,
     budgets_accounts_and_spend_round_trip,
+    spend_sums_are_the_rows_whichever_table_answers,
 );
 
 /// WAL with `synchronous = NORMAL` on every connection (the pool's and the
