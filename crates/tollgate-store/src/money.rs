@@ -1,6 +1,7 @@
 //! Budgets, accounts and credit entries in the database.
 
 use crate::keys::now_ms;
+use crate::ledger::{HOUR_MS, NONE_IN_ROLLUPS};
 use crate::{Database, Error};
 use serde::Serialize;
 use sqlx::Row;
@@ -196,7 +197,7 @@ impl Database {
         let member = if table == "usage" {
             format!("{col} IS NOT NULL")
         } else {
-            format!("{col} <> '-'")
+            format!("{col} <> '{NONE_IN_ROLLUPS}'")
         };
         let sql = match (column, name) {
             (SpendColumn::Org, _) => format!("SELECT {sum} FROM {table} WHERE at >= $1"),
@@ -230,7 +231,6 @@ impl Database {
         name: Option<&str>,
         since_ms: i64,
     ) -> Result<bool, Error> {
-        const HOUR_MS: i64 = 3_600_000;
         if since_ms.rem_euclid(HOUR_MS) != 0 {
             return Ok(false);
         }
@@ -241,12 +241,14 @@ impl Database {
             SpendColumn::Team => "team",
         };
         match name {
-            Some(n) => Ok(n != "-"),
+            Some(n) => Ok(n != NONE_IN_ROLLUPS),
             // All members: unless some key is named `-` (keys are never
             // deleted, nor renamed) or is in a team named `-` (which the
             // config refuses), a `-` in the rollups means none.
             None => {
-                let sql = format!("SELECT COUNT(*) AS n FROM api_keys WHERE {key_column} = '-'");
+                let sql = format!(
+                    "SELECT COUNT(*) AS n FROM api_keys WHERE {key_column} = '{NONE_IN_ROLLUPS}'"
+                );
                 let row = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .fetch_one(&self.pool)
                     .await?;

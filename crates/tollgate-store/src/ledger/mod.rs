@@ -601,7 +601,10 @@ impl Sink {
 }
 
 const MINUTE_MS: i64 = 60_000;
-const HOUR_MS: i64 = 60 * MINUTE_MS;
+pub(crate) const HOUR_MS: i64 = 60 * MINUTE_MS;
+/// What the rollups hold for a row without a key name or a team (their
+/// key columns cannot be NULL).
+pub(crate) const NONE_IN_ROLLUPS: &str = "-";
 
 /// A rollup group: bucket start, key name, team, model.
 type RollupKey<'a> = (i64, &'a str, &'a str, &'a str);
@@ -614,8 +617,8 @@ fn rollup(rows: &[UsageRow], width: i64) -> Vec<(RollupKey<'_>, UsagePoint)> {
     for r in rows {
         let key = (
             r.at - r.at.rem_euclid(width),
-            r.key_name.as_deref().unwrap_or("-"),
-            r.team.as_deref().unwrap_or("-"),
+            r.key_name.as_deref().unwrap_or(NONE_IN_ROLLUPS),
+            r.team.as_deref().unwrap_or(NONE_IN_ROLLUPS),
             &*r.model,
         );
         let s = sums.entry(key).or_default();
