@@ -240,7 +240,8 @@ pub struct LimitsConfig {
     /// The longest any request may queue, whatever it or its key asks for.
     #[serde(deserialize_with = "duration")]
     pub max_queue_wait: Duration,
-    /// How often idle limiter state is dropped from memory.
+    /// How often idle limiter state and ended budget counts are dropped
+    /// from memory.
     #[serde(deserialize_with = "duration")]
     pub evict_every: Duration,
 }

@@ -279,11 +279,12 @@ impl Gateway {
         self.keep_task(task);
     }
 
-    /// Drops idle limiter state now and then, so that millions of distinct
-    /// end users do not grow memory without bound.
+    /// Drops idle limiter state and ended budget counts now and then, so
+    /// that millions of distinct end users do not grow memory without bound.
     fn start_limit_eviction(self: &Arc<Self>) {
         let limits = Arc::downgrade(&self.limits);
         let idempotency = Arc::downgrade(&self.idempotency);
+        let money = Arc::downgrade(&self.money);
         let every = self.config.limits.evict_every;
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -295,6 +296,12 @@ impl Gateway {
                 };
                 if let Some(store) = idempotency.upgrade() {
                     store.purge();
+                }
+                if let Some(money) = money.upgrade() {
+                    let forgotten = money.forget_ended();
+                    if forgotten > 0 {
+                        tracing::debug!(forgotten, "forgot budget counts of ended windows");
+                    }
                 }
                 let dropped = limits.evict_idle();
                 if dropped > 0 {

@@ -544,6 +544,12 @@ impl Money {
         self.book.funds(account).await.map_err(unavailable)
     }
 
+    /// Forgets budget counts whose window has ended with nothing reserved
+    /// (end users of a `user:*` budget met once); returns how many went.
+    pub fn forget_ended(&self) -> usize {
+        self.book.forget_ended(self.clock.now_ns())
+    }
+
     /// Waits until every usage row recorded so far is durable.
     pub async fn flush(&self) {
         if let Some(l) = &self.ledger {

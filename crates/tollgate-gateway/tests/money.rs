@@ -122,6 +122,45 @@ async fn a_team_budget_runs_out_after_the_expected_requests_and_a_new_day_lifts_
     assert_eq!(next_day.status(), 200, "a new UTC day lifts the budget");
 }
 
+/// A `user:*` budget keeps a count per end user; once their day is over
+/// the gateway forgets them (memory stays bounded by one day's users), and
+/// a returning user meets the whole cap again.
+#[tokio::test]
+async fn end_users_of_an_ended_day_are_forgotten_and_start_afresh() {
+    let clock = noon();
+    let h = Harness::with_clock(MockConfig::default(), |_| {}, clock.clone()).await;
+    let key = h.key("app", |_| {}).await;
+    let cap = 10_000;
+    set_budget(&h, "user:*", Window::Day, cap).await;
+    let as_user = |user: &str| {
+        format!(
+            r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"Count the cost of this"}}],"max_tokens":50,"user":"{user}"}}"#
+        )
+    };
+    let mut cost = 0;
+    for user in ["ann", "bob", "ann"] {
+        let resp = h
+            .post_as(&key, "/v1/chat/completions", &as_user(user))
+            .await;
+        assert_eq!(resp.status(), 200);
+        cost = header_usd(&resp, "x-tollgate-cost-usd").expect("cost header");
+    }
+    assert!(cost > 0);
+    assert_eq!(h.gw().money.forget_ended(), 0, "the day is still running");
+
+    clock.advance(std::time::Duration::from_nanos(DAY_NS / 2));
+    assert_eq!(h.gw().money.forget_ended(), 2, "ann's and bob's counts");
+    let back = h
+        .post_as(&key, "/v1/chat/completions", &as_user("ann"))
+        .await;
+    assert_eq!(back.status(), 200);
+    assert_eq!(
+        header_usd(&back, "x-tollgate-budget-remaining-usd"),
+        Some(cap - cost),
+        "a new day's count, from nothing"
+    );
+}
+
 #[tokio::test]
 async fn an_account_pays_until_402_and_a_top_up_lifts_it() {
     let h = Harness::start().await;

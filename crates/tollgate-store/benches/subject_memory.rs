@@ -1,11 +1,15 @@
 //! Memory per tracked end user: one million distinct users of one key each
 //! make a request, and the process's resident set grows by this much each.
-//! Then idle state is evicted and the subjects are gone.
+//! Then idle state is evicted and the subjects are gone. The same for the
+//! counts of a `user:*` day budget, forgotten once the day has ended.
 //!
 //! `cargo bench -p tollgate-store --bench subject_memory`
 
+use std::sync::Arc;
 use tollgate_core::limits::{Cost, LimitSet, Subject};
-use tollgate_store::MemoryLimiter;
+use tollgate_core::money::{Budget, Window};
+use tollgate_store::book::BudgetCharge;
+use tollgate_store::{MemoryLimiter, MoneyBook};
 
 fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
@@ -49,4 +53,31 @@ fn main() {
         "after a minute idle: {evicted} evicted, {} left",
         limiter.len()
     );
+
+    let book = MoneyBook::new();
+    let budget = Budget {
+        scope: Arc::from("user:*"),
+        window: Window::Day,
+        cap: 1_000_000,
+        alert_percent: None,
+    };
+    let before = resident_bytes();
+    for u in 0..USERS {
+        let charge = [BudgetCharge {
+            scope: format!("user:user-{u:08}").into(),
+            budget: budget.clone(),
+        }];
+        if book.reserve(&charge, None, 10, now).is_ok() {
+            book.settle(&charge, None, 10, 7, now);
+        }
+    }
+    let after = resident_bytes();
+    println!(
+        "{USERS} user:* day-budget counts: {:.0} bytes each (resident set {} -> {} MiB)",
+        (after - before) as f64 / USERS as f64,
+        before >> 20,
+        after >> 20
+    );
+    let forgotten = book.forget_ended(now + 86_400_000_000_000);
+    println!("after the day: {forgotten} forgotten");
 }

@@ -336,6 +336,18 @@ impl MoneyBook {
         s.alerted = false;
     }
 
+    /// Forgets the counts whose window has ended with nothing reserved, so
+    /// that a `user:*` budget does not keep every end user it ever met: the
+    /// scope's next request starts its new window from nothing, as a kept
+    /// count would. Lifetime counts never end. Returns how many went.
+    pub fn forget_ended(&self, now_ns: u64) -> usize {
+        let mut st = self.state();
+        let before = st.spend.len();
+        st.spend
+            .retain(|_, s| s.reserved != 0 || now_ns < s.window_end);
+        before - st.spend.len()
+    }
+
     /// Spend of `scope` in the current window: (spent, reserved).
     pub fn spend(&self, scope: &str, window: Window, now_ns: u64) -> (Micros, Micros) {
         let mut st = self.state();
@@ -400,5 +412,54 @@ mod tests {
         assert_eq!(s.spent, 7);
         s.roll(Window::Month, mid_january);
         assert_eq!(s.spent, 0);
+    }
+
+    /// Counts of ended windows go unless a reservation is still in them;
+    /// lifetime and running windows stay; a forgotten scope's next request
+    /// meets its whole cap, as a kept count rolled to the new window would.
+    #[test]
+    fn ended_counts_are_forgotten_and_behave_as_fresh() {
+        let charge = |scope: &str, window: Window| BudgetCharge {
+            scope: Arc::from(scope),
+            budget: Budget {
+                scope: Arc::from("user:*"),
+                window,
+                cap: 1_000,
+                alert_percent: None,
+            },
+        };
+        let book = MoneyBook::new();
+        let thursday = 20_454 * DAY_NS + DAY_NS / 2; // 2026-01-01 12:00 UTC
+        for i in 0..100 {
+            let day = [charge(&format!("user:{i}"), Window::Day)];
+            assert!(book.reserve(&day, None, 10, thursday).is_ok());
+            book.settle(&day, None, 10, 10, thursday);
+        }
+        let in_flight = [charge("user:slow", Window::Day)];
+        assert!(book.reserve(&in_flight, None, 30, thursday).is_ok());
+        let kept = [
+            charge("user:0", Window::Lifetime),
+            charge("user:0", Window::Week),
+        ];
+        assert!(book.reserve(&kept, None, 10, thursday).is_ok());
+        book.settle(&kept, None, 10, 10, thursday);
+
+        assert_eq!(book.forget_ended(thursday + DAY_NS / 2 - 1), 0);
+        let friday = thursday + DAY_NS / 2;
+        assert_eq!(book.forget_ended(friday), 100);
+        assert_eq!(book.spend("user:slow", Window::Day, thursday), (0, 30));
+        assert_eq!(book.spend("user:0", Window::Lifetime, friday), (10, 0));
+        assert_eq!(book.spend("user:0", Window::Week, friday), (10, 0));
+
+        let day = [charge("user:7", Window::Day)];
+        assert_eq!(
+            book.reserve(&day, None, 100, friday).map(|r| r.budget),
+            Ok(Some(900))
+        );
+        book.settle(&day, None, 100, 100, friday);
+        // The late settlement lands in the new window; then it can go too.
+        book.settle(&in_flight, None, 30, 25, friday);
+        assert_eq!(book.spend("user:slow", Window::Day, friday), (25, 0));
+        assert_eq!(book.forget_ended(friday + DAY_NS), 2);
     }
 }

@@ -192,6 +192,15 @@ impl MoneyStore {
         }
     }
 
+    /// Forgets in-process budget counts whose window has ended (Redis
+    /// expires its own); returns how many went.
+    pub fn forget_ended(&self, now_ns: u64) -> usize {
+        match self {
+            MoneyStore::Memory(book) => book.forget_ended(now_ns),
+            MoneyStore::Redis(_) => 0,
+        }
+    }
+
     /// Sets a budget scope's spend as the ledger sums it. In memory this
     /// replaces the count; in Redis only an unknown count is set, so a
     /// replica that starts late cannot reset what the others counted.
