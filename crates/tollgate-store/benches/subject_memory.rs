@@ -78,6 +78,41 @@ fn main() {
         before >> 20,
         after >> 20
     );
+    // The sweep holds the lock every reservation takes: within the day it
+    // must not walk the counts.
+    book.forget_ended(now + 1);
+    let started = std::time::Instant::now();
+    let forgotten = book.forget_ended(now + 1);
+    println!(
+        "a sweep within the day: {forgotten} forgotten in {:?}",
+        started.elapsed()
+    );
+    // Meanwhile a request's reservation waits for the lock at most this long.
+    let book = Arc::new(book);
+    let sweeping = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let longest = std::thread::spawn({
+        let (book, sweeping) = (book.clone(), sweeping.clone());
+        let charge = [BudgetCharge {
+            scope: Arc::from("user:late"),
+            budget: budget.clone(),
+        }];
+        move || {
+            let mut longest = std::time::Duration::ZERO;
+            while sweeping.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = std::time::Instant::now();
+                let _ = book.reserve(&charge, None, 0, now + 86_400_000_000_000);
+                longest = longest.max(started.elapsed());
+            }
+            longest
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    let started = std::time::Instant::now();
     let forgotten = book.forget_ended(now + 86_400_000_000_000);
-    println!("after the day: {forgotten} forgotten");
+    let took = started.elapsed();
+    sweeping.store(false, std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "the sweep after the day: {forgotten} forgotten in {took:?}; a reservation meanwhile waited at most {:?}",
+        longest.join().unwrap_or_default()
+    );
 }

@@ -127,7 +127,7 @@ pub enum MoneyAlert {
     },
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     // foldhash: these are looked up twice per request; SipHash's DoS
     // resistance is not needed for names the operator configured, and
@@ -136,6 +136,10 @@ struct State {
     // its count, a cache line every serving thread shares, twice a lookup.
     spend: HashMap<(Arc<str>, Window), Spend, RandomState>,
     accounts: HashMap<Arc<str>, Funds, RandomState>,
+    /// No count's window ends before this: until then there is nothing to
+    /// forget, and the sweep (a pass over every count, holding the lock
+    /// requests take) is skipped.
+    first_end: u64,
 }
 
 /// A `spend` key borrowed: it hashes as the owned tuple does.
@@ -154,12 +158,27 @@ impl From<&ScopeWindow<'_>> for (Arc<str>, Window) {
     }
 }
 
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            spend: HashMap::default(),
+            accounts: HashMap::default(),
+            first_end: u64::MAX,
+        }
+    }
+}
+
 impl State {
-    /// The count of `scope` over `window`, made on first use.
-    fn spend_mut(&mut self, scope: &str, window: Window) -> &mut Spend {
-        self.spend
+    /// The count of `scope` in the `window` that holds `now_ns`, made on
+    /// first use.
+    fn spend_mut(&mut self, scope: &str, window: Window, now_ns: u64) -> &mut Spend {
+        let s = self
+            .spend
             .entry_ref(&ScopeWindow(scope, window))
-            .or_default()
+            .or_default();
+        s.roll(window, now_ns);
+        self.first_end = self.first_end.min(s.window_end);
+        s
     }
 
     /// `account`'s funds, made on first use.
@@ -196,8 +215,7 @@ impl MoneyBook {
         let mut st = self.state();
         let mut remaining = Remaining::default();
         for b in budgets {
-            let s = st.spend_mut(&b.scope, b.budget.window);
-            s.roll(b.budget.window, now_ns);
+            let s = st.spend_mut(&b.scope, b.budget.window, now_ns);
             let committed = s.spent + s.reserved;
             if committed + amount > b.budget.cap {
                 return Err(MoneyRefusal::Budget {
@@ -231,7 +249,7 @@ impl MoneyBook {
             remaining.credits = Some(f.balance - f.held);
         }
         for b in budgets {
-            st.spend_mut(&b.scope, b.budget.window).reserved += amount;
+            st.spend_mut(&b.scope, b.budget.window, now_ns).reserved += amount;
         }
         Ok(remaining)
     }
@@ -251,8 +269,7 @@ impl MoneyBook {
         let mut remaining = Remaining::default();
         let mut alerts = Vec::new();
         for b in budgets {
-            let s = st.spend_mut(&b.scope, b.budget.window);
-            s.roll(b.budget.window, now_ns);
+            let s = st.spend_mut(&b.scope, b.budget.window, now_ns);
             s.reserved = (s.reserved - reserved).max(0);
             s.spent += actual;
             let left = b.budget.cap - s.spent - s.reserved;
@@ -330,8 +347,7 @@ impl MoneyBook {
     /// ledger sums it (at start, and when a budget is added).
     pub fn set_spend(&self, scope: &str, window: Window, spent: Micros, now_ns: u64) {
         let mut st = self.state();
-        let s = st.spend_mut(scope, window);
-        s.roll(window, now_ns);
+        let s = st.spend_mut(scope, window, now_ns);
         s.spent = spent;
         s.alerted = false;
     }
@@ -341,11 +357,27 @@ impl MoneyBook {
     /// scope's next request starts its new window from nothing, as a kept
     /// count would. Lifetime counts never end. Returns how many went.
     pub fn forget_ended(&self, now_ns: u64) -> usize {
-        let mut st = self.state();
-        let before = st.spend.len();
-        st.spend
-            .retain(|_, s| s.reserved != 0 || now_ns < s.window_end);
-        before - st.spend.len()
+        let ended: Vec<_> = {
+            let mut st = self.state();
+            if now_ns < st.first_end {
+                return 0;
+            }
+            let mut first_end = u64::MAX;
+            let ended = st
+                .spend
+                .extract_if(|_, s| {
+                    let ended = s.reserved == 0 && now_ns >= s.window_end;
+                    if !ended {
+                        first_end = first_end.min(s.window_end);
+                    }
+                    ended
+                })
+                .collect();
+            st.first_end = first_end;
+            ended
+        };
+        // Freed after the lock: a day's million end users take 0.1 s.
+        ended.len()
     }
 
     /// Spend of `scope` in the current window: (spent, reserved).
@@ -382,13 +414,13 @@ mod tests {
         );
         for i in 0..1_000 {
             for w in Window::ALL {
-                st.spend_mut(&format!("user:{i}"), w).spent = i;
+                st.spend_mut(&format!("user:{i}"), w, 0).spent = i;
             }
         }
         assert_eq!(st.spend.len(), 4_000);
         for i in 0..1_000 {
             for w in Window::ALL {
-                assert_eq!(st.spend_mut(&format!("user:{i}"), w).spent, i);
+                assert_eq!(st.spend_mut(&format!("user:{i}"), w, 0).spent, i);
             }
         }
         assert_eq!(st.spend.len(), 4_000);
