@@ -11,7 +11,8 @@
 #       alternated (the two keys' order swapped every other round); the
 #       tables give each figure's median over the rounds, and the cost of
 #       limits as the median of the rounds' paired differences (limits on
-#       minus off within one round), with their range
+#       minus off within one round), with their range and, from five
+#       rounds, a 95 % bootstrap interval of that median
 #   REDIS=redis://127.0.0.1:6379 bench/overhead.sh 8   limits decided in Redis
 #       (prints Redis commands per limited request from INFO commandstats)
 #   DATABASE=postgres://postgres@127.0.0.1:5432/test bench/overhead.sh 8
@@ -206,7 +207,7 @@ if [ -n "${DATABASE:-}" ]; then
 fi
 
 python3 - "$results" "$ROUNDS" <<'PY'
-import json, os, statistics, sys
+import json, os, random, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 rounds = int(sys.argv[2])
 work = os.path.dirname(sys.argv[1])
@@ -265,15 +266,26 @@ for rate in runs:
             q = [round(median(o[i] for o in os_)) for i in range(3)]
             print(f"| {rate or 'full speed'} | {label} | {q[0]} | {q[1]} | {q[2]} |")
 print()
-print("What the four limits add, limits on minus off within each round (median, and the rounds' range):")
+def interval(diffs):
+    """95 % bootstrap interval of the median of the rounds' differences
+    (rounds resampled whole; seeded, so the same runs give the same
+    interval). Fewer than five rounds say too little to resample."""
+    if len(diffs) < 5:
+        return ""
+    pick = random.Random(1)
+    medians = sorted(median(pick.choices(diffs, k=len(diffs))) for _ in range(4000))
+    tail = len(medians) // 40
+    return f"{round(medians[tail])} to {round(medians[-tail - 1])}"
+
+print("What the four limits add, limits on minus off within each round (median, the rounds' range and, from five rounds, a 95 % interval of the median):")
 print()
-print("| rate (req/s) | end-to-end p50 µs | range | internal p50 µs | range |")
-print("|---|---|---|---|---|")
+print("| rate (req/s) | end-to-end p50 µs | range | 95 % interval | internal p50 µs | range | 95 % interval |")
+print("|---|---|---|---|---|---|---|")
 for rate, targets in runs.items():
     e2e = [l["p50_us"] - g["p50_us"] for l, g in zip(targets["gateway+limits"], targets["gateway"])]
     off, on = internal[(rate, "")], internal[(rate, "-limits")]
     inner = [b[0] - a[0] for a, b in zip(off, on) if a and b]
     span = lambda v: f"{min(v)} to {max(v)}" if v else ""
     inner_median = round(median(inner)) if inner else ""
-    print(f"| {rate or 'full speed'} | {round(median(e2e))} | {span(e2e)} | {inner_median} | {span(inner)} |")
+    print(f"| {rate or 'full speed'} | {round(median(e2e))} | {span(e2e)} | {interval(e2e)} | {inner_median} | {span(inner)} | {interval(inner)} |")
 PY
