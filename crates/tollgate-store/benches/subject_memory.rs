@@ -80,7 +80,6 @@ fn main() {
     );
     // The sweep holds the lock every reservation takes: within the day it
     // must not walk the counts.
-    book.forget_ended(now + 1);
     let started = std::time::Instant::now();
     let forgotten = book.forget_ended(now + 1);
     println!(
@@ -90,13 +89,16 @@ fn main() {
     // Meanwhile a request's reservation waits for the lock at most this long.
     let book = Arc::new(book);
     let sweeping = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let started_reserving = Arc::new(std::sync::Barrier::new(2));
     let longest = std::thread::spawn({
         let (book, sweeping) = (book.clone(), sweeping.clone());
+        let started_reserving = started_reserving.clone();
         let charge = [BudgetCharge {
             scope: Arc::from("user:late"),
             budget: budget.clone(),
         }];
         move || {
+            started_reserving.wait();
             let mut longest = std::time::Duration::ZERO;
             while sweeping.load(std::sync::atomic::Ordering::Relaxed) {
                 let started = std::time::Instant::now();
@@ -106,7 +108,7 @@ fn main() {
             longest
         }
     });
-    std::thread::sleep(std::time::Duration::from_millis(10));
+    started_reserving.wait();
     let started = std::time::Instant::now();
     let forgotten = book.forget_ended(now + 86_400_000_000_000);
     let took = started.elapsed();

@@ -357,7 +357,9 @@ impl MoneyBook {
     /// scope's next request starts its new window from nothing, as a kept
     /// count would. Lifetime counts never end. Returns how many went.
     pub fn forget_ended(&self, now_ns: u64) -> usize {
-        let ended: Vec<_> = {
+        // The ended names leave the lock and are freed after it: freeing a
+        // day's million end users takes 0.1 s.
+        let ended: Vec<Arc<str>> = {
             let mut st = self.state();
             if now_ns < st.first_end {
                 return 0;
@@ -372,11 +374,11 @@ impl MoneyBook {
                     }
                     ended
                 })
+                .map(|((scope, _), _)| scope)
                 .collect();
             st.first_end = first_end;
             ended
         };
-        // Freed after the lock: a day's million end users take 0.1 s.
         ended.len()
     }
 
