@@ -603,7 +603,7 @@ impl Sink {
 const MINUTE_MS: i64 = 60_000;
 pub(crate) const HOUR_MS: i64 = 60 * MINUTE_MS;
 /// What the rollups hold for a row without a key name or a team (their
-/// key columns cannot be NULL).
+/// key columns cannot be NULL), and what reports show for any "none".
 pub(crate) const NONE_IN_ROLLUPS: &str = "-";
 
 /// A rollup group: bucket start, key name, team, model.
@@ -833,14 +833,16 @@ impl std::str::FromStr for GroupBy {
 
 impl GroupBy {
     fn expr(self, backend: Backend) -> std::borrow::Cow<'static, str> {
-        std::borrow::Cow::Borrowed(match self {
-            Self::Key => "COALESCE(key_name, '-')",
-            Self::Team => "COALESCE(team, '-')",
-            Self::User => "COALESCE(end_user, '-')",
-            Self::Model => "model",
-            Self::Account => "COALESCE(account, '-')",
+        // Reports from the rows name "none" as the rollups do.
+        let column = match self {
+            Self::Key => "key_name",
+            Self::Team => "team",
+            Self::User => "end_user",
+            Self::Account => "account",
+            Self::Model => return "model".into(),
             Self::Day => return backend.utc_day("at").into(),
-        })
+        };
+        format!("COALESCE({column}, '{NONE_IN_ROLLUPS}')").into()
     }
 }
 
