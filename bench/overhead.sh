@@ -3,8 +3,9 @@
 # of it (auth on, access log on) with a key without limits and with a key
 # under four limits (rpm, tpm, rpd, tpd: token estimate, admission and
 # settlement on every request, never refusing), at fixed rates and at full
-# speed, in one run on this machine. Prints one JSON line per run and
-# Markdown tables.
+# speed, in one run on this machine; then both keys in one run, every other
+# request, so that what the limits add is measured at the same moments.
+# Prints one JSON line per run (two for the mixed run) and Markdown tables.
 #
 #   bench/overhead.sh [DURATION_SECONDS]      (default 10)
 #   ROUNDS=5 bench/overhead.sh 8     every rate's runs five times over,
@@ -13,6 +14,9 @@
 #       limits as the median of the rounds' paired differences (limits on
 #       minus off within one round), with their range and, from five
 #       rounds, a 95 % bootstrap interval of that median
+#   MIXED_ONLY=1 ROUNDS=15 bench/overhead.sh 8   only the mock and the run
+#       with both keys, every other request: what the limits add, measured
+#       at the same moments, over more rounds in the same time
 #   REDIS=redis://127.0.0.1:6379 bench/overhead.sh 8   limits decided in Redis
 #       (prints Redis commands per limited request from INFO commandstats)
 #   DATABASE=postgres://postgres@127.0.0.1:5432/test bench/overhead.sh 8
@@ -138,17 +142,20 @@ fi
 
 [ -n "${REDIS:-}" ] && redis-cli -u "$REDIS" CONFIG RESETSTAT >/dev/null
 results="$work/results.jsonl"
-run() { # label url [key]: one loadgen run at $rate, its JSON line tagged with $round
-  "$BIN/tollgate-loadgen" --label "$1" --url "$2/v1/chat/completions" ${3:+--key "$3"} \
-    --rate "$rate" --duration "$DURATION" --connections "$CONNS" | sed "s/^{/{\"round\":$round,/" | tee -a "$results"
+run() { # label url [key [loadgen options]]: one loadgen run at $rate, its JSON lines tagged with $round
+  local label=$1 url=$2 key=${3:-}
+  shift $(($# < 3 ? $# : 3))
+  "$BIN/tollgate-loadgen" --label "$label" --url "$url/v1/chat/completions" ${key:+--key "$key"} \
+    --rate "$rate" --duration "$DURATION" --connections "$CONNS" "$@" | sed "s/^{/{\"round\":$round,/" | tee -a "$results"
 }
-through_gateway() { # label key log-suffix
-  local from
+through_gateway() { # label key log-suffix [loadgen options]
+  local from label=$1 key=$2 suffix=$3
+  shift 3
   from=$(wc -l <"$work/serve.log")
-  run "$1" "http://127.0.0.1:$GW_PORT" "$2"
+  run "$label" "http://127.0.0.1:$GW_PORT" "$key" "$@"
   # The gateway's own time per request, from its access log (JSON lines,
   # RUST_LOG=info only): total handler time minus the wait on the upstream.
-  tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate-$round$3.log"
+  tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate-$round$suffix.log"
 }
 for round in $(seq 1 "$ROUNDS"); do
   for rate in $RATES; do
@@ -159,13 +166,21 @@ for round in $(seq 1 "$ROUNDS"); do
     done
     # Even rounds take the limited key first: whatever the second run of a
     # pair inherits (a longer ledger, a warmer cache) falls on both sides.
-    if [ $((round % 2)) = 1 ]; then
+    if [ "${MIXED_ONLY:-0}" = 1 ]; then
+      :
+    elif [ $((round % 2)) = 1 ]; then
       through_gateway gateway "$KEY" ""
       through_gateway gateway+limits "$LIMITED_KEY" -limits
     else
       through_gateway gateway+limits "$LIMITED_KEY" -limits
       through_gateway gateway "$KEY" ""
     fi
+    # Both keys in one run, every other request: limits on against off at
+    # the same moments (even rounds give the limited key the even slots).
+    keys=("$KEY" "$LIMITED_KEY") labels=(interleaved interleaved+limits)
+    first=$((round % 2 == 1 ? 0 : 1))
+    through_gateway "${labels[$first]}" "${keys[$first]}" -interleaved \
+      --compare-key "${keys[$((1 - first))]}" --compare-label "${labels[$((1 - first))]}"
   done
 done
 
@@ -213,8 +228,10 @@ rounds = int(sys.argv[2])
 work = os.path.dirname(sys.argv[1])
 median = statistics.median
 
-def overhead(rate, rnd, suffix=""):
-    """p50/p99/p99.9 of the gateway's in-process time per request (µs)."""
+def overhead(rate, rnd, suffix="", limited=None):
+    """p50/p99/p99.9 of the gateway's in-process time per request (µs);
+    with `limited` True or False, only the limited key's requests or only
+    the other key's (the interleaved runs have both)."""
     path = os.path.join(work, f"run-{rate}-{rnd}{suffix}.log")
     vals = []
     for line in open(path) if os.path.exists(path) else []:
@@ -222,7 +239,7 @@ def overhead(rate, rnd, suffix=""):
             f = json.loads(line)
         except ValueError:
             continue
-        if "overhead_us" in f:
+        if "overhead_us" in f and (limited is None or (f.get("key") == "bench-limits") == limited):
             vals.append(f["overhead_us"])
     if not vals:
         return None
@@ -243,6 +260,8 @@ print("|---|---|---|---|---|---|---|---|---|")
 for rate, targets in runs.items():
     mock = targets["mock"]
     for label, rs in targets.items():
+        if label.startswith("interleaved"):
+            continue
         rps = median(r["rps"] for r in rs)
         added = ("", "")
         share = ""
@@ -252,13 +271,15 @@ for rate, targets in runs.items():
                 share = f" ({median(r['rps'] / m['rps'] for r, m in zip(rs, mock)):.0%} of the mock)"
         p = [round(median(r[k] for r in rs)) for k in ("p50_us", "p99_us", "p999_us")]
         print(f"| {rate or 'full speed'} | {label} | {rps:.0f}{share} | {sum(r['errors'] for r in rs)} | {p[0]} | {p[1]} | {p[2]} | {added[0]} | {added[1]} |")
-print()
-print("Gateway's own time per request (handler time minus the wait on the upstream; from the access log):")
-print()
-print("| rate (req/s) | key | internal p50 µs | internal p99 µs | internal p99.9 µs |")
-print("|---|---|---|---|---|")
+separate = [(rate, targets) for rate, targets in runs.items() if "gateway" in targets]
+if separate:
+    print()
+    print("Gateway's own time per request (handler time minus the wait on the upstream; from the access log):")
+    print()
+    print("| rate (req/s) | key | internal p50 µs | internal p99 µs | internal p99.9 µs |")
+    print("|---|---|---|---|---|")
 internal = {}
-for rate in runs:
+for rate, _ in separate:
     for label, suffix in (("no limits", ""), ("4 limits", "-limits")):
         os_ = [overhead(rate, n, suffix) for n in range(1, rounds + 1)]
         internal[(rate, suffix)] = os_
@@ -277,15 +298,37 @@ def interval(diffs):
     tail = len(medians) // 40
     return f"{round(medians[tail])} to {round(medians[-tail - 1])}"
 
-print("What the four limits add, limits on minus off within each round (median, the rounds' range and, from five rounds, a 95 % interval of the median):")
-print()
-print("| rate (req/s) | end-to-end p50 µs | range | 95 % interval | internal p50 µs | range | 95 % interval |")
-print("|---|---|---|---|---|---|---|")
-for rate, targets in runs.items():
+if separate:
+    print("What the four limits add, limits on minus off within each round (median, the rounds' range and, from five rounds, a 95 % interval of the median):")
+    print()
+    print("| rate (req/s) | end-to-end p50 µs | range | 95 % interval | internal p50 µs | range | 95 % interval |")
+    print("|---|---|---|---|---|---|---|")
+for rate, targets in separate:
     e2e = [l["p50_us"] - g["p50_us"] for l, g in zip(targets["gateway+limits"], targets["gateway"])]
     off, on = internal[(rate, "")], internal[(rate, "-limits")]
     inner = [b[0] - a[0] for a, b in zip(off, on) if a and b]
     span = lambda v: f"{min(v)} to {max(v)}" if v else ""
     inner_median = round(median(inner)) if inner else ""
     print(f"| {rate or 'full speed'} | {round(median(e2e))} | {span(e2e)} | {interval(e2e)} | {inner_median} | {span(inner)} | {interval(inner)} |")
+
+print()
+print("What the four limits add with both keys in one run, every other request (limits on minus off within each run; median, range and, from five rounds, a 95 % interval of the median):")
+print()
+print("| rate (req/s) | p50 off µs | p50 on µs | end-to-end p50 µs | range | 95 % interval | end-to-end p99 µs | internal p50 µs | range | 95 % interval |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for rate, targets in runs.items():
+    off, on = targets.get("interleaved"), targets.get("interleaved+limits")
+    if not (off and on):
+        continue
+    e2e = [l["p50_us"] - g["p50_us"] for l, g in zip(on, off)]
+    tail = [l["p99_us"] - g["p99_us"] for l, g in zip(on, off)]
+    inner = []
+    for n in range(1, rounds + 1):
+        a, b = overhead(rate, n, "-interleaved", False), overhead(rate, n, "-interleaved", True)
+        if a and b:
+            inner.append(b[0] - a[0])
+    span = lambda v: f"{min(v)} to {max(v)}" if v else ""
+    inner_median = round(median(inner)) if inner else ""
+    print(f"| {rate or 'full speed'} | {round(median(g['p50_us'] for g in off))} | {round(median(l['p50_us'] for l in on))} "
+          f"| {round(median(e2e))} | {span(e2e)} | {interval(e2e)} | {round(median(tail))} | {inner_median} | {span(inner)} | {interval(inner)} |")
 PY

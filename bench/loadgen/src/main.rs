@@ -6,6 +6,13 @@
 //! speed). Latency is measured from the moment a request is written to the
 //! moment its whole body is read; how late sends left against their schedule
 //! is reported separately, so timer granularity never pollutes latency.
+//!
+//! With `--compare-key`, every other request (by schedule slot, not by
+//! connection) carries that key instead, and each key's requests are
+//! reported on a line of their own: two configurations of the gateway
+//! measured under the same load at the same moments, so that the host's
+//! drift between runs, which moves a run's median by tens of µs on a
+//! shared VM, falls on both alike.
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -49,6 +56,12 @@ struct Args {
     /// A label for the result line.
     #[arg(long, default_value = "run")]
     label: String,
+    /// A second bearer key, sent on every other request and reported apart.
+    #[arg(long)]
+    compare_key: Option<String>,
+    /// The label of the second key's result line.
+    #[arg(long, default_value = "compared")]
+    compare_label: String,
 }
 
 fn humantime_secs(s: &str) -> Result<Duration, String> {
@@ -58,11 +71,28 @@ fn humantime_secs(s: &str) -> Result<Duration, String> {
         .map_err(|e| e.to_string())
 }
 
-/// What one worker measured.
+/// What one worker measured for one key.
 struct Measured {
     latency: Histogram<u64>,
     lag: Histogram<u64>,
     errors: u64,
+}
+
+impl Measured {
+    fn new() -> Self {
+        Self {
+            latency: histogram(),
+            lag: histogram(),
+            errors: 0,
+        }
+    }
+
+    fn add(&mut self, other: &Self) -> Result<()> {
+        self.latency.add(&other.latency)?;
+        self.lag.add(&other.lag)?;
+        self.errors += other.errors;
+        Ok(())
+    }
 }
 
 fn histogram() -> Histogram<u64> {
@@ -79,7 +109,7 @@ async fn worker(
     start: Instant,
     end: Instant,
     measure_from: Instant,
-) -> Result<Measured> {
+) -> Result<[Measured; 2]> {
     let stream = TcpStream::connect(&authority)
         .await
         .with_context(|| format!("connect {authority}"))?;
@@ -87,12 +117,14 @@ async fn worker(
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let body = Bytes::from(args.body.clone());
-    let auth = format!("Bearer {}", args.key);
-    let mut m = Measured {
-        latency: histogram(),
-        lag: histogram(),
-        errors: 0,
-    };
+    let auths = [
+        format!("Bearer {}", args.key),
+        format!(
+            "Bearer {}",
+            args.compare_key.as_deref().unwrap_or(&args.key)
+        ),
+    ];
+    let mut measured = [Measured::new(), Measured::new()];
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         let due = match (i * 1_000_000_000).checked_div(args.rate) {
@@ -105,10 +137,11 @@ async fn worker(
         if args.rate > 0 {
             tokio::time::sleep_until(due.into()).await;
         }
+        let which = usize::from(args.compare_key.is_some() && i % 2 == 1);
         let sent = Instant::now();
         let req = Request::post(path.as_str())
             .header("host", authority.as_str())
-            .header("authorization", auth.as_str())
+            .header("authorization", auths[which].as_str())
             .header("content-type", "application/json")
             .body(Full::new(body.clone()))?;
         sender.ready().await?;
@@ -117,6 +150,7 @@ async fn worker(
         resp.into_body().collect().await?;
         let done = Instant::now();
         if sent >= measure_from {
+            let m = &mut measured[which];
             let _ = m.latency.record((done - sent).as_micros().max(1) as u64);
             let _ = m
                 .lag
@@ -126,7 +160,32 @@ async fn worker(
             }
         }
     }
-    Ok(m)
+    Ok(measured)
+}
+
+/// The result line of one key's requests.
+fn report(args: &Args, label: &str, m: &Measured) -> Result<()> {
+    let latency = &m.latency;
+    if latency.is_empty() {
+        bail!("no request completed");
+    }
+    let secs = args.duration.as_secs_f64();
+    let result = serde_json::json!({
+        "label": label,
+        "target_rate": args.rate,
+        "connections": args.connections,
+        "requests": latency.len(),
+        "errors": m.errors,
+        "rps": (latency.len() as f64 / secs).round(),
+        "p50_us": latency.value_at_quantile(0.50),
+        "p90_us": latency.value_at_quantile(0.90),
+        "p99_us": latency.value_at_quantile(0.99),
+        "p999_us": latency.value_at_quantile(0.999),
+        "max_us": latency.max(),
+        "send_lag_p99_us": m.lag.value_at_quantile(0.99),
+    });
+    println!("{result}");
+    Ok(())
 }
 
 #[tokio::main]
@@ -161,33 +220,15 @@ async fn main() -> Result<()> {
             measure_from,
         )));
     }
-    let mut latency = histogram();
-    let mut lag = histogram();
-    let mut errors = 0;
+    let mut measured = [Measured::new(), Measured::new()];
     for t in tasks {
-        let m = t.await??;
-        latency.add(&m.latency)?;
-        lag.add(&m.lag)?;
-        errors += m.errors;
+        for (all, m) in measured.iter_mut().zip(t.await??) {
+            all.add(&m)?;
+        }
     }
-    if latency.is_empty() {
-        bail!("no request completed");
+    report(&args, &args.label, &measured[0])?;
+    if args.compare_key.is_some() {
+        report(&args, &args.compare_label, &measured[1])?;
     }
-    let secs = args.duration.as_secs_f64();
-    let result = serde_json::json!({
-        "label": args.label,
-        "target_rate": args.rate,
-        "connections": args.connections,
-        "requests": latency.len(),
-        "errors": errors,
-        "rps": (latency.len() as f64 / secs).round(),
-        "p50_us": latency.value_at_quantile(0.50),
-        "p90_us": latency.value_at_quantile(0.90),
-        "p99_us": latency.value_at_quantile(0.99),
-        "p999_us": latency.value_at_quantile(0.999),
-        "max_us": latency.max(),
-        "send_lag_p99_us": lag.value_at_quantile(0.99),
-    });
-    println!("{result}");
     Ok(())
 }
