@@ -504,7 +504,15 @@ async fn run(
                 }
             };
             log.upstream = Some(sent.elapsed());
-            match serde_json::from_slice::<UsageOnly>(&body) {
+            // Checked as UTF-8 in one pass, then parsed as text: from
+            // bytes, serde_json checks each string it meets on its own.
+            let parsed = std::str::from_utf8(&body)
+                .map_err(|e| format!("body is not UTF-8 past byte {}", e.valid_up_to()))
+                .and_then(|text| {
+                    serde_json::from_str::<UsageOnly>(text)
+                        .map_err(|e| format!("body is not valid JSON: {e}"))
+                });
+            match parsed {
                 Ok(parsed) => {
                     // No usage block (some servers): the estimate stands.
                     let usage = parsed.usage.map(|u| u.priced()).or_else(|| {
@@ -525,11 +533,11 @@ async fn run(
                     }
                     relay_body(status, upstream_id, body)
                 }
-                Err(e) => {
+                Err(detail) => {
                     admission.settle(0);
                     let e = Error::UpstreamInvalid {
                         deployment: deployment.name.to_string(),
-                        detail: format!("body is not valid JSON: {e}"),
+                        detail,
                     };
                     bill.settle(None, e.to_api_error().status, None);
                     return Err(e);
@@ -667,20 +675,22 @@ pub(crate) fn summarize(
     body: &[u8],
     estimator: Option<&Estimator>,
 ) -> Result<Summary, Error> {
+    // One pass over the whole body, then parsed as text: from bytes,
+    // serde_json checks each key and string on its own, a call each.
+    // (read_json_body checked it too, but bytes cannot say so.)
+    let body = std::str::from_utf8(body).map_err(|e| Error::InvalidUtf8(e.valid_up_to()))?;
     // serde would read a struct from a JSON array too; OpenAI wants an object.
-    if body.trim_ascii_start().first() != Some(&b'{') {
-        return Err(
-            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-                Err(e) => Error::InvalidJson(e),
-                Ok(_) => Error::NotAnObject,
-            },
-        );
+    if body.trim_ascii_start().as_bytes().first() != Some(&b'{') {
+        return Err(match serde_json::from_str::<serde::de::IgnoredAny>(body) {
+            Err(e) => Error::InvalidJson(e),
+            Ok(_) => Error::NotAnObject,
+        });
     }
     let owned = |m: &Option<std::borrow::Cow<'_, str>>| m.as_deref().map(Arc::<str>::from);
     let boxed = |u: &Option<std::borrow::Cow<'_, str>>| u.as_deref().map(Box::<str>::from);
     let summary = match endpoint {
         Endpoint::ChatCompletions => {
-            let r: ChatRequest<'_> = serde_json::from_slice(body).map_err(json_error)?;
+            let r: ChatRequest<'_> = serde_json::from_str(body).map_err(json_error)?;
             if r.messages.is_none() {
                 return Err(Error::MissingField("messages"));
             }
@@ -695,7 +705,7 @@ pub(crate) fn summarize(
             }
         }
         Endpoint::Completions => {
-            let r: CompletionRequest<'_> = serde_json::from_slice(body).map_err(json_error)?;
+            let r: CompletionRequest<'_> = serde_json::from_str(body).map_err(json_error)?;
             if r.prompt.is_none() {
                 return Err(Error::MissingField("prompt"));
             }
@@ -710,7 +720,7 @@ pub(crate) fn summarize(
             }
         }
         Endpoint::Embeddings => {
-            let r: EmbeddingRequest<'_> = serde_json::from_slice(body).map_err(json_error)?;
+            let r: EmbeddingRequest<'_> = serde_json::from_str(body).map_err(json_error)?;
             if r.input.is_none() {
                 return Err(Error::MissingField("input"));
             }

@@ -271,6 +271,37 @@ async fn upstream_failures_are_upstream_errors_that_may_be_retried() {
 }
 
 #[tokio::test]
+async fn an_upstream_answer_that_is_not_utf8_is_an_invalid_response() {
+    // JSON in shape, with bytes in a string that are not UTF-8: the answer
+    // must not reach the client as if it were an answer.
+    let upstream = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|| async {
+            let mut body = br#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"#.to_vec();
+            body.extend_from_slice(b"\"caf\xe9 \xff\"}");
+            body.extend_from_slice(br#","finish_reason":"stop"}],"usage":{"prompt_tokens":8,"completion_tokens":2,"total_tokens":10}}"#);
+            ([("content-type", "application/json")], body)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, upstream).await });
+    let h = Harness::with(MockConfig::default(), |c| {
+        c.routing.max_attempts = 1;
+        c.deployments[0].base_url = Some(format!("http://{addr}/v1"));
+    })
+    .await;
+    let (s, c, retry, body) = error_of(h.post("/v1/chat/completions", CHAT).await).await;
+    assert_eq!(
+        (s, c.as_str(), retry.as_str()),
+        (502, "upstream_invalid_response", "true"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
 async fn unreachable_upstream_is_502() {
     // A port that was free a moment ago: nothing listens there.
     let free = std::net::TcpListener::bind("127.0.0.1:0")
