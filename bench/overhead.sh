@@ -227,6 +227,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 rounds = int(sys.argv[2])
 work = os.path.dirname(sys.argv[1])
 median = statistics.median
+span = lambda v: f"{min(v)} to {max(v)}" if v else ""  # a list's range
 
 def overhead(rate, rnd, suffix="", limited=None):
     """p50/p99/p99.9 of the gateway's in-process time per request (µs);
@@ -307,7 +308,6 @@ for rate, targets in separate:
     e2e = [l["p50_us"] - g["p50_us"] for l, g in zip(targets["gateway+limits"], targets["gateway"])]
     off, on = internal[(rate, "")], internal[(rate, "-limits")]
     inner = [b[0] - a[0] for a, b in zip(off, on) if a and b]
-    span = lambda v: f"{min(v)} to {max(v)}" if v else ""
     inner_median = round(median(inner)) if inner else ""
     print(f"| {rate or 'full speed'} | {round(median(e2e))} | {span(e2e)} | {interval(e2e)} | {inner_median} | {span(inner)} | {interval(inner)} |")
 
@@ -327,7 +327,6 @@ for rate, targets in runs.items():
         a, b = overhead(rate, n, "-interleaved", False), overhead(rate, n, "-interleaved", True)
         if a and b:
             inner.append(b[0] - a[0])
-    span = lambda v: f"{min(v)} to {max(v)}" if v else ""
     inner_median = round(median(inner)) if inner else ""
     print(f"| {rate or 'full speed'} | {round(median(g['p50_us'] for g in off))} | {round(median(l['p50_us'] for l in on))} "
           f"| {round(median(e2e))} | {span(e2e)} | {interval(e2e)} | {round(median(tail))} | {inner_median} | {span(inner)} | {interval(inner)} |")
