@@ -185,20 +185,15 @@ impl Database {
         since_ms: i64,
     ) -> Result<Vec<(String, Micros)>, Error> {
         let col = column.column();
-        let table = if self.rollups_answer(column, name, since_ms).await? {
-            "usage_hours"
+        // A member's rows: not none, which the rollups write as `-`.
+        let (table, member) = if self.rollups_answer(column, name, since_ms).await? {
+            ("usage_hours", format!("{col} <> '{NONE_IN_ROLLUPS}'"))
         } else {
-            "usage"
+            ("usage", format!("{col} IS NOT NULL"))
         };
         // SUM of BIGINT is NUMERIC in PostgreSQL: cast back. PostgreSQL
         // refuses to group by a constant, and the org sums everything anyway.
         let sum = "CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS spent";
-        // A member's rows: not none, which the rollups write as `-`.
-        let member = if table == "usage" {
-            format!("{col} IS NOT NULL")
-        } else {
-            format!("{col} <> '{NONE_IN_ROLLUPS}'")
-        };
         let sql = match (column, name) {
             (SpendColumn::Org, _) => format!("SELECT {sum} FROM {table} WHERE at >= $1"),
             (_, Some(_)) => format!(
