@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod clock;
 pub mod duration;
 pub mod error;
+pub mod json;
 pub mod limits;
 pub mod money;
 pub mod openai;

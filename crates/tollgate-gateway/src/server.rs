@@ -82,6 +82,23 @@ fn sane_request_id(v: &HeaderValue) -> bool {
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
 }
 
+/// A fresh request id, `req_` and 128 random bits in hex.
+fn new_request_id() -> HeaderValue {
+    HeaderValue::from_bytes(&request_id_text(fastrand::u128(..)))
+        .unwrap_or(HeaderValue::from_static("req_unknown"))
+}
+
+/// `req_{bits:032x}`, written by hand: `format!` went through the
+/// formatter's padding and a `String` on every request without an id.
+fn request_id_text(bits: u128) -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = *b"req_00000000000000000000000000000000";
+    for (i, c) in id[4..].iter_mut().enumerate() {
+        *c = HEX[(bits >> (124 - 4 * i) & 0xf) as usize];
+    }
+    id
+}
+
 async fn request_id_and_access_log(
     State(gw): State<Arc<Gateway>>,
     mut req: Request,
@@ -93,10 +110,7 @@ async fn request_id_and_access_log(
         .get(&names::REQUEST_ID)
         .filter(|v| sane_request_id(v))
         .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(&format!("req_{:032x}", fastrand::u128(..)))
-                .unwrap_or(HeaderValue::from_static("req_unknown"))
-        });
+        .unwrap_or_else(new_request_id);
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     req.extensions_mut().insert(RequestId(id.clone()));
@@ -384,5 +398,23 @@ async fn serve_connections(
     {
         tracing::warn!("grace period over: closing the remaining connections");
         let _ = close.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same text `format!("req_{:032x}")` writes, leading zeros and
+    /// every nibble's place included.
+    #[test]
+    fn request_ids_are_req_and_32_hex_digits() {
+        for bits in [0, 1, 0xf << 124, u128::MAX, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210] {
+            assert_eq!(request_id_text(bits), format!("req_{bits:032x}").as_bytes());
+        }
+        for _ in 0..1000 {
+            let bits = fastrand::u128(..);
+            assert_eq!(request_id_text(bits), format!("req_{bits:032x}").as_bytes());
+        }
     }
 }

@@ -344,7 +344,7 @@ fn string(line: &mut String, s: &str) {
 /// `"`, `\` and control characters.
 fn escape(line: &mut String, s: &str) {
     // Nearly every string needs nothing escaped: one pass to see that.
-    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    if !tollgate_core::json::needs_escape(s.as_bytes()) {
         line.push_str(s);
         return;
     }
