@@ -21,7 +21,9 @@ mod tests {
             for at in [0, 7, 40] {
                 let mut s = vec![b'a'; 41];
                 s[at] = b;
-                let Ok(text) = std::str::from_utf8(&s) else { continue };
+                let Ok(text) = std::str::from_utf8(&s) else {
+                    continue;
+                };
                 let escaped = serde_json::to_string(text).is_ok_and(|j| j.len() != text.len() + 2);
                 assert_eq!(needs_escape(&s), escaped, "byte {b:#04x} at {at}");
             }

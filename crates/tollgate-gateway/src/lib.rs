@@ -53,8 +53,10 @@ pub struct Gateway {
     pub db: Database,
     /// The key table in memory.
     pub keys: KeyCache,
-    /// Model name → the pool of deployments that serve it.
-    pub routes: HashMap<String, Arc<Pool>>,
+    /// Model name → the pool of deployments that serve it (looked up a few
+    /// times a request: foldhash, seeded per process, hashes a name for a
+    /// fraction of SipHash's cost).
+    pub routes: HashMap<String, Arc<Pool>, foldhash::fast::RandomState>,
     /// Every model name served, in configuration order.
     pub model_names: Vec<String>,
     /// Every deployment, in configuration order.
@@ -175,7 +177,7 @@ impl Gateway {
                 pool.push(deployment.clone());
             }
         }
-        let routes: HashMap<String, Arc<Pool>> = pools
+        let routes: HashMap<_, _, foldhash::fast::RandomState> = pools
             .into_iter()
             .map(|(m, ds)| (m, Arc::new(Pool::new(ds))))
             .collect();

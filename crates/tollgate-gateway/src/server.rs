@@ -409,7 +409,13 @@ mod tests {
     /// every nibble's place included.
     #[test]
     fn request_ids_are_req_and_32_hex_digits() {
-        for bits in [0, 1, 0xf << 124, u128::MAX, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210] {
+        for bits in [
+            0,
+            1,
+            0xf << 124,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
             assert_eq!(request_id_text(bits), format!("req_{bits:032x}").as_bytes());
         }
         for _ in 0..1000 {

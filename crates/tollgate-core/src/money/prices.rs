@@ -95,7 +95,8 @@ struct PriceFile {
 /// Model name → price: the shipped table with the config's entries laid over.
 #[derive(Debug, Clone, Default)]
 pub struct PriceTable {
-    prices: HashMap<String, Price>,
+    /// foldhash: the table is looked up on every charged request.
+    prices: HashMap<String, Price, foldhash::fast::RandomState>,
 }
 
 impl PriceTable {
@@ -103,7 +104,7 @@ impl PriceTable {
     pub fn with_overrides(overrides: &BTreeMap<String, PriceText>) -> Result<Self, PricesError> {
         let shipped: PriceFile =
             toml::from_str(SHIPPED).map_err(|e| PricesError::Shipped(e.to_string()))?;
-        let mut prices = HashMap::new();
+        let mut prices = HashMap::default();
         for (model, text) in shipped.models.iter().chain(overrides) {
             prices.insert(model.clone(), text.parse(model)?);
         }
