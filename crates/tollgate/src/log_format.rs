@@ -348,28 +348,12 @@ fn escape(line: &mut String, s: &str) {
         line.push_str(s);
         return;
     }
-    let mut start = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let escaped = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            0..=0x1f => "",
-            _ => continue,
-        };
-        line.push_str(&s[start..i]);
-        if escaped.is_empty() {
-            let _ = write!(line, "\\u{b:04x}");
-        } else {
-            line.push_str(escaped);
-        }
-        start = i + 1;
+    // What needs escaping, serde_json escapes, as the journal's lines do
+    // (a `str` always serializes); its quotes are left out.
+    let quoted = serde_json::to_string(s).unwrap_or_default();
+    if let Some(inside) = quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"')) {
+        line.push_str(inside);
     }
-    line.push_str(&s[start..]);
 }
 
 /// Escapes what is formatted through it (a `Debug` value) into a line.
