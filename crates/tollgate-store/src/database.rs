@@ -39,14 +39,26 @@ const SQLITE_MIGRATIONS: Migrations = &[
         "usage rollups",
         include_str!("../migrations/sqlite/0004_usage_rollups.sql"),
     ),
+    (
+        5,
+        "cached tokens in the rollups",
+        include_str!("../migrations/sqlite/0005_rollup_cached_tokens.sql"),
+    ),
 ];
 
 /// PostgreSQL starts at the SQLite schema's fourth version in one step.
-const POSTGRES_MIGRATIONS: Migrations = &[(
-    4,
-    "schema",
-    include_str!("../migrations/postgres/0004_schema.sql"),
-)];
+const POSTGRES_MIGRATIONS: Migrations = &[
+    (
+        4,
+        "schema",
+        include_str!("../migrations/postgres/0004_schema.sql"),
+    ),
+    (
+        5,
+        "cached tokens in the rollups",
+        include_str!("../migrations/postgres/0005_rollup_cached_tokens.sql"),
+    ),
+];
 
 /// Which database a [`Database`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

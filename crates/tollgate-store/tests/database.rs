@@ -9,20 +9,27 @@ use std::time::Duration;
 use tollgate_core::limits::KeyLimits;
 use tollgate_store::database::{Backend, scratch};
 use tollgate_store::keys::{LimitsUpdate, NewKey};
-use tollgate_store::ledger::{GroupBy, HoldRow, RollupBy};
+use tollgate_store::ledger::{GroupBy, HoldRow, RollupBy, UsageLine};
 use tollgate_store::money::SpendColumn;
 use tollgate_store::{Database, Error, Ledger, SecretHash, UsageRow};
 
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 60 * MINUTE_MS;
 
-/// A database for one test, on `backend`; the directory holds the SQLite file.
-async fn open(backend: Backend) -> Result<(tempfile::TempDir, Database), Error> {
+/// A place for one test's database on `backend`, and its URL; the
+/// directory holds the SQLite file.
+async fn scratch_url(backend: Backend) -> Result<(tempfile::TempDir, String), Error> {
     let dir = tempfile::tempdir().map_err(|e| Error::Random(e.to_string()))?;
     let url = match backend {
         Backend::Sqlite => dir.path().join("t.db").to_string_lossy().into_owned(),
         Backend::Postgres => scratch::postgres().await,
     };
+    Ok((dir, url))
+}
+
+/// A database for one test, on `backend`; the directory holds the SQLite file.
+async fn open(backend: Backend) -> Result<(tempfile::TempDir, Database), Error> {
+    let (dir, url) = scratch_url(backend).await?;
     let db = Database::open(&url).await?;
     assert_eq!(db.backend(), backend);
     Ok((dir, db))
@@ -191,6 +198,7 @@ async fn rollups_sum_exactly_what_the_rows_hold(backend: Backend) -> Result<(), 
             team: (i % 5 == 0).then(|| Arc::from("search")),
             model: Arc::from(if i % 2 == 0 { "gpt-4o" } else { "gpt-4o-mini" }),
             input_tokens: i as u64,
+            cached_tokens: if i % 4 == 0 { i as u64 / 2 } else { 0 },
             output_tokens: 2 * i as u64,
             cost: 7 * i,
             status: 200,
@@ -450,6 +458,177 @@ async fn spend_sums_are_the_rows_whichever_table_answers(backend: Backend) -> Re
     Ok(())
 }
 
+/// `rows`' usage over `[since, until)` grouped as `usage_report` groups
+/// it, worked out here from the rows themselves.
+fn report_of(rows: &[UsageRow], by: GroupBy, since: i64, until: i64) -> Vec<UsageLine> {
+    let mut lines: std::collections::BTreeMap<String, UsageLine> = Default::default();
+    let named = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    for r in rows.iter().filter(|r| r.at >= since && r.at < until) {
+        let group = match by {
+            GroupBy::Key => named(r.key_name.as_deref()),
+            GroupBy::Team => named(r.team.as_deref()),
+            GroupBy::User => named(r.user.as_deref()),
+            GroupBy::Account => named(r.account.as_deref()),
+            GroupBy::Model => r.model.to_string(),
+            GroupBy::Day => tollgate_core::money::format_utc(r.at as u64 * 1_000_000)[..10].into(),
+        };
+        let line = lines.entry(group.clone()).or_insert(UsageLine {
+            group,
+            requests: 0,
+            input_tokens: 0,
+            cached_tokens: 0,
+            output_tokens: 0,
+            cost: 0,
+        });
+        line.requests += 1;
+        line.input_tokens += r.input_tokens as i64;
+        line.cached_tokens += r.cached_tokens as i64;
+        line.output_tokens += r.output_tokens as i64;
+        line.cost += r.cost;
+    }
+    let mut lines: Vec<_> = lines.into_values().collect();
+    lines.sort_by(|a, b| b.cost.cmp(&a.cost).then_with(|| a.group.cmp(&b.group)));
+    lines
+}
+
+/// 700 rows, one every 6 min 11.3 s over three days and two UTC midnights,
+/// every column varied (none included), journaled and committed in many
+/// batches.
+async fn seventy_hours_of_rows(db: &Database) -> Result<Vec<UsageRow>, Error> {
+    let ledger = Ledger::start(db)?;
+    let t0 = 1_800_000_000_000 - 1_800_000_000_000 % (24 * HOUR_MS) - 5 * HOUR_MS + 17_345;
+    let pick = |i: i64, names: &[&str]| {
+        let name = names[i as usize % names.len()];
+        (!name.is_empty()).then(|| Arc::from(name))
+    };
+    for i in 0..700_i64 {
+        ledger.record_detached(UsageRow {
+            request_id: format!("r{i}"),
+            at: t0 + i * 371_300,
+            key_name: pick(i, &["web", "batch", ""]),
+            team: pick(i / 2, &["search", "", "ads", "-"]),
+            user: pick(i, &["ann", "bob", "", "cy", "dee"]).map(|u| u.to_string()),
+            account: pick(i / 3, &["acme", ""]),
+            model: Arc::from(if i % 2 == 0 { "gpt-4o" } else { "gpt-4o-mini" }),
+            input_tokens: 100 + i as u64,
+            cached_tokens: if i % 3 == 0 { i as u64 / 3 } else { 0 },
+            output_tokens: 3 * i as u64 + 1,
+            cost: 11 * i + 5,
+            status: 200,
+            ..UsageRow::default()
+        });
+        if i % 41 == 0 {
+            ledger.flush().await;
+        }
+    }
+    ledger.flush().await;
+    db.usage_rows().await
+}
+
+/// Reports by key, team, model or day read whole minutes and hours from
+/// the rollups and the ragged edges from the rows: for windows on and off
+/// every boundary, they sum exactly what the rows hold, as do reports by
+/// user and account, which read the rows alone.
+async fn reports_sum_what_the_rows_hold_for_any_window(backend: Backend) -> Result<(), Error> {
+    let (_dir, db) = open(backend).await?;
+    let rows = seventy_hours_of_rows(&db).await?;
+    assert_eq!(rows.len(), 700);
+    let (first, last) = (rows[0].at, rows[699].at);
+    let day = |t: i64| t - t.rem_euclid(24 * HOUR_MS);
+    let mut windows = vec![
+        (0, i64::MAX),
+        (day(first), day(last)),
+        (day(first) + 24 * HOUR_MS, i64::MAX),
+        (first, last),
+        (first + 1, last),
+        (first + HOUR_MS, first + 2 * HOUR_MS),
+        (first + 30_000, first + 90_000),
+        (first + 7 * MINUTE_MS, first + 7 * MINUTE_MS + 59_999),
+        (last, first),
+    ];
+    // And fifty more, from a fixed seed, ragged at either end or not.
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = |below: i64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % below as u64) as i64
+    };
+    let span = last - first + 2 * HOUR_MS;
+    for i in 0..50 {
+        let since = first - HOUR_MS + next(span);
+        let until = since + next(span / 2);
+        let align = |t: i64, width: i64| {
+            if i % 3 == 0 {
+                t - t.rem_euclid(width)
+            } else {
+                t
+            }
+        };
+        windows.push((align(since, MINUTE_MS), align(until, HOUR_MS)));
+    }
+    for (since, until) in windows {
+        for by in [
+            GroupBy::Key,
+            GroupBy::Team,
+            GroupBy::User,
+            GroupBy::Model,
+            GroupBy::Account,
+            GroupBy::Day,
+        ] {
+            assert_eq!(
+                db.usage_report(by, since, until).await?,
+                report_of(&rows, by, since, until),
+                "{by:?} over [{since}, {until})"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A database from before the rollups kept cached tokens gets them, from
+/// its rows, when it is opened by this version.
+async fn an_older_database_gets_cached_tokens_in_its_rollups(
+    backend: Backend,
+) -> Result<(), Error> {
+    use sqlx::Connection;
+    let (_dir, url) = scratch_url(backend).await?;
+    let db = Database::open(&url).await?;
+    let rows = seventy_hours_of_rows(&db).await?;
+    db.close().await;
+    // Back to the schema of version 4, the rollups without the column.
+    let raw_url = match backend {
+        Backend::Sqlite => format!("sqlite:{url}"),
+        Backend::Postgres => url.clone(),
+    };
+    let mut conn = sqlx::AnyConnection::connect(&raw_url).await?;
+    for sql in [
+        "ALTER TABLE usage_minutes DROP COLUMN cached_tokens",
+        "ALTER TABLE usage_hours DROP COLUMN cached_tokens",
+        "DELETE FROM _sqlx_migrations WHERE version = 5",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await?;
+    }
+    conn.close().await?;
+    let db = Database::open(&url).await?;
+    let (since, until) = (rows[0].at - rows[0].at.rem_euclid(HOUR_MS), i64::MAX);
+    for (by, table) in [
+        (RollupBy::Model, GroupBy::Model),
+        (RollupBy::Team, GroupBy::Team),
+    ] {
+        for bucket in [MINUTE_MS, HOUR_MS] {
+            let lines = db.usage_rollup_report(by, since, until, bucket).await?;
+            assert_eq!(
+                lines,
+                report_of(&rows, table, since, until),
+                "{by:?} {bucket}"
+            );
+            assert!(lines.iter().any(|l| l.cached_tokens > 0));
+        }
+    }
+    Ok(())
+}
+
 /// Runs each scenario on a SQLite file and on PostgreSQL.
 macro_rules! on_both_databases {
     ($($scenario:ident),* $(,)?) => {
@@ -475,6 +654,8 @@ on_both_databases!(
     rollups_sum_exactly_what_the_rows_hold,
     budgets_accounts_and_spend_round_trip,
     spend_sums_are_the_rows_whichever_table_answers,
+    reports_sum_what_the_rows_hold_for_any_window,
+    an_older_database_gets_cached_tokens_in_its_rollups,
 );
 
 /// WAL with `synchronous = NORMAL` on every connection (the pool's and the

@@ -214,6 +214,7 @@ async fn collect(
         };
         totals.requests += p.requests;
         totals.input_tokens += p.input_tokens;
+        totals.cached_tokens += p.cached_tokens;
         totals.output_tokens += p.output_tokens;
         totals.cost += p.cost;
         series.push(p);

@@ -624,6 +624,7 @@ fn rollup(rows: &[UsageRow], width: i64) -> Vec<(RollupKey<'_>, UsagePoint)> {
         let s = sums.entry(key).or_default();
         s.requests += 1;
         s.input_tokens += r.input_tokens as i64;
+        s.cached_tokens += r.cached_tokens as i64;
         s.output_tokens += r.output_tokens as i64;
         s.cost += r.cost;
     }
@@ -751,7 +752,7 @@ async fn write_postgres(conn: &mut AnyConnection, batch: &Batch) -> Result<(), E
         for chunk in sums.chunks(ROWS_PER_INSERT) {
             let mut q = Statement::default();
             q.push("INSERT INTO ").push(table).push(
-                " (at, key_name, team, model, requests, input_tokens, output_tokens, cost_micros) ",
+                " (at, key_name, team, model, requests, input_tokens, cached_tokens, output_tokens, cost_micros) ",
             );
             q.values(chunk, |q, ((at, key, team, model), s)| {
                 q.bind(*at).comma();
@@ -760,6 +761,7 @@ async fn write_postgres(conn: &mut AnyConnection, batch: &Batch) -> Result<(), E
                 q.bind(*model).comma();
                 q.bind(s.requests).comma();
                 q.bind(s.input_tokens).comma();
+                q.bind(s.cached_tokens).comma();
                 q.bind(s.output_tokens).comma();
                 q.bind(s.cost);
             });
@@ -768,6 +770,7 @@ async fn write_postgres(conn: &mut AnyConnection, batch: &Batch) -> Result<(), E
                 q.sql,
                 " ON CONFLICT (at, key_name, team, model) DO UPDATE SET requests = {table}.requests + excluded.requests, \
                  input_tokens = {table}.input_tokens + excluded.input_tokens, \
+                 cached_tokens = {table}.cached_tokens + excluded.cached_tokens, \
                  output_tokens = {table}.output_tokens + excluded.output_tokens, \
                  cost_micros = {table}.cost_micros + excluded.cost_micros"
             );
@@ -832,7 +835,8 @@ impl std::str::FromStr for GroupBy {
 }
 
 impl GroupBy {
-    fn expr(self, backend: Backend) -> std::borrow::Cow<'static, str> {
+    /// The group of a usage row.
+    fn row_expr(self, backend: Backend) -> std::borrow::Cow<'static, str> {
         // Reports from the rows name "none" as the rollups do.
         let column = match self {
             Self::Key => "key_name",
@@ -844,15 +848,43 @@ impl GroupBy {
         };
         format!("COALESCE({column}, '{NONE_IN_ROLLUPS}')").into()
     }
+
+    /// The group of a rollup bucket, when the rollups are kept by it.
+    fn rollup_expr(self, backend: Backend) -> Option<std::borrow::Cow<'static, str>> {
+        match self {
+            Self::Key => Some("key_name".into()),
+            Self::Team => Some("team".into()),
+            Self::Model => Some("model".into()),
+            // An hour's bucket lies within one UTC day.
+            Self::Day => Some(backend.utc_day("at").into()),
+            Self::User | Self::Account => None,
+        }
+    }
 }
 
-/// `SUM(column)` as BIGINT (PostgreSQL sums BIGINT into NUMERIC).
-fn sum(column: &str) -> String {
-    format!("CAST(SUM({column}) AS BIGINT)")
+/// Where a report over `[since, until)` reads what: the rows for the
+/// ragged minutes at either end, the per-minute rollups up to whole hours,
+/// the per-hour rollups in between. Returns `[since, m1, h1, h2, m2, until]`:
+/// rows over `[since, m1)` and `[m2, until)`, minutes over `[m1, h1)` and
+/// `[h2, m2)`, hours over `[h1, h2)`; every range may be empty.
+pub fn report_edges(since: i64, until: i64) -> [i64; 6] {
+    let up = |t: i64, width: i64| t.saturating_add((width - t.rem_euclid(width)) % width);
+    let down = |t: i64, width: i64| t - t.rem_euclid(width);
+    let (mut m1, mut m2) = (up(since, MINUTE_MS), down(until, MINUTE_MS));
+    if m1 >= m2 {
+        (m1, m2) = (until, until);
+    }
+    let (mut h1, mut h2) = (up(m1, HOUR_MS), down(m2, HOUR_MS));
+    if h1 >= h2 {
+        (h1, h2) = (m2, m2);
+    }
+    [since, m1, h1, h2, m2, until]
 }
 
-/// The token and cost sums every report reads, as `input`, `output`, `cost`.
+/// The token and cost sums every report reads, as `input`, `cached`,
+/// `output`, `cost` (cast: PostgreSQL sums BIGINT into NUMERIC).
 const SUMS: &str = "CAST(SUM(input_tokens) AS BIGINT) AS input, \
+    CAST(SUM(cached_tokens) AS BIGINT) AS cached, \
     CAST(SUM(output_tokens) AS BIGINT) AS output, CAST(SUM(cost_micros) AS BIGINT) AS cost";
 
 /// One line of a usage report.
@@ -902,6 +934,8 @@ pub struct UsagePoint {
     pub requests: i64,
     /// Input tokens.
     pub input_tokens: i64,
+    /// Cached input tokens (of the input tokens).
+    pub cached_tokens: i64,
     /// Output tokens.
     pub output_tokens: i64,
     /// Cost, micro-USD.
@@ -911,35 +945,56 @@ pub struct UsagePoint {
 impl Database {
     /// Usage between `since_ms` (inclusive) and `until_ms` (exclusive),
     /// grouped, most expensive first.
+    ///
+    /// By key, team, model or day, whole minutes and hours are read from
+    /// the rollups (see [`report_edges`]) and only a ragged minute at either
+    /// end from the rows: a month of a busy gateway in milliseconds, where
+    /// summing its rows took seconds. By user or account, from the rows.
     pub async fn usage_report(
         &self,
         by: GroupBy,
         since_ms: i64,
         until_ms: i64,
     ) -> Result<Vec<UsageLine>, Error> {
+        let rows = by.row_expr(self.backend);
+        let Some(rolled) = by.rollup_expr(self.backend) else {
+            let sql = format!(
+                "SELECT {rows} AS grp, COUNT(*) AS requests, {SUMS}
+                 FROM usage WHERE at >= $1 AND at < $2 GROUP BY grp ORDER BY cost DESC, grp"
+            );
+            return self.usage_lines(sql, &[since_ms, until_ms]).await;
+        };
+        let part = |group: &str, requests: &str, table: &str, from: u8, to: u8| {
+            format!(
+                "SELECT {group} AS grp, {requests} AS requests, SUM(input_tokens) AS input_tokens, \
+                 SUM(cached_tokens) AS cached_tokens, SUM(output_tokens) AS output_tokens, \
+                 SUM(cost_micros) AS cost_micros FROM {table} WHERE at >= ${from} AND at < ${to} GROUP BY grp"
+            )
+        };
+        let parts = [
+            part(&rows, "COUNT(*)", "usage", 1, 2),
+            part(&rolled, "SUM(requests)", "usage_minutes", 2, 3),
+            part(&rolled, "SUM(requests)", "usage_hours", 3, 4),
+            part(&rolled, "SUM(requests)", "usage_minutes", 4, 5),
+            part(&rows, "COUNT(*)", "usage", 5, 6),
+        ];
         let sql = format!(
-            "SELECT {g} AS grp, COUNT(*) AS requests, {sums}, {cached} AS cached
-             FROM usage WHERE at >= $1 AND at < $2 GROUP BY grp ORDER BY cost DESC, grp",
-            g = by.expr(self.backend),
-            sums = SUMS,
-            cached = sum("cached_tokens"),
+            "SELECT grp, CAST(SUM(requests) AS BIGINT) AS requests, {SUMS}
+             FROM ({}) AS parts GROUP BY grp ORDER BY cost DESC, grp",
+            parts.join(" UNION ALL ")
         );
-        self.usage_lines(sql, since_ms, until_ms).await
+        self.usage_lines(sql, &report_edges(since_ms, until_ms))
+            .await
     }
 
     /// Runs a report query (`grp`, `requests`, `input`, `cached`, `output`,
-    /// `cost` over `at >= $1 AND at < $2`).
-    async fn usage_lines(
-        &self,
-        sql: String,
-        since_ms: i64,
-        until_ms: i64,
-    ) -> Result<Vec<UsageLine>, Error> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(since_ms)
-            .bind(until_ms)
-            .fetch_all(&self.pool)
-            .await?;
+    /// `cost`) with `bounds` as `$1`, `$2`, ….
+    async fn usage_lines(&self, sql: String, bounds: &[i64]) -> Result<Vec<UsageLine>, Error> {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for bound in bounds {
+            query = query.bind(*bound);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
                 Ok(UsageLine {
@@ -964,10 +1019,9 @@ impl Database {
         bucket_ms: i64,
     ) -> Result<Vec<UsagePoint>, Error> {
         let sql = format!(
-            "SELECT (at / $1) * $1 AS t, {requests} AS requests, {SUMS}
+            "SELECT (at / $1) * $1 AS t, CAST(SUM(requests) AS BIGINT) AS requests, {SUMS}
              FROM {} WHERE at >= $2 AND at < $3 GROUP BY t ORDER BY t",
             rollup_table(bucket_ms),
-            requests = sum("requests"),
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(bucket_ms.max(MINUTE_MS))
@@ -981,6 +1035,7 @@ impl Database {
                     at: r.try_get("t")?,
                     requests: r.try_get("requests")?,
                     input_tokens: r.try_get("input")?,
+                    cached_tokens: r.try_get("cached")?,
                     output_tokens: r.try_get("output")?,
                     cost: r.try_get("cost")?,
                 })
@@ -1004,12 +1059,11 @@ impl Database {
             RollupBy::Model => "model",
         };
         let sql = format!(
-            "SELECT {column} AS grp, {requests} AS requests, {SUMS}, CAST(0 AS BIGINT) AS cached
+            "SELECT {column} AS grp, CAST(SUM(requests) AS BIGINT) AS requests, {SUMS}
              FROM {} WHERE at >= $1 AND at < $2 GROUP BY grp ORDER BY cost DESC, grp",
             rollup_table(bucket_ms),
-            requests = sum("requests"),
         );
-        self.usage_lines(sql, since_ms, until_ms).await
+        self.usage_lines(sql, &[since_ms, until_ms]).await
     }
 
     /// The usage rows in the SQLite ledger's journal, committed or not:
@@ -1182,5 +1236,27 @@ mod tests {
         );
         drop(ledger);
         Ok(())
+    }
+
+    proptest::proptest! {
+        /// A report's window is cut so that the rows are read for less
+        /// than a minute at either end, the minutes for less than an hour,
+        /// and every rollup range is whole buckets: what makes a month's
+        /// report cost its hours, not its rows.
+        #[test]
+        fn report_edges_leave_the_rows_only_ragged_minutes(
+            since in -1_i64 << 50..1 << 50,
+            length in 0_i64..1 << 40,
+        ) {
+            let until = since + length;
+            let [s, m1, h1, h2, m2, u] = report_edges(since, until);
+            proptest::prop_assert_eq!((s, u), (since, until));
+            proptest::prop_assert!(s <= m1 && m1 <= h1 && h1 <= h2 && h2 <= m2 && m2 <= u);
+            proptest::prop_assert!(m1 - s < MINUTE_MS && u - m2 < MINUTE_MS || m1 == u);
+            proptest::prop_assert!(h1 - m1 < HOUR_MS && m2 - h2 < HOUR_MS || h1 == m2);
+            for (a, b, width) in [(m1, h1, MINUTE_MS), (h2, m2, MINUTE_MS), (h1, h2, HOUR_MS)] {
+                proptest::prop_assert!(a == b || a % width == 0 && b % width == 0);
+            }
+        }
     }
 }

@@ -141,10 +141,11 @@ impl SqliteWriter {
                 continue;
             }
             let mut upsert = tx.prepare_cached(&format!(
-                "INSERT INTO {table} (at, key_name, team, model, requests, input_tokens, output_tokens, cost_micros) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                "INSERT INTO {table} (at, key_name, team, model, requests, input_tokens, cached_tokens, output_tokens, cost_micros) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
                  ON CONFLICT (at, key_name, team, model) DO UPDATE SET requests = requests + excluded.requests, \
                  input_tokens = input_tokens + excluded.input_tokens, \
+                 cached_tokens = cached_tokens + excluded.cached_tokens, \
                  output_tokens = output_tokens + excluded.output_tokens, \
                  cost_micros = cost_micros + excluded.cost_micros"
             ))?;
@@ -156,6 +157,7 @@ impl SqliteWriter {
                     model,
                     s.requests,
                     s.input_tokens,
+                    s.cached_tokens,
                     s.output_tokens,
                     s.cost
                 ])?;
