@@ -415,7 +415,7 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
         "failures": failures_path,
     });
     if args.json {
-        println!("{summary}");
+        out!("{summary}")?;
     } else if !args.quiet {
         eprintln!("{:<14} {}", "requests", total);
         eprintln!("{:<14} {}", "done before", already);

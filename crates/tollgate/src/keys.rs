@@ -161,11 +161,17 @@ fn fmt_time(t: Option<i64>) -> String {
     )
 }
 
-fn print_table(keys: &[KeyRecord]) {
-    println!(
+fn print_table(keys: &[KeyRecord]) -> std::io::Result<()> {
+    out!(
         "{:<26} {:<20} {:<13} {:<8} {:<21} {:<21} {:<16} MODELS",
-        "ID", "NAME", "PREFIX", "STATE", "CREATED", "EXPIRES", "PRESET/TEAM"
-    );
+        "ID",
+        "NAME",
+        "PREFIX",
+        "STATE",
+        "CREATED",
+        "EXPIRES",
+        "PRESET/TEAM"
+    )?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -186,7 +192,7 @@ fn print_table(keys: &[KeyRecord]) {
             k.preset.as_deref().unwrap_or("-"),
             k.team.as_deref().unwrap_or("-")
         );
-        println!(
+        out!(
             "{:<26} {:<20} {:<13} {:<8} {:<21} {:<21} {:<16} {}",
             k.id,
             k.name,
@@ -196,8 +202,9 @@ fn print_table(keys: &[KeyRecord]) {
             fmt_time(k.expires_at),
             group,
             models
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// Runs one key command against the configured database.
@@ -232,13 +239,13 @@ pub async fn run(config: Option<&std::path::Path>, cmd: KeysCommand) -> anyhow::
                 })
                 .await?;
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::json!({"key": key, "secret": secret.expose()})
-                );
+                )?;
             } else {
-                println!("created key '{}' ({})", key.name, key.id);
-                println!("secret (shown once, store it now): {}", secret.expose());
+                out!("created key '{}' ({})", key.name, key.id)?;
+                out!("secret (shown once, store it now): {}", secret.expose())?;
             }
         }
         KeysCommand::Limits {
@@ -269,34 +276,35 @@ pub async fn run(config: Option<&std::path::Path>, cmd: KeysCommand) -> anyhow::
                 },
             };
             let k = db.update_key_limits(&key, update).await?;
-            println!(
+            out!(
                 "key '{}': preset {}, team {}, account {}, limits {}",
                 k.name,
                 k.preset.as_deref().unwrap_or("-"),
                 k.team.as_deref().unwrap_or("-"),
                 k.account.as_deref().unwrap_or("-"),
                 serde_json::to_string(&k.limits)?
-            );
+            )?;
         }
         KeysCommand::List { json } => {
             let keys = db.list_keys().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&keys)?);
+                out!("{}", serde_json::to_string_pretty(&keys)?)?;
             } else {
-                print_table(&keys);
+                print_table(&keys)?;
             }
         }
         KeysCommand::Revoke { key } => {
             let k = db.revoke_key(&key).await?;
-            println!("revoked key '{}' ({})", k.name, k.id);
+            out!("revoked key '{}' ({})", k.name, k.id)?;
         }
         KeysCommand::Rotate { key } => {
             let (k, secret) = db.rotate_key(&key).await?;
-            println!(
+            out!(
                 "rotated key '{}' ({}); the old secret no longer works",
-                k.name, k.id
-            );
-            println!("new secret (shown once, store it now): {}", secret.expose());
+                k.name,
+                k.id
+            )?;
+            out!("new secret (shown once, store it now): {}", secret.expose())?;
         }
     }
     db.close().await;

@@ -1,5 +1,14 @@
 //! The `tollgate` command: thin wiring of the library crates.
 
+/// `println!` that hands back the write's error instead of panicking on it:
+/// `tollgate usage | head` closes the pipe early, and that is no crash.
+macro_rules! out {
+    ($($line:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($line)*)
+    }};
+}
+
 mod batch;
 mod keys;
 mod log_format;
@@ -100,7 +109,7 @@ fn main() -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let ran = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve::run(cli.config.as_deref(), args)
                 .await
@@ -121,7 +130,18 @@ fn main() -> anyhow::Result<ExitCode> {
             Command::Batch(args) => batch::run(args).await,
             Command::Top(args) => top::run(args).await.map(|()| ExitCode::SUCCESS),
         }
-    })
+    });
+    match ran {
+        // The reader went away (`| head`): stop quietly, as a process that
+        // SIGPIPE ended would, with its status.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>().map(std::io::Error::kind)
+                == Some(std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(ExitCode::from(128 + 13))
+        }
+        ran => ran,
+    }
 }
 
 /// The config file to use: the one named, else `./tollgate.toml` if present.

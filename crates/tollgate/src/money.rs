@@ -149,19 +149,19 @@ pub async fn credits(config: Option<&std::path::Path>, cmd: CreditsCommand) -> a
                     .await?;
             }
             let balance = db.find_account(&account).await?.balance;
-            println!(
+            out!(
                 "added ${} to '{account}' (entry {}, by {who}); balance ${}",
                 Usd(amount),
                 entry.id,
                 Usd(balance)
-            );
+            )?;
         }
         CreditsCommand::Show { account, json } => {
             let a = db.find_account(&account).await?;
             let entries = db.credit_entries(Some(&account), 0).await?;
             let credited: i64 = entries.iter().map(|e| e.amount).sum();
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
                         "account": a.name, "balance_usd": Usd(a.balance).to_string(),
@@ -170,41 +170,44 @@ pub async fn credits(config: Option<&std::path::Path>, cmd: CreditsCommand) -> a
                         "low_balance_usd": a.low_balance.map(|l| Usd(l).to_string()),
                         "entries": entries,
                     }))?
-                );
+                )?;
             } else {
-                println!("account '{}': balance ${}", a.name, Usd(a.balance));
-                println!(
+                out!("account '{}': balance ${}", a.name, Usd(a.balance))?;
+                out!(
                     "credited ${}, spent ${}",
                     Usd(credited),
                     Usd(credited - a.balance)
-                );
+                )?;
                 if let Some(l) = a.low_balance {
-                    println!("low-balance alert below ${}", Usd(l));
+                    out!("low-balance alert below ${}", Usd(l))?;
                 }
-                println!(
+                out!(
                     "{:<6} {:<21} {:>14} {:<12} WHY",
-                    "ID", "AT", "AMOUNT", "WHO"
-                );
+                    "ID",
+                    "AT",
+                    "AMOUNT",
+                    "WHO"
+                )?;
                 for e in entries {
-                    println!(
+                    out!(
                         "{:<6} {:<21} {:>14} {:<12} {}",
                         e.id,
                         fmt_ms(e.at),
                         Usd(e.amount).to_string(),
                         e.who,
                         e.why
-                    );
+                    )?;
                 }
             }
         }
         CreditsCommand::List { json } => {
             let accounts = db.list_accounts().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&accounts)?);
+                out!("{}", serde_json::to_string_pretty(&accounts)?)?;
             } else {
-                println!("{:<24} {:>16}", "ACCOUNT", "BALANCE");
+                out!("{:<24} {:>16}", "ACCOUNT", "BALANCE")?;
                 for a in accounts {
-                    println!("{:<24} {:>16}", a.name, Usd(a.balance).to_string());
+                    out!("{:<24} {:>16}", a.name, Usd(a.balance).to_string())?;
                 }
             }
         }
@@ -226,29 +229,29 @@ pub async fn budgets(config: Option<&std::path::Path>, cmd: BudgetsCommand) -> a
             let b =
                 budget_from_text(&scope, &window, &cap, alert_at).map_err(anyhow::Error::msg)?;
             db.set_budget(&b).await?;
-            println!("{} budget of {} set to ${}", b.window, b.scope, Usd(b.cap));
+            out!("{} budget of {} set to ${}", b.window, b.scope, Usd(b.cap))?;
         }
         BudgetsCommand::Remove { scope, window } => {
             let window = window.parse().map_err(anyhow::Error::msg)?;
             if !db.remove_budget(&scope, window).await? {
                 anyhow::bail!("no {window} budget on `{scope}`");
             }
-            println!("removed the {window} budget of {scope}");
+            out!("removed the {window} budget of {scope}")?;
         }
         BudgetsCommand::List { json } => {
             let budgets = db.list_budgets().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&budgets)?);
+                out!("{}", serde_json::to_string_pretty(&budgets)?)?;
             } else {
-                println!("{:<32} {:<9} {:>14} ALERT", "SCOPE", "WINDOW", "CAP");
+                out!("{:<32} {:<9} {:>14} ALERT", "SCOPE", "WINDOW", "CAP")?;
                 for b in budgets {
-                    println!(
+                    out!(
                         "{:<32} {:<9} {:>14} {}",
                         b.scope,
                         b.window,
                         Usd(b.cap).to_string(),
                         b.alert_percent.map_or("-".into(), |p| format!("{p}%"))
-                    );
+                    )?;
                 }
             }
         }
@@ -281,15 +284,15 @@ pub async fn usage(config: Option<&std::path::Path>, args: UsageArgs) -> anyhow:
                     "cost_usd": Usd(l.cost).to_string(), "cost_micros": l.cost,
                 }))
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            out!("{}", serde_json::to_string_pretty(&out)?)?;
         }
         ReportFormat::Csv => {
-            println!(
+            out!(
                 "{},requests,input_tokens,cached_tokens,output_tokens,cost_usd",
                 args.by
-            );
+            )?;
             for l in &lines {
-                println!(
+                out!(
                     "{},{},{},{},{},{}",
                     csv_field(&l.group),
                     l.requests,
@@ -297,11 +300,11 @@ pub async fn usage(config: Option<&std::path::Path>, args: UsageArgs) -> anyhow:
                     l.cached_tokens,
                     l.output_tokens,
                     Usd(l.cost)
-                );
+                )?;
             }
         }
         ReportFormat::Table => {
-            println!(
+            out!(
                 "{:<28} {:>9} {:>12} {:>10} {:>12} {:>14}",
                 args.by.to_uppercase(),
                 "REQUESTS",
@@ -309,11 +312,11 @@ pub async fn usage(config: Option<&std::path::Path>, args: UsageArgs) -> anyhow:
                 "CACHED",
                 "OUTPUT",
                 "COST USD"
-            );
+            )?;
             let mut total = 0;
             for l in &lines {
                 total += l.cost;
-                println!(
+                out!(
                     "{:<28} {:>9} {:>12} {:>10} {:>12} {:>14}",
                     l.group,
                     l.requests,
@@ -321,9 +324,9 @@ pub async fn usage(config: Option<&std::path::Path>, args: UsageArgs) -> anyhow:
                     l.cached_tokens,
                     l.output_tokens,
                     Usd(l.cost).to_string()
-                );
+                )?;
             }
-            println!("{:<28} {:>60}", "TOTAL", Usd(total).to_string());
+            out!("{:<28} {:>60}", "TOTAL", Usd(total).to_string())?;
         }
     }
     db.close().await;
