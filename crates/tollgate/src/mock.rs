@@ -60,11 +60,11 @@ pub async fn run(args: MockArgs) -> anyhow::Result<()> {
     }
     let server = MockServer::start(config, args.listen).await?;
     let shutdown = crate::serve::shutdown_signal()?;
-    println!(
+    out!(
         "tollgate mock: simulated OpenAI provider on {}",
         server.base_url()
-    );
-    println!("  per-request faults: send header `x-mock-fault: 503` (or hang, reset, cut:3, …)");
+    )?;
+    out!("  per-request faults: send header `x-mock-fault: 503` (or hang, reset, cut:3, …)")?;
     tokio::select! {
         () = server.run_forever() => {}
         () = shutdown => {}

@@ -50,9 +50,9 @@ fn deployment(name: &str, provider: Provider, models: Vec<String>) -> Deployment
 
 /// With no deployments configured: OpenAI if its key is in the environment,
 /// else the simulated provider in-process. Says which.
-fn embedded_default(config: &mut Config) {
+fn embedded_default(config: &mut Config) -> std::io::Result<()> {
     if !config.deployments.is_empty() {
-        return;
+        return Ok(());
     }
     if std::env::var("OPENAI_API_KEY").is_ok_and(|k| !k.is_empty()) {
         let mut d = deployment(
@@ -62,9 +62,9 @@ fn embedded_default(config: &mut Config) {
         );
         d.api_key_env = Some("OPENAI_API_KEY".into());
         config.deployments.push(d);
-        println!(
+        out!(
             "no deployments configured: OPENAI_API_KEY is set, forwarding to https://api.openai.com/v1"
-        );
+        )?;
     } else {
         let mut d = deployment(
             "mock",
@@ -78,10 +78,11 @@ fn embedded_default(config: &mut Config) {
             tokens_per_second: None,
         });
         config.deployments.push(d);
-        println!(
+        out!(
             "no deployments configured and no OPENAI_API_KEY: serving the built-in simulated provider"
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// Starts every `provider = "mock"` deployment in this process and points
@@ -104,11 +105,11 @@ async fn start_mocks(config: &mut Config) -> anyhow::Result<Vec<MockServer>> {
         };
         let server = MockServer::start(mock_config, SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         d.base_url = Some(server.base_url());
-        println!(
+        out!(
             "deployment '{}': simulated provider at {}",
             d.name,
             server.base_url()
-        );
+        )?;
         mocks.push(server);
     }
     Ok(mocks)
@@ -134,25 +135,26 @@ pub(crate) fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Outpu
     })
 }
 
-fn print_quickstart(url: &str, secret: &str, model: &str) {
-    println!();
-    println!("created a first API key 'dev' (shown once, store it now):");
-    println!("  {secret}");
-    println!();
-    println!("try it with curl:");
-    println!("  curl {url}/v1/chat/completions \\");
-    println!("    -H \"Authorization: Bearer {secret}\" -H 'Content-Type: application/json' \\");
-    println!(
+fn print_quickstart(url: &str, secret: &str, model: &str) -> std::io::Result<()> {
+    out!()?;
+    out!("created a first API key 'dev' (shown once, store it now):")?;
+    out!("  {secret}")?;
+    out!()?;
+    out!("try it with curl:")?;
+    out!("  curl {url}/v1/chat/completions \\")?;
+    out!("    -H \"Authorization: Bearer {secret}\" -H 'Content-Type: application/json' \\")?;
+    out!(
         "    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'"
-    );
-    println!();
-    println!("or with the official OpenAI Python SDK (pip install openai):");
-    println!("  from openai import OpenAI");
-    println!("  client = OpenAI(base_url=\"{url}/v1\", api_key=\"{secret}\")");
-    println!(
+    )?;
+    out!()?;
+    out!("or with the official OpenAI Python SDK (pip install openai):")?;
+    out!("  from openai import OpenAI")?;
+    out!("  client = OpenAI(base_url=\"{url}/v1\", api_key=\"{secret}\")")?;
+    out!(
         "  print(client.chat.completions.create(model=\"{model}\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}]).choices[0].message.content)"
-    );
-    println!();
+    )?;
+    out!()?;
+    Ok(())
 }
 
 /// Runs the gateway until SIGINT or SIGTERM.
@@ -160,20 +162,18 @@ pub async fn run(config_file: Option<&Path>, args: ServeArgs) -> anyhow::Result<
     let path = crate::config_path(config_file);
     let mut config = crate::load_config(config_file)?;
     match &path {
-        Some(p) => println!("config: {}", p.display()),
-        None => {
-            println!("config: none found, using built-in defaults (see README for tollgate.toml)")
-        }
+        Some(p) => out!("config: {}", p.display())?,
+        None => out!("config: none found, using built-in defaults (see README for tollgate.toml)")?,
     }
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
-    embedded_default(&mut config);
+    embedded_default(&mut config)?;
     let _mocks = start_mocks(&mut config).await?;
-    println!(
+    out!(
         "database: {}",
         tollgate_store::database::redact(config.database_url())
-    );
+    )?;
     let listen = config.server.listen;
     let gateway = Gateway::build(config, |name| std::env::var(name).ok()).await?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -195,23 +195,23 @@ pub async fn run(config_file: Option<&Path>, args: ServeArgs) -> anyhow::Result<
             .find(|m| !m.contains("embedding"))
             .cloned()
             .unwrap_or_default();
-        print_quickstart(&url, secret.expose(), &model);
+        print_quickstart(&url, secret.expose(), &model)?;
     } else {
-        println!("keys: create one with `tollgate keys create --name NAME`");
+        out!("keys: create one with `tollgate keys create --name NAME`")?;
     }
     if gateway.admin_enabled() {
-        println!(
+        out!(
             "admin API: {url}/admin (Bearer ${})",
             gateway.config.server.admin_key_env
-        );
+        )?;
     } else {
-        println!(
+        out!(
             "admin API: disabled (set {} to enable it)",
             gateway.config.server.admin_key_env
-        );
+        )?;
     }
     let shutdown = shutdown_signal()?;
-    println!("tollgate listening on {url}  (OpenAI base URL: {url}/v1)");
+    out!("tollgate listening on {url}  (OpenAI base URL: {url}/v1)")?;
     tollgate_gateway::server::serve(gateway.clone(), listener, shutdown).await?;
     // Every usage row of a served request is durable before the exit.
     gateway.money.close().await;
