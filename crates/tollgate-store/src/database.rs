@@ -41,8 +41,8 @@ const SQLITE_MIGRATIONS: Migrations = &[
     ),
     (
         5,
-        "cached tokens in the rollups",
-        include_str!("../migrations/sqlite/0005_rollup_cached_tokens.sql"),
+        "rollups by account, with cached tokens",
+        include_str!("../migrations/sqlite/0005_rollups_by_account.sql"),
     ),
 ];
 
@@ -55,8 +55,8 @@ const POSTGRES_MIGRATIONS: Migrations = &[
     ),
     (
         5,
-        "cached tokens in the rollups",
-        include_str!("../migrations/postgres/0005_rollup_cached_tokens.sql"),
+        "rollups by account, with cached tokens",
+        include_str!("../migrations/postgres/0005_rollups_by_account.sql"),
     ),
 ];
 

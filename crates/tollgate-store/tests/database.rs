@@ -525,10 +525,10 @@ async fn seventy_hours_of_rows(db: &Database) -> Result<Vec<UsageRow>, Error> {
     db.usage_rows().await
 }
 
-/// Reports by key, team, model or day read whole minutes and hours from
-/// the rollups and the ragged edges from the rows: for windows on and off
-/// every boundary, they sum exactly what the rows hold, as do reports by
-/// user and account, which read the rows alone.
+/// Reports by key, team, account, model or day read whole minutes and
+/// hours from the rollups and the ragged edges from the rows: for windows
+/// on and off every boundary, they sum exactly what the rows hold, as do
+/// reports by end user, which read the rows alone.
 async fn reports_sum_what_the_rows_hold_for_any_window(backend: Backend) -> Result<(), Error> {
     let (_dir, db) = open(backend).await?;
     let rows = seventy_hours_of_rows(&db).await?;
@@ -586,45 +586,53 @@ async fn reports_sum_what_the_rows_hold_for_any_window(backend: Backend) -> Resu
     Ok(())
 }
 
-/// A database from before the rollups kept cached tokens gets them, from
-/// its rows, when it is opened by this version.
-async fn an_older_database_gets_cached_tokens_in_its_rollups(
-    backend: Backend,
-) -> Result<(), Error> {
+/// A database from before the rollups were kept by account and with
+/// cached tokens gets them, from its rows, when this version opens it.
+async fn an_older_database_gets_its_rollups_by_account(backend: Backend) -> Result<(), Error> {
     use sqlx::Connection;
     let (_dir, url) = scratch_url(backend).await?;
     let db = Database::open(&url).await?;
     let rows = seventy_hours_of_rows(&db).await?;
     db.close().await;
-    // Back to the schema of version 4, the rollups without the column.
+    // Back to version 4: its rollups, as it built them from the rows.
     let raw_url = match backend {
         Backend::Sqlite => format!("sqlite:{url}"),
         Backend::Postgres => url.clone(),
     };
     let mut conn = sqlx::AnyConnection::connect(&raw_url).await?;
-    for sql in [
-        "ALTER TABLE usage_minutes DROP COLUMN cached_tokens",
-        "ALTER TABLE usage_hours DROP COLUMN cached_tokens",
-        "DELETE FROM _sqlx_migrations WHERE version = 5",
-    ] {
-        sqlx::query(sql).execute(&mut conn).await?;
-    }
-    conn.close().await?;
-    let db = Database::open(&url).await?;
-    let (since, until) = (rows[0].at - rows[0].at.rem_euclid(HOUR_MS), i64::MAX);
-    for (by, table) in [
-        (RollupBy::Model, GroupBy::Model),
-        (RollupBy::Team, GroupBy::Team),
-    ] {
-        for bucket in [MINUTE_MS, HOUR_MS] {
-            let lines = db.usage_rollup_report(by, since, until, bucket).await?;
-            assert_eq!(
-                lines,
-                report_of(&rows, table, since, until),
-                "{by:?} {bucket}"
-            );
-            assert!(lines.iter().any(|l| l.cached_tokens > 0));
+    for (table, width) in [("usage_minutes", MINUTE_MS), ("usage_hours", HOUR_MS)] {
+        for sql in [
+            format!("DROP TABLE {table}"),
+            format!(
+                "CREATE TABLE {table} (at BIGINT NOT NULL, key_name TEXT NOT NULL, team TEXT NOT NULL, \
+                 model TEXT NOT NULL, requests BIGINT NOT NULL, input_tokens BIGINT NOT NULL, \
+                 output_tokens BIGINT NOT NULL, cost_micros BIGINT NOT NULL, \
+                 PRIMARY KEY (at, key_name, team, model))"
+            ),
+            format!(
+                "INSERT INTO {table} SELECT at - at % {width}, COALESCE(key_name, '-'), \
+                 COALESCE(team, '-'), model, COUNT(*), SUM(input_tokens), SUM(output_tokens), \
+                 SUM(cost_micros) FROM usage GROUP BY 1, 2, 3, 4"
+            ),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await?;
         }
+    }
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 5")
+        .execute(&mut conn)
+        .await?;
+    conn.close().await?;
+
+    let db = Database::open(&url).await?;
+    // Whole hours: read from the rollups alone.
+    let since = rows[0].at - rows[0].at.rem_euclid(HOUR_MS) + HOUR_MS;
+    let until = rows[699].at - rows[699].at.rem_euclid(HOUR_MS);
+    for by in [GroupBy::Account, GroupBy::Model, GroupBy::Day] {
+        let lines = db.usage_report(by, since, until).await?;
+        assert_eq!(lines, report_of(&rows, by, since, until), "{by:?}");
+        assert!(lines.iter().any(|l| l.cached_tokens > 0));
     }
     Ok(())
 }
@@ -655,7 +663,7 @@ on_both_databases!(
     budgets_accounts_and_spend_round_trip,
     spend_sums_are_the_rows_whichever_table_answers,
     reports_sum_what_the_rows_hold_for_any_window,
-    an_older_database_gets_cached_tokens_in_its_rollups,
+    an_older_database_gets_its_rollups_by_account,
 );
 
 /// WAL with `synchronous = NORMAL` on every connection (the pool's and the

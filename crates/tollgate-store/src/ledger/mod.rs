@@ -606,11 +606,11 @@ pub(crate) const HOUR_MS: i64 = 60 * MINUTE_MS;
 /// key columns cannot be NULL), and what reports show for any "none".
 pub(crate) const NONE_IN_ROLLUPS: &str = "-";
 
-/// A rollup group: bucket start, key name, team, model.
-type RollupKey<'a> = (i64, &'a str, &'a str, &'a str);
+/// A rollup group: bucket start, key name, team, account, model.
+type RollupKey<'a> = (i64, &'a str, &'a str, &'a str, &'a str);
 
-/// A batch's rows summed per `width` bucket, key, team and model (usually
-/// one or two groups for a whole batch).
+/// A batch's rows summed per `width` bucket, key, team, account and model
+/// (usually one or two groups for a whole batch).
 fn rollup(rows: &[UsageRow], width: i64) -> Vec<(RollupKey<'_>, UsagePoint)> {
     let mut sums: HashMap<RollupKey<'_>, UsagePoint, foldhash::fast::RandomState> =
         HashMap::default();
@@ -619,6 +619,7 @@ fn rollup(rows: &[UsageRow], width: i64) -> Vec<(RollupKey<'_>, UsagePoint)> {
             r.at - r.at.rem_euclid(width),
             r.key_name.as_deref().unwrap_or(NONE_IN_ROLLUPS),
             r.team.as_deref().unwrap_or(NONE_IN_ROLLUPS),
+            r.account.as_deref().unwrap_or(NONE_IN_ROLLUPS),
             &*r.model,
         );
         let s = sums.entry(key).or_default();
@@ -752,12 +753,13 @@ async fn write_postgres(conn: &mut AnyConnection, batch: &Batch) -> Result<(), E
         for chunk in sums.chunks(ROWS_PER_INSERT) {
             let mut q = Statement::default();
             q.push("INSERT INTO ").push(table).push(
-                " (at, key_name, team, model, requests, input_tokens, cached_tokens, output_tokens, cost_micros) ",
+                " (at, key_name, team, account, model, requests, input_tokens, cached_tokens, output_tokens, cost_micros) ",
             );
-            q.values(chunk, |q, ((at, key, team, model), s)| {
+            q.values(chunk, |q, ((at, key, team, account, model), s)| {
                 q.bind(*at).comma();
                 q.bind(*key).comma();
                 q.bind(*team).comma();
+                q.bind(*account).comma();
                 q.bind(*model).comma();
                 q.bind(s.requests).comma();
                 q.bind(s.input_tokens).comma();
@@ -768,7 +770,7 @@ async fn write_postgres(conn: &mut AnyConnection, batch: &Batch) -> Result<(), E
             // PostgreSQL wants the target's columns qualified here.
             let _ = write!(
                 q.sql,
-                " ON CONFLICT (at, key_name, team, model) DO UPDATE SET requests = {table}.requests + excluded.requests, \
+                " ON CONFLICT (at, key_name, team, account, model) DO UPDATE SET requests = {table}.requests + excluded.requests, \
                  input_tokens = {table}.input_tokens + excluded.input_tokens, \
                  cached_tokens = {table}.cached_tokens + excluded.cached_tokens, \
                  output_tokens = {table}.output_tokens + excluded.output_tokens, \
@@ -854,10 +856,12 @@ impl GroupBy {
         match self {
             Self::Key => Some("key_name".into()),
             Self::Team => Some("team".into()),
+            Self::Account => Some("account".into()),
             Self::Model => Some("model".into()),
             // An hour's bucket lies within one UTC day.
             Self::Day => Some(backend.utc_day("at").into()),
-            Self::User | Self::Account => None,
+            // End users are too many to keep rollups by.
+            Self::User => None,
         }
     }
 }
@@ -946,10 +950,11 @@ impl Database {
     /// Usage between `since_ms` (inclusive) and `until_ms` (exclusive),
     /// grouped, most expensive first.
     ///
-    /// By key, team, model or day, whole minutes and hours are read from
-    /// the rollups (see [`report_edges`]) and only a ragged minute at either
-    /// end from the rows: a month of a busy gateway in milliseconds, where
-    /// summing its rows took seconds. By user or account, from the rows.
+    /// By key, team, account, model or day, whole minutes and hours are
+    /// read from the rollups (see [`report_edges`]) and only a ragged minute
+    /// at either end from the rows: a month of a busy gateway in
+    /// milliseconds, where summing its rows took seconds. By end user, from
+    /// the rows.
     pub async fn usage_report(
         &self,
         by: GroupBy,

@@ -141,19 +141,20 @@ impl SqliteWriter {
                 continue;
             }
             let mut upsert = tx.prepare_cached(&format!(
-                "INSERT INTO {table} (at, key_name, team, model, requests, input_tokens, cached_tokens, output_tokens, cost_micros) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-                 ON CONFLICT (at, key_name, team, model) DO UPDATE SET requests = requests + excluded.requests, \
+                "INSERT INTO {table} (at, key_name, team, account, model, requests, input_tokens, cached_tokens, output_tokens, cost_micros) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                 ON CONFLICT (at, key_name, team, account, model) DO UPDATE SET requests = requests + excluded.requests, \
                  input_tokens = input_tokens + excluded.input_tokens, \
                  cached_tokens = cached_tokens + excluded.cached_tokens, \
                  output_tokens = output_tokens + excluded.output_tokens, \
                  cost_micros = cost_micros + excluded.cost_micros"
             ))?;
-            for ((at, key, team, model), s) in groups {
+            for ((at, key, team, account, model), s) in groups {
                 upsert.execute(params![
                     at,
                     key,
                     team,
+                    account,
                     model,
                     s.requests,
                     s.input_tokens,
