@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use throttles::ThrottleLog;
 use tollgate_core::money::Window;
-use tollgate_store::ledger::RollupBy;
+use tollgate_store::ledger::GroupBy;
 use tollgate_store::{SecretHash, SecretKey};
 
 const INDEX_HTML: &str = include_str!("../../ui/index.html");
@@ -222,11 +222,11 @@ async fn collect(
     }
     let mut spend = serde_json::Map::new();
     for (name, by) in [
-        ("key", RollupBy::Key),
-        ("team", RollupBy::Team),
-        ("model", RollupBy::Model),
+        ("key", GroupBy::Key),
+        ("team", GroupBy::Team),
+        ("model", GroupBy::Model),
     ] {
-        let mut lines = gw.db.usage_rollup_report(by, first, until, bucket).await?;
+        let mut lines = gw.db.usage_report(by, first, until).await?;
         lines.truncate(10);
         spend.insert(name.into(), serde_json::to_value(lines).unwrap_or_default());
     }

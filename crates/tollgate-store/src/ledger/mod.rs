@@ -908,17 +908,6 @@ pub struct UsageLine {
     pub cost: Micros,
 }
 
-/// What the rollups are kept by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RollupBy {
-    /// Key name.
-    Key,
-    /// Team.
-    Team,
-    /// Model asked for.
-    Model,
-}
-
 /// The rollup a bucket of `bucket_ms` is read from: hours when it is a
 /// whole number of them, else minutes.
 fn rollup_table(bucket_ms: i64) -> &'static str {
@@ -1046,29 +1035,6 @@ impl Database {
                 })
             })
             .collect()
-    }
-
-    /// Usage between `since_ms` and `until_ms` (both on `bucket_ms`
-    /// boundaries) grouped by key, team or model, most expensive first,
-    /// from the rollups.
-    pub async fn usage_rollup_report(
-        &self,
-        by: RollupBy,
-        since_ms: i64,
-        until_ms: i64,
-        bucket_ms: i64,
-    ) -> Result<Vec<UsageLine>, Error> {
-        let column = match by {
-            RollupBy::Key => "key_name",
-            RollupBy::Team => "team",
-            RollupBy::Model => "model",
-        };
-        let sql = format!(
-            "SELECT {column} AS grp, CAST(SUM(requests) AS BIGINT) AS requests, {SUMS}
-             FROM {} WHERE at >= $1 AND at < $2 GROUP BY grp ORDER BY cost DESC, grp",
-            rollup_table(bucket_ms),
-        );
-        self.usage_lines(sql, &[since_ms, until_ms]).await
     }
 
     /// The usage rows in the SQLite ledger's journal, committed or not:
