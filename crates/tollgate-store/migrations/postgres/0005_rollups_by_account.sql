@@ -6,32 +6,20 @@ DROP TABLE usage_minutes;
 DROP TABLE usage_hours;
 
 CREATE TABLE usage_minutes (
-    at            BIGINT NOT NULL,  -- bucket start, Unix ms
+    at            BIGINT  NOT NULL,  -- bucket start, Unix ms
     key_name      TEXT    NOT NULL,  -- '-' when none
     team          TEXT    NOT NULL,
     account       TEXT    NOT NULL,
     model         TEXT    NOT NULL,
-    requests      BIGINT NOT NULL,
-    input_tokens  BIGINT NOT NULL,
-    cached_tokens BIGINT NOT NULL,
-    output_tokens BIGINT NOT NULL,
-    cost_micros   BIGINT NOT NULL,
+    requests      BIGINT  NOT NULL,
+    input_tokens  BIGINT  NOT NULL,
+    cached_tokens BIGINT  NOT NULL,
+    output_tokens BIGINT  NOT NULL,
+    cost_micros   BIGINT  NOT NULL,
     PRIMARY KEY (at, key_name, team, account, model)
 );
 
-CREATE TABLE usage_hours (
-    at            BIGINT NOT NULL,
-    key_name      TEXT    NOT NULL,
-    team          TEXT    NOT NULL,
-    account       TEXT    NOT NULL,
-    model         TEXT    NOT NULL,
-    requests      BIGINT NOT NULL,
-    input_tokens  BIGINT NOT NULL,
-    cached_tokens BIGINT NOT NULL,
-    output_tokens BIGINT NOT NULL,
-    cost_micros   BIGINT NOT NULL,
-    PRIMARY KEY (at, key_name, team, account, model)
-);
+CREATE TABLE usage_hours (LIKE usage_minutes INCLUDING ALL);
 
 INSERT INTO usage_minutes
 SELECT at - at % 60000, COALESCE(key_name, '-'), COALESCE(team, '-'), COALESCE(account, '-'), model,
