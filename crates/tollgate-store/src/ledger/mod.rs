@@ -602,8 +602,8 @@ impl Sink {
 
 const MINUTE_MS: i64 = 60_000;
 pub(crate) const HOUR_MS: i64 = 60 * MINUTE_MS;
-/// What the rollups hold for a row without a key name or a team (their
-/// key columns cannot be NULL), and what reports show for any "none".
+/// What the rollups hold for a row without a key name, team or account
+/// (their key columns cannot be NULL), and what reports show for any "none".
 pub(crate) const NONE_IN_ROLLUPS: &str = "-";
 
 /// A rollup group: bucket start, key name, team, account, model.
@@ -871,7 +871,7 @@ impl GroupBy {
 /// the per-hour rollups in between. Returns `[since, m1, h1, h2, m2, until]`:
 /// rows over `[since, m1)` and `[m2, until)`, minutes over `[m1, h1)` and
 /// `[h2, m2)`, hours over `[h1, h2)`; every range may be empty.
-pub fn report_edges(since: i64, until: i64) -> [i64; 6] {
+fn report_edges(since: i64, until: i64) -> [i64; 6] {
     let up = |t: i64, width: i64| t.saturating_add((width - t.rem_euclid(width)) % width);
     let down = |t: i64, width: i64| t - t.rem_euclid(width);
     let (mut m1, mut m2) = (up(since, MINUTE_MS), down(until, MINUTE_MS));
@@ -940,10 +940,10 @@ impl Database {
     /// grouped, most expensive first.
     ///
     /// By key, team, account, model or day, whole minutes and hours are
-    /// read from the rollups (see [`report_edges`]) and only a ragged minute
-    /// at either end from the rows: a month of a busy gateway in
-    /// milliseconds, where summing its rows took seconds. By end user, from
-    /// the rows.
+    /// read from the rollups and only a ragged minute at either end from
+    /// the rows (`report_edges`): a month of a busy gateway in
+    /// milliseconds, where summing its rows took seconds. By end user,
+    /// from the rows.
     pub async fn usage_report(
         &self,
         by: GroupBy,
