@@ -950,14 +950,6 @@ impl Database {
         since_ms: i64,
         until_ms: i64,
     ) -> Result<Vec<UsageLine>, Error> {
-        let rows = by.row_expr(self.backend);
-        let Some(rolled) = by.rollup_expr(self.backend) else {
-            let sql = format!(
-                "SELECT {rows} AS grp, COUNT(*) AS requests, {SUMS}
-                 FROM usage WHERE at >= $1 AND at < $2 GROUP BY grp ORDER BY cost DESC, grp"
-            );
-            return self.usage_lines(sql, &[since_ms, until_ms]).await;
-        };
         let part = |group: &str, requests: &str, table: &str, from: u8, to: u8| {
             format!(
                 "SELECT {group} AS grp, {requests} AS requests, SUM(input_tokens) AS input_tokens, \
@@ -965,20 +957,29 @@ impl Database {
                  SUM(cost_micros) AS cost_micros FROM {table} WHERE at >= ${from} AND at < ${to} GROUP BY grp"
             )
         };
-        let parts = [
-            part(&rows, "COUNT(*)", "usage", 1, 2),
-            part(&rolled, "SUM(requests)", "usage_minutes", 2, 3),
-            part(&rolled, "SUM(requests)", "usage_hours", 3, 4),
-            part(&rolled, "SUM(requests)", "usage_minutes", 4, 5),
-            part(&rows, "COUNT(*)", "usage", 5, 6),
-        ];
+        let rows = by.row_expr(self.backend);
+        let (parts, bounds) = match by.rollup_expr(self.backend) {
+            None => (
+                vec![part(&rows, "COUNT(*)", "usage", 1, 2)],
+                vec![since_ms, until_ms],
+            ),
+            Some(rolled) => (
+                vec![
+                    part(&rows, "COUNT(*)", "usage", 1, 2),
+                    part(&rolled, "SUM(requests)", "usage_minutes", 2, 3),
+                    part(&rolled, "SUM(requests)", "usage_hours", 3, 4),
+                    part(&rolled, "SUM(requests)", "usage_minutes", 4, 5),
+                    part(&rows, "COUNT(*)", "usage", 5, 6),
+                ],
+                report_edges(since_ms, until_ms).to_vec(),
+            ),
+        };
         let sql = format!(
             "SELECT grp, CAST(SUM(requests) AS BIGINT) AS requests, {SUMS}
              FROM ({}) AS parts GROUP BY grp ORDER BY cost DESC, grp",
             parts.join(" UNION ALL ")
         );
-        self.usage_lines(sql, &report_edges(since_ms, until_ms))
-            .await
+        self.usage_lines(sql, &bounds).await
     }
 
     /// Runs a report query (`grp`, `requests`, `input`, `cached`, `output`,
