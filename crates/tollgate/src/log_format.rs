@@ -11,9 +11,10 @@
 use std::cell::{Cell, RefCell};
 use std::fmt::{self, Write};
 use std::time::{SystemTime, UNIX_EPOCH};
+use tollgate_gateway::server::serving_request;
 use tracing::field::{Field, Visit};
 use tracing::span::Record;
-use tracing::{Event, Subscriber};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
@@ -48,12 +49,21 @@ where
                 .parent()
                 .and_then(|id| ctx.span(id))
                 .or_else(|| ctx.lookup_current());
-            if let Some(current) = current {
+            let serving = serving_request();
+            let serving = serving.as_ref().map(|id| id.to_str().unwrap_or_default());
+            if current.is_some() || serving.is_some() {
                 line.push_str(",\"span\":");
-                span(line, &current);
+                match (&current, serving) {
+                    (Some(current), _) => span(line, current),
+                    (None, Some(id)) => request_span(line, id),
+                    (None, None) => {}
+                }
                 line.push_str(",\"spans\":[");
-                for (i, s) in current.scope().from_root().enumerate() {
-                    if i > 0 {
+                if let Some(id) = serving {
+                    request_span(line, id);
+                }
+                for s in current.iter().flat_map(|c| c.scope().from_root()) {
+                    if !line.ends_with('[') {
                         line.push(',');
                     }
                     span(line, &s);
@@ -170,6 +180,91 @@ where
     line.push_str("\"name\":");
     string(line, span.metadata().name());
     line.push('}');
+}
+
+/// The request the task serves, as [`span`] writes a `request` span with
+/// its `request_id`.
+fn request_span(line: &mut String, id: &str) {
+    line.push_str("{\"request_id\":");
+    string(line, id);
+    line.push_str(",\"name\":\"request\"}");
+}
+
+/// tracing-subscriber's human format (`Format::default()` with the
+/// default fields, as `main` sets it up), which shows the request the task
+/// serves as the outermost span, `request{request_id="…"}`, as a real span
+/// would be shown.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HumanLine;
+
+impl<S, N> FormatEvent<S, N> for HumanLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        // The ANSI styles tracing-subscriber gives each part.
+        const DIMMED: &str = "2";
+        const BOLD: &str = "1";
+        const ITALIC: &str = "3";
+        let ansi = w.has_ansi_escapes();
+        let paint = |w: &mut Writer<'_>, style: &str, text: &str| {
+            if ansi {
+                write!(w, "\x1b[{style}m{text}\x1b[0m")
+            } else {
+                w.write_str(text)
+            }
+        };
+        let meta = event.metadata();
+        let mut time = String::new();
+        timestamp(&mut time, SystemTime::now());
+        paint(&mut w, DIMMED, &time)?;
+        w.write_char(' ')?;
+        let (color, level) = match *meta.level() {
+            Level::TRACE => ("35", "TRACE"),
+            Level::DEBUG => ("34", "DEBUG"),
+            Level::INFO => ("32", " INFO"),
+            Level::WARN => ("33", " WARN"),
+            Level::ERROR => ("31", "ERROR"),
+        };
+        paint(&mut w, color, level)?;
+        w.write_char(' ')?;
+        let mut spans = false;
+        if let Some(id) = serving_request() {
+            paint(&mut w, BOLD, "request")?;
+            paint(&mut w, BOLD, "{")?;
+            paint(&mut w, ITALIC, "request_id")?;
+            paint(&mut w, DIMMED, "=")?;
+            write!(w, "{:?}", id.to_str().unwrap_or_default())?;
+            paint(&mut w, BOLD, "}")?;
+            paint(&mut w, DIMMED, ":")?;
+            spans = true;
+        }
+        for span in ctx.event_scope().into_iter().flat_map(|s| s.from_root()) {
+            paint(&mut w, BOLD, span.metadata().name())?;
+            let ext = span.extensions();
+            if let Some(fields) = ext.get::<FormattedFields<N>>().filter(|f| !f.is_empty()) {
+                paint(&mut w, BOLD, "{")?;
+                w.write_str(fields)?;
+                paint(&mut w, BOLD, "}")?;
+            }
+            paint(&mut w, DIMMED, ":")?;
+            spans = true;
+        }
+        if spans {
+            w.write_char(' ')?;
+        }
+        paint(&mut w, DIMMED, meta.target())?;
+        paint(&mut w, DIMMED, ":")?;
+        w.write_char(' ')?;
+        ctx.format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
 }
 
 /// A span's fields, stored as the JSON object tracing-subscriber's
@@ -435,8 +530,28 @@ mod tests {
         tracing::info!("typed");
     }
 
+    /// Events inside a request, whose id stands as a `request` span: a real
+    /// one, or the task's (as the gateway serves requests).
+    fn emit_in_request(real_span: bool) {
+        let inside = || {
+            tracing::warn!(status = 502u64, "upstream \"failed\"");
+            let settle = tracing::info_span!("settle", account = "acct");
+            let _settle = settle.enter();
+            tracing::info!(cost = 7u64, "settled");
+        };
+        if real_span {
+            let request = tracing::info_span!("request", request_id = "req_9\"");
+            let _request = request.enter();
+            inside();
+        } else {
+            let id = http::HeaderValue::from_static("req_9\"");
+            tollgate_gateway::server::as_serving(id, inside);
+        }
+        tracing::info!("after the request");
+    }
+
     /// The lines written, each checked to be JSON, timestamps blanked.
-    fn captured(json_line: bool) -> String {
+    fn captured(json_line: bool, emit: fn()) -> String {
         let lines = Lines::default();
         let builder = tracing_subscriber::fmt()
             .with_writer(lines.clone())
@@ -519,10 +634,65 @@ mod tests {
         assert_eq!(first, again);
     }
 
+    /// Human lines, timestamps blanked.
+    fn captured_human(human_line: bool, ansi: bool, emit: fn()) -> String {
+        let lines = Lines::default();
+        let builder = tracing_subscriber::fmt()
+            .with_writer(lines.clone())
+            .with_ansi(ansi);
+        if human_line {
+            let subscriber = builder.event_format(HumanLine).finish();
+            tracing::subscriber::with_default(subscriber, emit);
+        } else {
+            tracing::subscriber::with_default(builder.finish(), emit);
+        }
+        let text = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("UTF-8");
+        let start = if ansi { "\x1b[2m".len() } else { 0 };
+        let is_time = |t: &[u8]| t.len() == 27 && t[4] == b'-' && t[10] == b'T' && t[26] == b'Z';
+        let mut blanked = String::new();
+        for line in text.lines() {
+            // A line of its own, or the rest of a field's text after a newline.
+            match line.get(start..start + 27) {
+                Some(time) if is_time(time.as_bytes()) => {
+                    blanked.push_str(&line.replacen(time, "T", 1));
+                }
+                _ => blanked.push_str(line),
+            }
+            blanked.push('\n');
+        }
+        blanked
+    }
+
     #[test]
     fn lines_are_byte_for_byte_what_tracing_subscribers_json_format_writes() {
-        let ours = captured(true);
+        let ours = captured(true, emit);
         assert_eq!(ours.lines().count(), 4, "{ours}");
-        assert_eq!(ours, captured(false));
+        assert_eq!(ours, captured(false, emit));
+    }
+
+    #[test]
+    fn the_request_a_task_serves_is_written_as_a_request_span() {
+        let ours = captured(true, || emit_in_request(false));
+        assert_eq!(ours.lines().count(), 3, "{ours}");
+        assert!(ours.contains(r#""spans":[{"request_id":"req_9\"","name":"request"},"#));
+        assert_eq!(ours, captured(false, || emit_in_request(true)));
+        for ansi in [false, true] {
+            let ours = captured_human(true, ansi, || emit_in_request(false));
+            assert_eq!(ours.lines().count(), 3, "{ours}");
+            assert_eq!(ours, captured_human(false, ansi, || emit_in_request(true)));
+        }
+    }
+
+    #[test]
+    fn human_lines_are_byte_for_byte_what_tracing_subscribers_format_writes() {
+        for ansi in [false, true] {
+            let ours = captured_human(true, ansi, emit);
+            let events = ours
+                .lines()
+                .filter(|l| l.starts_with("T ") || l.starts_with("\x1b[2mT\x1b[0m "));
+            assert_eq!(events.count(), 4, "{ours}");
+            assert!(ours.contains("acct2"), "span fields: {ours}");
+            assert_eq!(ours, captured_human(false, ansi, emit));
+        }
     }
 }

@@ -93,7 +93,7 @@ fn init_logging(format: LogFormat) -> anyhow::Result<log_writer::FlushOnDrop> {
         .with_ansi(ansi)
         .with_writer(writer);
     match format {
-        LogFormat::Human => builder.init(),
+        LogFormat::Human => builder.event_format(log_format::HumanLine).init(),
         // Span fields stored as JSON, which `JsonLine` splices into the line.
         LogFormat::Json => builder
             .fmt_fields(log_format::SpanFields)

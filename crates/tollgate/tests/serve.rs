@@ -139,13 +139,34 @@ async fn no_secret_reaches_a_log_line_or_an_error_body() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(refused, "a revoked key is refused within 5 s");
+    // Last, as it takes the deployment out of service: the alert logged
+    // while serving it carries the request's id.
+    let quota = http
+        .post(format!("{}/v1/chat/completions", s.url))
+        .bearer_auth(&dev)
+        .header("x-request-id", "req_out_of_quota")
+        .header("x-mock-fault", "insufficient_quota")
+        .json(&serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(quota.status(), 429);
+    bodies.push(quota.text().await.expect("text"));
 
     stop(s);
     let logs = std::fs::read_to_string(&log).expect("logs");
+    let mut alerts = Vec::new();
     for line in logs.lines().filter(|l| l.starts_with('{')) {
-        serde_json::from_str::<serde_json::Value>(line)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["target"] == "tollgate::alert" {
+            alerts.push(v);
+        }
     }
+    let request = serde_json::json!({"request_id": "req_out_of_quota", "name": "request"});
+    assert_eq!(alerts.len(), 1, "{logs}");
+    assert_eq!(alerts[0]["span"], request);
+    assert_eq!(alerts[0]["spans"], serde_json::json!([request]));
     assert!(
         logs.contains("\"key\":\"dev\""),
         "the access log names keys by name"
