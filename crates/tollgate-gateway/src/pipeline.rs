@@ -20,7 +20,7 @@ use crate::header_names as names;
 use crate::limits::Plan;
 use crate::metrics::Decision;
 use crate::routing::{Failed, Pool, Sent, trigger_of};
-use crate::server::RequestId;
+use crate::server::serving_request;
 use crate::stream::{Prompt, UsageTap};
 use crate::transport::UpstreamBody;
 use crate::upstream::{Call, Deployment, Endpoint, Outcome, Timeouts};
@@ -331,11 +331,9 @@ async fn run(
     let user = end_user(&parts.headers, &summary);
     let max_wait = duration_header(&parts.headers, &names::MAX_WAIT)?.or(caller.policy.max_wait);
     let timeouts = requested_timeouts(&parts.headers, gw.config.routing.max_request_timeout)?;
-    let request_id = parts
-        .extensions
-        .get::<RequestId>()
-        .and_then(|id| id.0.to_str().ok())
-        .unwrap_or_default();
+    let request_id = serving_request();
+    let request_id = request_id.as_ref().and_then(|id| id.to_str().ok());
+    let request_id = request_id.unwrap_or_default();
     let money_plan = gw.money.plan(&caller, user, &summary.model)?;
     let mut bill = gw
         .money
