@@ -1,5 +1,6 @@
-//! The JSON log line, built in a buffer of the thread's own and handed to
-//! the subscriber's writer whole.
+//! The log lines: JSON, built in a buffer of the thread's own and handed to
+//! the subscriber's writer whole, and human. Both write the request the
+//! task serves (a task-local id, see `serving_request`) as a `request` span.
 //!
 //! tracing-subscriber's JSON format drives serde_json through a
 //! `fmt::Write` adaptor, formats the timestamp into a `String` of its own and
@@ -191,9 +192,9 @@ fn request_span(line: &mut String, id: &str) {
 }
 
 /// tracing-subscriber's human format (`Format::default()` with the
-/// default fields, as `main` sets it up), which shows the request the task
-/// serves as the outermost span, `request{request_id="…"}`, as a real span
-/// would be shown.
+/// default fields, as `main` sets it up), with the request the task serves
+/// shown as the outermost span, `request{request_id="…"}`, as a real span
+/// would be: that format's span list cannot be added to from outside.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HumanLine;
 
