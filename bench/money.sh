@@ -14,8 +14,10 @@
 # the mock each spent a request: the host's speed drifts by 10-20 %
 # between runs, which moves throughput but scales both processes' CPU
 # alike, so the gateway's CPU against the mock's shows what a mode costs
-# with less of the drift. Then the ledger's own rate: rows per
-# second SQLite sustains through the group-committing writer, without HTTP.
+# with less of the drift; and what a request costs the three processes
+# together, with the cores they kept busy. Then the ledger's own rate:
+# rows per second SQLite sustains through the group-committing writer,
+# without HTTP.
 #
 #   bench/money.sh [DURATION_SECONDS]     (default 10; ROUNDS=2, CONNS=32)
 set -euo pipefail
@@ -83,6 +85,7 @@ run = json.load(open(sys.argv[1]))
 tick_us = 1e6 / int(sys.argv[2])
 run["gateway_cpu_us"] = round(int(sys.argv[3]) * tick_us / run["requests"], 1)
 run["mock_cpu_us"] = round(int(sys.argv[4]) * tick_us / run["requests"], 1)
+run["loadgen_cpu_us"] = round(run.pop("loadgen_cpu_ticks") * tick_us / run["requests"], 1)
 print(json.dumps(run))
 PY
     kill -TERM "$pid"; wait "$pid" || true
@@ -141,6 +144,26 @@ for mode in ("off", "ledger", "money"):
     print(f"| {mode} | {statistics.median(r['gateway_cpu_us'] for r in rs):.1f} "
           f"| {statistics.median(r['mock_cpu_us'] for r in rs):.1f} | {rel:.2f} "
           f"| {100 * (rel / off_relative - 1):+.1f}% |")
+
+# At full speed the three processes keep nearly two cores busy, and a
+# mode's throughput is the core-seconds they get over what a request
+# costs them: both halves, to tell a mode's CPU from the waits it adds
+# (the ledger's durable write leaves cores idle or to the kernel's
+# journal threads, which no process here is charged for).
+def cost(r):
+    return r["gateway_cpu_us"] + r["mock_cpu_us"] + r["loadgen_cpu_us"]
+
+print()
+print("CPU a request of gateway, mock and load generator together, and the cores they kept busy")
+print("(requests/s times that CPU), medians of the runs:")
+print()
+print("| mode | CPU a request, all three (µs) | in units of the mock's | cores busy |")
+print("|---|---|---|---|")
+for mode in ("off", "ledger", "money"):
+    rs = by[mode]
+    print(f"| {mode} | {statistics.median(cost(r) for r in rs):.1f} "
+          f"| {statistics.median(cost(r) / r['mock_cpu_us'] for r in rs):.2f} "
+          f"| {statistics.median(r['rps'] * cost(r) / 1e6 for r in rs):.2f} |")
 PY
 
 echo

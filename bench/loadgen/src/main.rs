@@ -164,7 +164,7 @@ async fn worker(
 }
 
 /// The result line of one key's requests.
-fn report(args: &Args, label: &str, m: &Measured) -> Result<()> {
+fn report(args: &Args, label: &str, m: &Measured, cpu_ticks: Option<u64>) -> Result<()> {
     let latency = &m.latency;
     if latency.is_empty() {
         bail!("no request completed");
@@ -183,6 +183,7 @@ fn report(args: &Args, label: &str, m: &Measured) -> Result<()> {
         "p999_us": latency.value_at_quantile(0.999),
         "max_us": latency.max(),
         "send_lag_p99_us": m.lag.value_at_quantile(0.99),
+        "loadgen_cpu_ticks": cpu_ticks,
     });
     println!("{result}");
     Ok(())
@@ -226,9 +227,26 @@ async fn main() -> Result<()> {
             all.add(&m)?;
         }
     }
-    report(&args, &args.label, &measured[0])?;
+    let cpu = own_cpu_ticks();
+    report(&args, &args.label, &measured[0], cpu)?;
     if args.compare_key.is_some() {
-        report(&args, &args.compare_label, &measured[1])?;
+        report(&args, &args.compare_label, &measured[1], cpu)?;
     }
     Ok(())
+}
+
+/// This process's CPU so far (user and system, all threads), in clock
+/// ticks, from `/proc/self/stat`: what generating the load cost, for the
+/// scripts that weigh a run's throughput by the CPU all its processes spent.
+fn own_cpu_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which may hold spaces: the state
+    // (field 3) first, utime and stime (fields 14 and 15) eleven on.
+    let mut fields = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
 }
