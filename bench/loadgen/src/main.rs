@@ -237,7 +237,7 @@ async fn main() -> Result<()> {
 
 /// This process's CPU so far (user and system, all threads), in clock
 /// ticks, from `/proc/self/stat`: what generating the load cost, for the
-/// scripts that weigh a run's throughput by the CPU all its processes spent.
+/// scripts that add up what a request costs every process of a run.
 fn own_cpu_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Fields after the command name, which may hold spaces: the state
