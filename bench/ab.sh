@@ -27,7 +27,6 @@ source bench/lib.sh
 MOCK_PORT=$(free_port)
 "$NEW" mock --listen "127.0.0.1:$MOCK_PORT" >"$work/mock.out" 2>&1 &
 mock_pid=$!
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 start() { # name binary: a gateway of its own (directory, port, key), ledger as LEDGER says
   local name=$1 bin=$2 dir="$work/$1" port
@@ -46,8 +45,7 @@ TOML
   (cd "$dir" && exec env BENCH_UPSTREAM_KEY=sk-bench-upstream RUST_LOG=info \
     "$bin" --log-format json serve >serve.out 2>serve.log) &
   pid[$name]=$!
-  for _ in $(seq 1 100); do grep -q "listening on" "$dir/serve.out" 2>/dev/null && break; sleep 0.1; done
-  grep -q "listening on" "$dir/serve.out" || { echo "$name did not start"; cat "$dir/serve.log"; exit 1; }
+  await_gateway "$dir" 100
   url[$name]="http://127.0.0.1:$port/v1/chat/completions"
 }
 declare -A key pid url

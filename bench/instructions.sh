@@ -65,8 +65,7 @@ TOML
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
     "$BIN/tollgate" --log-format json serve >"$dir/serve.out" 2>"$dir/serve.log") &
   local vg=$!
-  for _ in $(seq 1 600); do grep -q "listening on" "$dir/serve.out" 2>/dev/null && break; sleep 0.1; done
-  grep -q "listening on" "$dir/serve.out" || { echo "gateway did not start"; cat "$dir/serve.log"; exit 1; }
+  await_gateway "$dir" 600
   local pid
   pid=$(pgrep -f -- "--callgrind-out-file=$out" | head -1)
   local url="http://127.0.0.1:$port/v1/chat/completions"

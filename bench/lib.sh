@@ -1,12 +1,20 @@
 # Shared by the bench/*.sh scripts (sourced after their build): where the
 # release binaries are, a scratch directory removed on exit together with
-# every background job, a free loopback port, and the gateway's deployment
-# of the simulated provider.
+# every background job, a free loopback port, a process's CPU, the wait for
+# a gateway to start, and the gateway's deployment of the simulated provider.
 BIN=$PWD/target/release
 work=$(mktemp -d)
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# A process's CPU so far (user and system, all threads), in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Waits until the gateway started in DIR has printed its banner (TRIES
+# tenths of a second at most); else prints its log and ends the script.
+await_gateway() { # dir tries
+  for _ in $(seq 1 "$2"); do grep -q "listening on" "$1/serve.out" 2>/dev/null && return 0; sleep 0.1; done
+  echo "the gateway in $1 did not start"; cat "$1/serve.log"; exit 1
+}
 # The gateway's one deployment, for its tollgate.toml: the simulated
 # provider on $MOCK_PORT, serving the benchmarks' model.
 mock_deployment() {

@@ -31,8 +31,6 @@ source bench/lib.sh
 MOCK_PORT=$(free_port)
 "$BIN/tollgate" mock --listen "127.0.0.1:$MOCK_PORT" >"$work/mock.out" 2>&1 &
 mock_pid=$!
-# CPU time (user + system, in clock ticks) process $1 has used.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # One directory (database) per mode, each set up by the CLI.
 setup() {
