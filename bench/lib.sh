@@ -2,7 +2,10 @@
 # release binaries are, a scratch directory removed on exit together with
 # every background job, a free loopback port, a process's CPU, the wait for
 # a gateway to start, and the gateway's deployment of the simulated provider.
-BIN=$PWD/target/release
+# The release binaries are in cargo's target directory, wherever
+# CARGO_TARGET_DIR puts it: a second build (another profile's settings,
+# another commit) can be benchmarked beside the usual one.
+BIN=$(realpath "${CARGO_TARGET_DIR:-$PWD/target}")/release
 work=$(mktemp -d)
 cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
