@@ -30,6 +30,9 @@
 #       nginx-light and haproxy) as plain keep-alive reverse proxies in
 #       front of the same mock, at each rate: what any proxy adds on this
 #       machine, with no auth, limits, ledger or log
+#   LEDGER=false bench/overhead.sh 8   the usage ledger off (`[money] ledger =
+#       false`), as money.sh's `off`: the gateway of issue #2 alone, with
+#       auth and the access log but no row a request
 #   DASHBOARD=1 bench/overhead.sh 8           the same with the dashboard open:
 #       a session polls /ui/api/summary and /metrics every second (the page
 #       polls every 5 s, `tollgate top` /metrics every second), and at the
@@ -102,6 +105,9 @@ fi
 cat >"$work/tollgate.toml" <<TOML
 [server]
 listen = "127.0.0.1:$GW_PORT"
+
+[money]
+ledger = ${LEDGER:-true}
 
 $(mock_deployment)
 TOML
