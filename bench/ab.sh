@@ -32,15 +32,7 @@ start() { # name binary: a gateway of its own (directory, port, key), ledger as 
   local name=$1 bin=$2 dir="$work/$1" port
   port=$(free_port)
   mkdir -p "$dir"
-  cat >"$dir/tollgate.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-
-[money]
-ledger = ${LEDGER:-false}
-
-$(mock_deployment)
-TOML
+  gateway_toml "127.0.0.1:$port" "${LEDGER:-false}" >"$dir/tollgate.toml"
   key[$name]=$(cd "$dir" && "$bin" keys create --name bench --json | grep -o 'tg-[0-9a-f]\{64\}')
   (cd "$dir" && exec env BENCH_UPSTREAM_KEY=sk-bench-upstream RUST_LOG=info \
     "$bin" --log-format json serve >serve.out 2>serve.log) &

@@ -38,15 +38,7 @@ measure() { # mode
   out=${KEEP:+$KEEP/callgrind.out.$mode}
   out=${out:-$dir/callgrind.out}
   mkdir -p "$dir" ${KEEP:+"$KEEP"}
-  cat >"$dir/tollgate.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-
-[money]
-ledger = $([ "$mode" = off ] && echo false || echo true)
-
-$(mock_deployment)
-TOML
+  gateway_toml "127.0.0.1:$port" "$([ "$mode" = off ] && echo false || echo true)" >"$dir/tollgate.toml"
   local args=(--name bench --json)
   if [ "$mode" = limits ] || [ "$mode" = money ]; then
     args+=("${FAR_LIMITS[@]}")

@@ -1,7 +1,7 @@
 # Shared by the bench/*.sh scripts (sourced after their build): where the
 # release binaries are, a scratch directory removed on exit together with
 # every background job, a free loopback port, a process's CPU, the wait for
-# a gateway to start, and the gateway's deployment of the simulated provider.
+# a gateway to start, and a gateway's config in front of the simulated provider.
 # The release binaries are in cargo's target directory, wherever
 # CARGO_TARGET_DIR puts it: a second build (another profile's settings,
 # another commit) can be benchmarked beside the usual one.
@@ -18,10 +18,17 @@ await_gateway() { # dir tries
   for _ in $(seq 1 "$2"); do grep -q "listening on" "$1/serve.out" 2>/dev/null && return 0; sleep 0.1; done
   echo "the gateway in $1 did not start"; cat "$1/serve.log"; exit 1
 }
-# The gateway's one deployment, for its tollgate.toml: the simulated
-# provider on $MOCK_PORT, serving the benchmarks' model.
-mock_deployment() {
+# A gateway's tollgate.toml: listening on LISTEN, the usage ledger on or
+# off (true or false), and one deployment, the simulated provider on
+# $MOCK_PORT serving the benchmarks' model.
+gateway_toml() { # listen ledger
   cat <<TOML
+[server]
+listen = "$1"
+
+[money]
+ledger = $2
+
 [[deployments]]
 name = "mock"
 provider = "openai_compatible"

@@ -36,15 +36,7 @@ mock_pid=$!
 setup() {
   local mode=$1 ledger=$2 dir="$work/$1"
   mkdir -p "$dir"
-  cat >"$dir/tollgate.toml" <<TOML
-[server]
-listen = "127.0.0.1:0"
-
-[money]
-ledger = $ledger
-
-$(mock_deployment)
-TOML
+  gateway_toml "127.0.0.1:0" "$ledger" >"$dir/tollgate.toml"
   if [ "$mode" = money ]; then
     (cd "$dir" && "$BIN/tollgate" credits add bench 100000.00 --why benchmark >/dev/null \
       && "$BIN/tollgate" budgets set key:bench --window month --cap 100000.00 >/dev/null \

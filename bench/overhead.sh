@@ -102,15 +102,7 @@ HAPROXY
   haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.out" 2>&1 &
   references=("nginx $NGINX_PORT" "haproxy $HAPROXY_PORT")
 fi
-cat >"$work/tollgate.toml" <<TOML
-[server]
-listen = "127.0.0.1:$GW_PORT"
-
-[money]
-ledger = ${LEDGER:-true}
-
-$(mock_deployment)
-TOML
+gateway_toml "127.0.0.1:$GW_PORT" "${LEDGER:-true}" >"$work/tollgate.toml"
 if [ -n "${REDIS:-}" ]; then
   printf '\n[state]\nredis_url = "%s"\nredis_prefix = "tollgate-bench-%s"\n' "$REDIS" "$$" >>"$work/tollgate.toml"
 fi
