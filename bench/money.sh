@@ -61,7 +61,7 @@ for round in $(seq 1 "$ROUNDS"); do
     key=$(grep -o 'tg-[0-9a-f]\{64\}' "$dir/key.json")
     (cd "$dir" && exec env BENCH_UPSTREAM_KEY=sk-bench RUST_LOG=warn "$BIN/tollgate" serve >"$dir/serve.out" 2>"$dir/serve.log") &
     pid=$!
-    for _ in $(seq 1 100); do grep -q "listening on" "$dir/serve.out" 2>/dev/null && break; sleep 0.1; done
+    await_gateway "$dir" 100
     url="http://127.0.0.1:$port/v1/chat/completions"
     "$BIN/tollgate-loadgen" --url "$url" --key "$key" --rate 0 --duration 2 --warmup 0 \
       --connections "$CONNS" >/dev/null

@@ -123,10 +123,10 @@ fi
 LIMITED_KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/limited.json")
 ADMIN_KEY=bench-admin-key-0123456789abcdef
 (cd "$work" && exec env BENCH_UPSTREAM_KEY=sk-bench-upstream TOLLGATE_ADMIN_KEY=$ADMIN_KEY RUST_LOG=${GATEWAY_LOG:-info} "$BIN/tollgate" --log-format json serve >"$work/serve.out" 2>"$work/serve.log") &
-for _ in $(seq 1 100); do grep -q "listening on" "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
+await_gateway "$work" 100
 KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/serve.out" | head -1 || true)
 [ -z "$KEY" ] && KEY=$(cd "$work" && "$BIN/tollgate" keys create --name bench --json | grep -o 'tg-[0-9a-f]\{64\}')
-[ -n "$KEY" ] || { echo "gateway did not start"; cat "$work/serve.out" "$work/serve.log"; exit 1; }
+[ -n "$KEY" ] || { echo "no key: neither the banner nor keys create gave one"; cat "$work/serve.out" "$work/serve.log"; exit 1; }
 
 if [ "${DASHBOARD:-0}" = 1 ]; then
   curl -sf -c "$work/cookies" -H 'content-type: application/json' -d "{\"key\":\"$ADMIN_KEY\"}" \
