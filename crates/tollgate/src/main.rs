@@ -78,14 +78,27 @@ enum Command {
     Batch(batch::BatchArgs),
 }
 
+/// What is logged when `RUST_LOG` is unset. PostgreSQL's notices
+/// ("relation _sqlx_migrations already exists, skipping" on every start)
+/// are not news. A command run at a terminal does not warn of sqlx's slow
+/// statements either: a report over a busy month takes its seconds by
+/// design, and the warning printed the whole SQL above the table.
+fn default_log_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Serve(_) | Command::Mock(_) => "info,sqlx::postgres::notice=warn",
+        _ => "info,sqlx::postgres::notice=warn,sqlx::query=error",
+    }
+}
+
 /// Logs go to stderr in batches from a writer thread, so a request never
 /// waits on the write of its access-log line; the returned guard writes
 /// what is left at exit.
-fn init_logging(format: LogFormat) -> anyhow::Result<log_writer::FlushOnDrop> {
+fn init_logging(
+    format: LogFormat,
+    default_filter: &str,
+) -> anyhow::Result<log_writer::FlushOnDrop> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // PostgreSQL's notices ("relation _sqlx_migrations already exists,
-        // skipping" on every start) are not news.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let (writer, guard) = log_writer::start(std::io::stderr())?;
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -105,7 +118,7 @@ fn init_logging(format: LogFormat) -> anyhow::Result<log_writer::FlushOnDrop> {
 
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let _log_guard = init_logging(cli.log_format)?;
+    let _log_guard = init_logging(cli.log_format, default_log_filter(&cli.command))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
