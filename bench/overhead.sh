@@ -5,7 +5,9 @@
 # settlement on every request, never refusing), at fixed rates and at full
 # speed, in one run on this machine; then both keys in one run, every other
 # request, so that what the limits add is measured at the same moments.
-# Prints one JSON line per run (two for the mixed run) and Markdown tables.
+# Prints one JSON line per run (two for the mixed run) and Markdown tables,
+# among them the CPU a request of the server each run called (the mock, the
+# gateway, nginx or HAProxy), user and system apart.
 #
 #   bench/overhead.sh [DURATION_SECONDS]      (default 10)
 #   ROUNDS=5 bench/overhead.sh 8     every rate's runs five times over,
@@ -53,6 +55,7 @@ MOCK_PORT=$(free_port)
 GW_PORT=$(free_port)
 
 "$BIN/tollgate" mock --listen "127.0.0.1:$MOCK_PORT" >"$work/mock.out" 2>&1 &
+MOCK_PID=$!
 references=()
 if [ "${REFERENCE:-0}" = 1 ]; then
   command -v nginx >/dev/null && command -v haproxy >/dev/null \
@@ -99,8 +102,9 @@ backend mock
   server mock 127.0.0.1:$MOCK_PORT
 HAPROXY
   nginx -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" &
+  NGINX_PID=$!
   haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.out" 2>&1 &
-  references=("nginx $NGINX_PORT" "haproxy $HAPROXY_PORT")
+  references=("nginx $NGINX_PORT $NGINX_PID" "haproxy $HAPROXY_PORT $!")
 fi
 gateway_toml "127.0.0.1:$GW_PORT" "${LEDGER:-true}" >"$work/tollgate.toml"
 if [ -n "${REDIS:-}" ]; then
@@ -123,6 +127,7 @@ fi
 LIMITED_KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/limited.json")
 ADMIN_KEY=bench-admin-key-0123456789abcdef
 (cd "$work" && exec env BENCH_UPSTREAM_KEY=sk-bench-upstream TOLLGATE_ADMIN_KEY=$ADMIN_KEY RUST_LOG=${GATEWAY_LOG:-info} "$BIN/tollgate" --log-format json serve >"$work/serve.out" 2>"$work/serve.log") &
+GW_PID=$!
 await_gateway "$work" 100
 KEY=$(grep -o 'tg-[0-9a-f]\{64\}' "$work/serve.out" | head -1 || true)
 [ -z "$KEY" ] && KEY=$(cd "$work" && "$BIN/tollgate" keys create --name bench --json | grep -o 'tg-[0-9a-f]\{64\}')
@@ -140,27 +145,30 @@ fi
 
 [ -n "${REDIS:-}" ] && redis-cli -u "$REDIS" CONFIG RESETSTAT >/dev/null
 results="$work/results.jsonl"
-run() { # label url [key [loadgen options]]: one loadgen run at $rate, its JSON lines tagged with $round
-  local label=$1 url=$2 key=${3:-}
-  shift $(($# < 3 ? $# : 3))
+run() { # label url pid [key [loadgen options]]: one loadgen run at $rate, its JSON lines tagged with $round
+  local label=$1 url=$2 pid=$3 key=${4:-} watch=()
+  shift $(($# < 4 ? $# : 4))
+  # The CPU of the server called (the process and its children: nginx's
+  # workers) while the run is measured.
+  for p in "$pid" $(pgrep -P "$pid"); do watch+=(--watch "$p"); done
   "$BIN/tollgate-loadgen" --label "$label" --url "$url/v1/chat/completions" ${key:+--key "$key"} \
-    --rate "$rate" --duration "$DURATION" --connections "$CONNS" "$@" | sed "s/^{/{\"round\":$round,/" | tee -a "$results"
+    --rate "$rate" --duration "$DURATION" --connections "$CONNS" "${watch[@]}" "$@" | sed "s/^{/{\"round\":$round,/" | tee -a "$results"
 }
 through_gateway() { # label key log-suffix [loadgen options]
   local from label=$1 key=$2 suffix=$3
   shift 3
   from=$(wc -l <"$work/serve.log")
-  run "$label" "http://127.0.0.1:$GW_PORT" "$key" "$@"
+  run "$label" "http://127.0.0.1:$GW_PORT" "$GW_PID" "$key" "$@"
   # The gateway's own time per request, from its access log (JSON lines,
   # RUST_LOG=info only): total handler time minus the wait on the upstream.
   tail -n +"$((from + 1))" "$work/serve.log" >"$work/run-$rate-$round$suffix.log"
 }
 for round in $(seq 1 "$ROUNDS"); do
   for rate in $RATES; do
-    run mock "http://127.0.0.1:$MOCK_PORT"
+    run mock "http://127.0.0.1:$MOCK_PORT" "$MOCK_PID"
     for reference in "${references[@]}"; do
       set -- $reference
-      run "$1" "http://127.0.0.1:$2"
+      run "$1" "http://127.0.0.1:$2" "$3"
     done
     # Even rounds take the limited key first: whatever the second run of a
     # pair inherits (a longer ledger, a warmer cache) falls on both sides.
@@ -219,10 +227,11 @@ if [ -n "${DATABASE:-}" ]; then
   psql "$DATABASE" -qc "DROP DATABASE IF EXISTS $bench_db WITH (FORCE)"
 fi
 
-python3 - "$results" "$ROUNDS" <<'PY'
+python3 - "$results" "$ROUNDS" "$(getconf CLK_TCK)" <<'PY'
 import json, os, random, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 rounds = int(sys.argv[2])
+tick_us = 1e6 / int(sys.argv[3])
 work = os.path.dirname(sys.argv[1])
 median = statistics.median
 span = lambda v: f"{min(v)} to {max(v)}" if v else ""  # a list's range
@@ -270,6 +279,23 @@ for rate, targets in runs.items():
                 share = f" ({median(r['rps'] / m['rps'] for r, m in zip(rs, mock)):.0%} of the mock)"
         p = [round(median(r[k] for r in rs)) for k in ("p50_us", "p99_us", "p999_us")]
         print(f"| {rate or 'full speed'} | {label} | {rps:.0f}{share} | {sum(r['errors'] for r in rs)} | {p[0]} | {p[1]} | {p[2]} | {added[0]} | {added[1]} |")
+print()
+print("CPU a request of the server called while the run was measured (the mock alone, else the proxy in front of it; all its threads and processes), medians of the rounds:")
+print()
+print("| rate (req/s) | target | user µs | system µs | total µs | against the mock's |")
+print("|---|---|---|---|---|---|")
+for rate, targets in runs.items():
+    cpu = {}
+    for label, rs in targets.items():
+        watched = [r for r in rs if r.get("watched_user_ticks") is not None]
+        # A run with both keys measures the gateway over both keys' requests.
+        if label.startswith("interleaved") or not watched:
+            continue
+        user = median(r["watched_user_ticks"] * tick_us / r["requests"] for r in watched)
+        system = median(r["watched_system_ticks"] * tick_us / r["requests"] for r in watched)
+        cpu[label] = user + system
+        against = f"{cpu[label] / cpu['mock']:.2f}" if cpu.get("mock") else ""
+        print(f"| {rate or 'full speed'} | {label} | {user:.1f} | {system:.1f} | {user + system:.1f} | {against} |")
 separate = [(rate, targets) for rate, targets in runs.items() if "gateway" in targets]
 if separate:
     print()

@@ -62,6 +62,11 @@ struct Args {
     /// The label of the second key's result line.
     #[arg(long, default_value = "compared")]
     compare_label: String,
+    /// A process whose CPU during the measured window (user and system
+    /// apart, all its threads) is reported, e.g. the proxy under test;
+    /// repeatable (nginx's workers).
+    #[arg(long = "watch")]
+    watch: Vec<u32>,
 }
 
 fn humantime_secs(s: &str) -> Result<Duration, String> {
@@ -164,7 +169,13 @@ async fn worker(
 }
 
 /// The result line of one key's requests.
-fn report(args: &Args, label: &str, m: &Measured, cpu_ticks: Option<u64>) -> Result<()> {
+fn report(
+    args: &Args,
+    label: &str,
+    m: &Measured,
+    cpu_ticks: Option<u64>,
+    watched: Option<(u64, u64)>,
+) -> Result<()> {
     let latency = &m.latency;
     if latency.is_empty() {
         bail!("no request completed");
@@ -184,6 +195,9 @@ fn report(args: &Args, label: &str, m: &Measured, cpu_ticks: Option<u64>) -> Res
         "max_us": latency.max(),
         "send_lag_p99_us": m.lag.value_at_quantile(0.99),
         "loadgen_cpu_ticks": cpu_ticks,
+        // Over both keys' requests when there are two.
+        "watched_user_ticks": watched.map(|(user, _)| user),
+        "watched_system_ticks": watched.map(|(_, system)| system),
     });
     println!("{result}");
     Ok(())
@@ -221,25 +235,47 @@ async fn main() -> Result<()> {
             measure_from,
         )));
     }
+    // The watched processes' CPU is read when measuring starts and once
+    // every worker is done.
+    let watch = args.watch.clone();
+    let watched_from = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        watched_ticks(&watch)
+    });
     let mut measured = [Measured::new(), Measured::new()];
     for t in tasks {
         for (all, m) in measured.iter_mut().zip(t.await??) {
             all.add(&m)?;
         }
     }
-    let cpu = own_cpu_ticks();
-    report(&args, &args.label, &measured[0], cpu)?;
+    let watched = match (watched_from.await?, watched_ticks(&args.watch)) {
+        (Some(from), Some(to)) if !args.watch.is_empty() => {
+            Some((to.0.saturating_sub(from.0), to.1.saturating_sub(from.1)))
+        }
+        _ => None,
+    };
+    let cpu = cpu_ticks("self").map(|(user, system)| user + system);
+    report(&args, &args.label, &measured[0], cpu, watched)?;
     if args.compare_key.is_some() {
-        report(&args, &args.compare_label, &measured[1], cpu)?;
+        report(&args, &args.compare_label, &measured[1], cpu, watched)?;
     }
     Ok(())
 }
 
-/// This process's CPU so far (user and system, all threads), in clock
-/// ticks, from `/proc/self/stat`: what generating the load cost, for the
-/// scripts that add up what a request costs every process of a run.
-fn own_cpu_ticks() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+/// The watched processes' CPU so far, user and system, summed; `None` when
+/// one has gone.
+fn watched_ticks(pids: &[u32]) -> Option<(u64, u64)> {
+    pids.iter().try_fold((0, 0), |(user, system), pid| {
+        let (u, s) = cpu_ticks(&pid.to_string())?;
+        Some((user + u, system + s))
+    })
+}
+
+/// A process's CPU so far (user and system, all threads), in clock ticks,
+/// from `/proc/PROCESS/stat` (`self`: what generating the load cost, for
+/// the scripts that add up what a request costs every process of a run).
+fn cpu_ticks(process: &str) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{process}/stat")).ok()?;
     // Fields after the command name, which may hold spaces: the state
     // (field 3) first, utime and stime (fields 14 and 15) eleven on.
     let mut fields = stat
@@ -248,5 +284,5 @@ fn own_cpu_ticks() -> Option<u64> {
         .skip(11);
     let user: u64 = fields.next()?.parse().ok()?;
     let system: u64 = fields.next()?.parse().ok()?;
-    Some(user + system)
+    Some((user, system))
 }
