@@ -249,9 +249,7 @@ async fn main() -> Result<()> {
         }
     }
     let watched = match (watched_from.await?, watched_ticks(&args.watch)) {
-        (Some(from), Some(to)) if !args.watch.is_empty() => {
-            Some((to.0.saturating_sub(from.0), to.1.saturating_sub(from.1)))
-        }
+        (Some(from), Some(to)) => Some((to.0.saturating_sub(from.0), to.1.saturating_sub(from.1))),
         _ => None,
     };
     let cpu = cpu_ticks("self").map(|(user, system)| user + system);
@@ -263,8 +261,11 @@ async fn main() -> Result<()> {
 }
 
 /// The watched processes' CPU so far, user and system, summed; `None` when
-/// one has gone.
+/// none is watched or one has gone.
 fn watched_ticks(pids: &[u32]) -> Option<(u64, u64)> {
+    if pids.is_empty() {
+        return None;
+    }
     pids.iter().try_fold((0, 0), |(user, system), pid| {
         let (u, s) = cpu_ticks(&pid.to_string())?;
         Some((user + u, system + s))
