@@ -24,8 +24,9 @@ use tollgate_store::{KeyRecord, LimitStore};
 pub struct KeyPolicy {
     /// The key's own limits (preset, then the key's settings).
     pub own: LimitSet,
-    /// Limits per model.
-    pub models: HashMap<String, LimitSet>,
+    /// Limits per model (foldhash, seeded per process: looked up on every
+    /// request of a key that has any).
+    pub models: HashMap<String, LimitSet, foldhash::fast::RandomState>,
     /// Limits of each end user of the key.
     pub users: LimitSet,
     /// The key's team and its limits.
@@ -60,7 +61,7 @@ impl KeyPolicy {
             .users
             .unwrap_or_default()
             .overlaid(&limits.users.unwrap_or_default());
-        let models: HashMap<String, LimitSet> = limits.models.clone().into_iter().collect();
+        let models: HashMap<_, _, _> = limits.models.clone().into_iter().collect();
         let counts_tokens = limits.own().counts_tokens()
             || users.counts_tokens()
             || models.values().any(LimitSet::counts_tokens)
