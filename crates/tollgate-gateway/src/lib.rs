@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod connection_pool;
 pub mod dashboard;
 pub mod error;
 pub mod header_names;

@@ -1,26 +1,27 @@
-//! The HTTP client that carries calls to a deployment: hyper's pooled
-//! client with rustls, used directly. reqwest, built on the same client,
-//! parsed every call's URL twice more and ran a redirect policy on it:
-//! 28k instructions a call, 15 % of the gateway's own work on a short
-//! chat request. reqwest still carries the calls of a deployment that the
-//! environment sends through an HTTP proxy (`HTTPS_PROXY`, `NO_PROXY`, …),
-//! which the direct client does not speak.
+//! The HTTP client that carries calls to a deployment: hyper's connections
+//! with rustls, pooled by [`ConnectionPool`]. reqwest, built on hyper-util's
+//! pooled client, parsed every call's URL twice more and ran a redirect
+//! policy on it: 28k instructions a call, 15 % of the gateway's own work
+//! on a short chat request. reqwest still carries the calls of a
+//! deployment that the environment sends through an HTTP proxy
+//! (`HTTPS_PROXY`, `NO_PROXY`, …), which the direct client does not speak.
 
+use crate::connection_pool::{ConnectionPool, Lease};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Frame;
 use http_body_util::{BodyExt, Collected, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_platform_verifier::ConfigVerifierExt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
-type DirectClient = Client<ConnectWithin<hyper_rustls::HttpsConnector<HttpConnector>>, Full<Bytes>>;
+/// How direct connections are opened: TCP, then TLS for https.
+pub type Connector = ConnectWithin<hyper_rustls::HttpsConnector<HttpConnector>>;
 
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
@@ -31,7 +32,7 @@ pub enum Transport {
     /// Straight to the provider, one pool per serving thread (and one for
     /// the rest): a pooled connection's task runs on the thread that opened
     /// it, so a call made from another thread would wake that one twice.
-    Direct(Box<[DirectClient]>),
+    Direct(Box<[Arc<ConnectionPool>]>),
     /// Through the proxy the environment names for the deployment's URL.
     Proxied(reqwest::Client),
 }
@@ -71,28 +72,22 @@ impl Transport {
                 .map_err(|e| e.to_string());
         }
         let tls = rustls::ClientConfig::with_platform_verifier().map_err(|e| e.to_string())?;
-        let clients = (0..pools.max(1))
-            .map(|_| {
-                let mut http = HttpConnector::new();
-                http.enforce_http(false);
-                http.set_nodelay(true);
-                let connector = ConnectWithin {
-                    inner: hyper_rustls::HttpsConnectorBuilder::new()
-                        .with_tls_config(tls.clone())
-                        .https_or_http()
-                        .enable_http1()
-                        .enable_http2()
-                        .wrap_connector(http),
-                    limit: connect_timeout,
-                };
-                Client::builder(TokioExecutor::new())
-                    .pool_max_idle_per_host(1024)
-                    .pool_idle_timeout(POOL_IDLE)
-                    .pool_timer(TokioTimer::new())
-                    .build(connector)
-            })
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        let connector = ConnectWithin {
+            inner: hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .enable_http2()
+                .wrap_connector(http),
+            limit: connect_timeout,
+        };
+        let pools = (0..pools.max(1))
+            .map(|_| Arc::new(ConnectionPool::new(connector.clone(), url, POOL_IDLE)))
             .collect();
-        Ok(Self::Direct(clients))
+        Ok(Self::Direct(pools))
     }
 
     /// Sends `request` on the pool of serving thread `thread`; the answer's
@@ -106,14 +101,14 @@ impl Transport {
     ) -> Result<Response<UpstreamBody>, SendError> {
         let timed_out = |_| SendError::Timeout;
         match self {
-            Self::Direct(clients) => {
-                let client = &clients[thread % clients.len()];
-                let call = client.request(request.map(Full::new));
-                let resp = tokio::time::timeout_at(head_by, call)
+            Self::Direct(pools) => {
+                let pool = &pools[thread % pools.len()];
+                let call = pool.send(request.map(Full::new));
+                let (resp, lease) = tokio::time::timeout_at(head_by, call)
                     .await
                     .map_err(timed_out)?
-                    .map_err(|e| request_error(&e))?;
-                Ok(resp.map(|body| UpstreamBody::new(Inner::Direct(body), deadline)))
+                    .map_err(|e| request_error(&*e))?;
+                Ok(resp.map(|body| UpstreamBody::new(Inner::Direct(body, lease), deadline)))
             }
             Self::Proxied(client) => {
                 let request = reqwest::Request::try_from(request.map(reqwest::Body::from))
@@ -137,7 +132,8 @@ pub struct ConnectWithin<C> {
     limit: Duration,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Any error a connection can end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl<C> tower_service::Service<http::Uri> for ConnectWithin<C>
 where
@@ -197,7 +193,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 enum Inner {
-    Direct(Incoming),
+    /// With the connection to give back to its pool at the body's end.
+    Direct(Incoming, Option<Lease>),
     Proxied(reqwest::Body),
 }
 
@@ -251,7 +248,15 @@ impl http_body::Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         let frame = match &mut this.inner {
-            Inner::Direct(b) => Pin::new(b).poll_frame(cx).map_err(|e| error_chain(&e)),
+            Inner::Direct(b, lease) => {
+                let frame = Pin::new(b).poll_frame(cx).map_err(|e| error_chain(&e));
+                if let Poll::Ready(None) = frame
+                    && let Some(lease) = lease.take()
+                {
+                    lease.release();
+                }
+                frame
+            }
             Inner::Proxied(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map_err(|e| error_chain(&e.without_url())),

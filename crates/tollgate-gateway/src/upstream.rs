@@ -8,7 +8,7 @@ use crate::header_names as names;
 use crate::headroom::{Headroom, Reservation};
 use crate::transport::{BodyError, SendError, Transport, UpstreamBody};
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue, RETRY_AFTER};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{HeaderMap, StatusCode};
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,8 +84,6 @@ pub struct Deployment {
     /// Endpoint URLs, parsed once: a request never re-parses its URL.
     urls: [http::Uri; 3],
     key: Option<ProviderKey>,
-    /// The `Host` header of its calls over plain HTTP, made once.
-    host: Option<HeaderValue>,
     transport: Transport,
     timeout: Duration,
     first_byte_timeout: Option<Duration>,
@@ -151,24 +149,6 @@ fn error_fields(body: &[u8]) -> (Option<String>, Option<String>) {
     (code, message)
 }
 
-/// `Host` for calls to `url` when it is plain HTTP, as hyper's client
-/// would write it (the port only when not 80). Such a connection is always
-/// HTTP/1, where the client formats and inserts `Host` on every call
-/// that has none (2.3k instructions a call, 2 % of the gateway's own work
-/// on a short chat request); over TLS, ALPN may pick HTTP/2, which takes
-/// the authority from the URL instead, so there the client decides.
-fn plain_http_host(url: &http::Uri) -> Option<HeaderValue> {
-    if url.scheme() != Some(&http::uri::Scheme::HTTP) {
-        return None;
-    }
-    let host = url.host()?;
-    let text = match url.port_u16() {
-        Some(port) if port != 80 => format!("{host}:{port}"),
-        _ => host.to_owned(),
-    };
-    HeaderValue::from_str(&text).ok()
-}
-
 impl Deployment {
     /// Builds the deployment's client; the key comes from `api_key`, read
     /// from the environment by the caller.
@@ -229,7 +209,6 @@ impl Deployment {
         Ok(Self {
             name: config.name.as_str().into(),
             models: config.models.clone(),
-            host: plain_http_host(&urls[0]),
             urls,
             key,
             transport,
@@ -267,9 +246,6 @@ impl Deployment {
         let headers = req.headers_mut();
         if let Some(key) = &self.key {
             headers.insert(key.0.clone(), key.1.clone());
-        }
-        if let Some(host) = &self.host {
-            headers.insert(HOST, host.clone());
         }
         for (name, value) in call.passthrough {
             headers.append(name, value.clone());
@@ -373,26 +349,6 @@ mod tests {
         for good in ["http://127.0.0.1:1/v1", "https://api.openai.com/v1/"] {
             let d = deployment(good).expect(good);
             assert_eq!(d.urls[0].path(), "/v1/chat/completions", "{good}");
-        }
-    }
-
-    #[test]
-    fn plain_http_calls_carry_the_host_hyper_would_write() {
-        for (url, host) in [
-            ("http://127.0.0.1:18080/v1", Some("127.0.0.1:18080")),
-            ("http://localhost/v1", Some("localhost")),
-            ("http://models.internal:80/v1", Some("models.internal")),
-            (
-                "http://user:secret@models.internal:81/v1",
-                Some("models.internal:81"),
-            ),
-            ("http://[::1]:8000/v1", Some("[::1]:8000")),
-            ("https://api.openai.com/v1", None),
-            ("https://models.internal:8443/v1", None),
-        ] {
-            let d = deployment(url).expect(url);
-            let written = d.host.as_ref().map(|h| h.to_str().expect("ascii"));
-            assert_eq!(written, host, "{url}");
         }
     }
 }
