@@ -216,10 +216,16 @@ fn bind_usage(insert: &mut rusqlite::Statement<'_>, rows: &[UsageRow]) -> rusqli
 /// Values a usage row binds.
 const USAGE_COLUMNS: usize = 17;
 
-/// `INSERT INTO usage … VALUES (…), (…)` for `rows` rows.
+/// `INSERT OR ROLLBACK INTO usage … VALUES (…), (…)` for `rows` rows.
+///
+/// `OR ROLLBACK`: a statement that writes several rows and may fail
+/// half-way (a `NOT NULL`) otherwise keeps a statement journal, copying
+/// each page it changes so as to undo itself alone, about 400
+/// instructions a row; a failed batch is rolled back and retried whole
+/// anyway, so the statement may take the transaction with it.
 fn usage_insert(rows: usize) -> String {
     let mut sql = String::from(
-        "INSERT INTO usage (request_id, at, key_id, key_name, end_user, team, account, model, \
+        "INSERT OR ROLLBACK INTO usage (request_id, at, key_id, key_name, end_user, team, account, model, \
          served_model, deployment, input_tokens, cached_tokens, output_tokens, cost_micros, status, \
          latency_ms, streamed) VALUES ",
     );
