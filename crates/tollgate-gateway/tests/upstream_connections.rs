@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Notify};
-use tollgate_gateway::transport::Transport;
+use tollgate_gateway::transport::{Transport, UpstreamBody};
 
 /// How the provider answers.
 #[derive(Clone, Copy, PartialEq)]
@@ -114,8 +114,8 @@ fn transport(url: &str) -> Transport {
     Transport::new(&uri, Duration::from_secs(5), 1).expect("transport")
 }
 
-/// One call, its body read whole.
-async fn call(transport: &Transport, url: &str) -> Bytes {
+/// One call, up to its answer's head.
+async fn send(transport: &Transport, url: &str) -> http::Response<UpstreamBody> {
     let request = http::Request::post(url)
         .body(Bytes::from_static(b"{}"))
         .expect("request");
@@ -125,7 +125,13 @@ async fn call(transport: &Transport, url: &str) -> Bytes {
         .await
         .expect("an answer");
     assert_eq!(response.status(), 200);
-    response.into_body().bytes().await.expect("the body")
+    response
+}
+
+/// One call, its body read whole.
+async fn call(transport: &Transport, url: &str) -> Bytes {
+    let body = send(transport, url).await.into_body();
+    body.bytes().await.expect("the body")
 }
 
 #[tokio::test]
@@ -183,28 +189,14 @@ async fn calls_at_once_open_their_own_connections_then_reuse_them() {
 async fn a_body_left_unread_does_not_lend_its_connection_again() {
     let (url, seen) = provider(Answer::Partial).await;
     let transport = transport(&url);
-    let request = http::Request::post(url.as_str())
-        .body(Bytes::from_static(b"{}"))
-        .expect("request");
-    let far = tokio::time::Instant::now() + Duration::from_secs(10);
-    let response = transport
-        .send(0, request, far, far)
-        .await
-        .expect("an answer");
-    let mut body = response.into_body();
+    let mut body = send(&transport, &url).await.into_body();
     assert_eq!(
         body.chunk().await.and_then(Result::ok).as_deref(),
         Some(&b"first"[..])
     );
     // The rest never comes: the client gives up on the body.
     drop(body);
-    let request = http::Request::post(url.as_str())
-        .body(Bytes::from_static(b"{}"))
-        .expect("request");
-    let second = tokio::spawn(async move {
-        let far = tokio::time::Instant::now() + Duration::from_secs(10);
-        transport.send(0, request, far, far).await.map(drop)
-    });
+    let second = tokio::spawn(async move { drop(send(&transport, &url).await) });
     // The second call reaches the provider, on a connection of its own.
     loop {
         if seen.heads.lock().await.len() == 2 {
