@@ -47,7 +47,8 @@ pub struct ConnectionPool {
 struct Idle {
     /// Pushed when a call's response ends, taken from the top.
     http1: Vec<(http1::SendRequest<Body>, Instant)>,
-    http2: Option<http2::SendRequest<Body>>,
+    /// With when a call last took it.
+    http2: Option<(http2::SendRequest<Body>, Instant)>,
 }
 
 /// The connection a call goes out on.
@@ -154,16 +155,17 @@ impl ConnectionPool {
     }
 
     /// The HTTP/2 connection, or the most recently used idle HTTP/1.1
-    /// one that is still open, waiting for a request, and young enough.
+    /// one, if open, waiting for a request, and used within `idle_for`.
     fn take(&self) -> Option<Sender> {
+        let now = Instant::now();
         let mut idle = self.lock();
-        if let Some(shared) = &idle.http2 {
-            if shared.is_ready() {
+        if let Some((shared, since)) = &mut idle.http2 {
+            if shared.is_ready() && now.duration_since(*since) < self.idle_for {
+                *since = now;
                 return Some(Sender::Http2(shared.clone()));
             }
             idle.http2 = None;
         }
-        let now = Instant::now();
         while let Some((connection, since)) = idle.http1.pop() {
             if connection.is_ready() && now.duration_since(since) < self.idle_for {
                 return Some(Sender::Http1(connection));
@@ -216,7 +218,7 @@ impl ConnectionPool {
                 }
             });
             connection.ready().await?;
-            self.lock().http2 = Some(connection.clone());
+            self.lock().http2 = Some((connection.clone(), Instant::now()));
             Ok(Sender::Http2(connection))
         } else {
             let (mut connection, task) = http1::handshake(io).await?;
