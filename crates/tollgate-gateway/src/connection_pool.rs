@@ -179,8 +179,10 @@ impl ConnectionPool {
     fn put(&self, connection: http1::SendRequest<Body>) {
         // hyper's connection task asks for the next request in the same
         // turn that ends the response body, before the body's reader
-        // wakes: one not asking now is closing (the provider sent
-        // `Connection: close`, or broke the connection).
+        // wakes on this thread (where the task runs too): one not asking
+        // now is closing (the provider sent `Connection: close`, or broke
+        // the connection). On a runtime of several threads a reader may
+        // get here first, and the connection is closed, not reused.
         if !connection.is_ready() {
             return;
         }
