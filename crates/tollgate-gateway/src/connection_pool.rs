@@ -34,7 +34,8 @@ const MAX_IDLE: usize = 1024;
 /// Connections to one deployment's scheme and authority.
 pub struct ConnectionPool {
     connector: Connector,
-    /// The scheme and authority every call of the pool goes to.
+    /// A URL of the deployment: connections go to its scheme and
+    /// authority (the connector reads nothing else).
     destination: Uri,
     /// The `Host` header of HTTP/1.1 calls, made once.
     host: Option<HeaderValue>,
@@ -84,13 +85,9 @@ impl ConnectionPool {
     /// A pool of connections to `url`'s scheme and authority, opened
     /// through `connector`, each kept at most `idle_for` unused.
     pub fn new(connector: Connector, url: &Uri, idle_for: Duration) -> Self {
-        let mut destination = http::uri::Parts::default();
-        destination.scheme = url.scheme().cloned();
-        destination.authority = url.authority().cloned();
-        destination.path_and_query = Some(PathAndQuery::from_static("/"));
         Self {
             connector,
-            destination: Uri::from_parts(destination).unwrap_or_else(|_| url.clone()),
+            destination: url.clone(),
             host: host_header(url),
             idle_for,
             idle: Mutex::default(),
