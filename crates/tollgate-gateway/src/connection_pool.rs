@@ -4,7 +4,7 @@
 //! connection all calls share when the provider chose HTTP/2.
 //!
 //! Kept here rather than in hyper-util's pooled client, which spent about
-//! 5k instructions a call (of about 99k) on bookkeeping a pool with one
+//! 7k instructions a call (of about 99k) on bookkeeping a pool with one
 //! destination does not need: the pool key (scheme and authority, hashed a
 //! byte at a time through SipHash) hashed once to take a connection and
 //! again to give it back, a connect future built and raced against every
