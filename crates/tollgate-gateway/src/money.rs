@@ -11,10 +11,12 @@
 use crate::auth::Caller;
 use crate::config::{Config, UnpricedModels};
 use crate::error::Error;
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
+use thread_local::ThreadLocal;
 use tokio::sync::mpsc;
 use tollgate_core::clock::Clock;
 use tollgate_core::money::{
@@ -22,7 +24,7 @@ use tollgate_core::money::{
 };
 use tollgate_core::tokens::Estimate;
 use tollgate_store::book::{BudgetCharge, MoneyAlert, Remaining};
-use tollgate_store::ledger::{Durable, HoldRow};
+use tollgate_store::ledger::{Durable, HoldRow, HoldTicket};
 use tollgate_store::money::{BudgetsVersion, SpendColumn};
 use tollgate_store::redis::{MoneyCharge, Reserve, Unknown};
 use tollgate_store::{Database, Ledger, MoneyStore, UsageRow};
@@ -51,6 +53,22 @@ impl BudgetRules {
 
     fn is_empty(&self) -> bool {
         self.scoped.is_empty() && self.every_user.is_empty()
+    }
+
+    /// The same rules in allocations of their own (see [`Money::with_rules`]).
+    fn private_copy(&self) -> Self {
+        let own = |b: &Budget| Budget {
+            scope: Arc::from(&*b.scope),
+            ..b.clone()
+        };
+        Self::new(
+            self.scoped
+                .values()
+                .flatten()
+                .chain(&self.every_user)
+                .map(own)
+                .collect(),
+        )
     }
 
     /// The budgets a request by `caller` for end user `user` is charged to.
@@ -113,7 +131,11 @@ pub struct Money {
     /// and limits in one Redis) instead of by [`Money::open`].
     with_limits: bool,
     prices: PriceTable,
-    rules: RwLock<Arc<BudgetRules>>,
+    rules: RwLock<BudgetRules>,
+    /// Bumped each time `rules` changes.
+    rules_version: AtomicU64,
+    /// Each serving thread's copy of `rules`, and the version it copied.
+    thread_rules: ThreadLocal<RefCell<(u64, BudgetRules)>>,
     /// Whether `rules` holds any budget (read without the lock).
     any_budget: AtomicBool,
     ledger: Option<Ledger>,
@@ -171,6 +193,8 @@ pub struct Bill {
     /// What was left after the reservation.
     pub remaining: Remaining,
     row: Option<UsageRow>,
+    /// The account's hold in the ledger; dropped unsettled, it is released.
+    hold: Option<HoldTicket>,
     started: Instant,
 }
 
@@ -220,6 +244,8 @@ impl Money {
             with_limits,
             prices,
             rules: RwLock::default(),
+            rules_version: AtomicU64::new(0),
+            thread_rules: ThreadLocal::new(),
             any_budget: AtomicBool::new(false),
             ledger,
             unpriced: config.money.unpriced_models,
@@ -270,11 +296,20 @@ impl Money {
         caller.account.is_some() || self.any_budget.load(Ordering::Relaxed)
     }
 
-    fn rules(&self) -> Arc<BudgetRules> {
-        self.rules
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// Runs `f` on this thread's copy of the budget rules. A request's
+    /// charges clone the rules' scopes; cloned from one copy shared by the
+    /// serving threads, each clone (and the lock and `Arc` taken to reach
+    /// the copy) moved a counter's cache line between cores, 0.19 µs a
+    /// charged request on two cores.
+    fn with_rules<R>(&self, f: impl FnOnce(&BudgetRules) -> R) -> R {
+        let version = self.rules_version.load(Ordering::Acquire);
+        let mut local = self.thread_rules.get_or_default().borrow_mut();
+        if local.0 != version {
+            let shared = self.rules.read().unwrap_or_else(PoisonError::into_inner);
+            // Rules newer than `version` are copied again next time.
+            *local = (version, shared.private_copy());
+        }
+        f(&local.1)
     }
 
     /// The budgets, account and price of a request.
@@ -285,7 +320,7 @@ impl Money {
         model: &str,
     ) -> Result<MoneyPlan, Error> {
         let budgets = if self.any_budget.load(Ordering::Relaxed) {
-            self.rules().charges(caller, user)
+            self.with_rules(|rules| rules.charges(caller, user))
         } else {
             Vec::new()
         };
@@ -337,18 +372,18 @@ impl Money {
         let now = self.clock.now_ns();
         let charged = !plan.budgets.is_empty() || plan.account.is_some();
         let pending = charged && self.with_limits;
+        let mut hold = None;
         if charged {
             if !pending {
                 remaining = self.reserve(&plan, reserved, now).await?;
             }
             if let (Some(account), Some(ledger)) = (&plan.account, &self.ledger) {
-                ledger.hold(HoldRow {
+                hold = Some(ledger.hold(HoldRow {
                     request_id: row.request_id.clone(),
                     account: account.clone(),
                     amount: reserved,
                     at: (now / 1_000_000) as i64,
-                });
-                row.held = true;
+                }));
             }
         }
         row.account = plan.account.clone();
@@ -360,6 +395,7 @@ impl Money {
             opened_at: now,
             remaining,
             row: Some(row),
+            hold,
             started: Instant::now(),
         })
     }
@@ -497,7 +533,8 @@ impl Money {
             }
             let rules = BudgetRules::new(budgets);
             self.any_budget.store(!rules.is_empty(), Ordering::Relaxed);
-            *self.rules.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(rules);
+            *self.rules.write().unwrap_or_else(PoisonError::into_inner) = rules;
+            self.rules_version.fetch_add(1, Ordering::Release);
             seen.budgets = version;
         }
         Ok(())
@@ -624,12 +661,10 @@ impl Bill {
     /// Undoes the reservation of a request refused after it was made (by a
     /// rate limit): no row, no charge.
     pub fn cancel(mut self) {
-        let row = self.row.take();
+        self.row = None;
+        self.hold = None;
         if self.reserved_in_store() {
             self.settle_store(0, self.money.clock.now_ns());
-        }
-        if let (Some(ledger), Some(row)) = (&self.money.ledger, row.filter(|r| r.held)) {
-            ledger.release(&row.request_id);
         }
     }
 
@@ -663,6 +698,7 @@ impl Bill {
                 row.status = status;
                 row.latency_ms = self.started.elapsed().as_millis() as u64;
                 row.served_model = served_model;
+                row.held = self.hold.take().is_some_and(HoldTicket::settle);
                 if wait {
                     Some(ledger.record(row))
                 } else {
@@ -752,12 +788,8 @@ impl Drop for Bill {
     fn drop(&mut self) {
         if self.pending {
             // Never admitted (the client left while it was decided or
-            // queued): nothing was reserved, nothing ran.
-            if let (Some(ledger), Some(row)) = (&self.money.ledger, self.row.take())
-                && row.held
-            {
-                ledger.release(&row.request_id);
-            }
+            // queued): nothing was reserved, nothing ran, and the hold goes
+            // with the bill.
             return;
         }
         if self.row.is_some() {

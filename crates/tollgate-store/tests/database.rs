@@ -147,18 +147,24 @@ async fn batches_commit_rows_holds_and_balances_together(backend: Backend) -> Re
         amount: 100,
         at: 1,
     };
-    let row = |id: &str, cost| UsageRow {
-        held: true,
+    let row = |id: &str, cost, held| UsageRow {
+        held,
         ..acme_row(id, 2, cost)
     };
-    // `a` settles in a later batch than its hold; `b` is still in flight.
-    ledger.hold(hold("a"));
-    ledger.hold(hold("b"));
+    // `a` settles after its hold was written (a flush writes every hold
+    // open so long, here none at all); `b` is still in flight.
+    let a = ledger.hold(hold("a"));
+    let _b = ledger.hold(hold("b"));
     ledger.flush().await;
-    ledger.record(row("a", 40)).wait().await;
-    // `c` holds and settles at once (within a batch or across two).
-    ledger.hold(hold("c"));
-    ledger.record(row("c", 60)).wait().await;
+    assert!(a.settle(), "a flushed hold is written");
+    ledger.record(row("a", 40, true)).wait().await;
+    // `c` holds and settles at once (written or not yet).
+    let c = ledger.hold(hold("c"));
+    ledger.record(row("c", 60, c.settle())).wait().await;
+    // `d` is refused after its hold was written: dropping it clears it.
+    let d = ledger.hold(hold("d"));
+    ledger.flush().await;
+    drop(d);
     if backend == Backend::Sqlite {
         // Durable once journaled, committed with the next batch.
         let journaled: Vec<_> = db
@@ -180,6 +186,41 @@ async fn batches_commit_rows_holds_and_balances_together(backend: Backend) -> Re
             .collect::<Vec<_>>(),
         ["b"]
     );
+    Ok(())
+}
+
+/// A hold is written only once its request has been in flight for the
+/// threshold, by the writer on its own: an idle writer is woken by the
+/// first hold and looks again when that hold is due.
+async fn holds_are_written_once_aged_without_other_traffic(backend: Backend) -> Result<(), Error> {
+    let (_dir, db) = open(backend).await?;
+    let hold = |id: &str| HoldRow {
+        request_id: id.into(),
+        account: Arc::from("acme"),
+        amount: 100,
+        at: 1,
+    };
+    // Far from its threshold, a flushed hold stays in memory.
+    let young = Ledger::start_with(&db, Duration::from_secs(3600))?;
+    let y = young.hold(hold("young"));
+    young.flush().await;
+    assert!(db.release_stale_holds().await?.is_empty());
+    assert!(!y.settle(), "an unwritten hold needs no clearing");
+
+    let ledger = Ledger::start_with(&db, Duration::from_millis(50))?;
+    let aged = ledger.hold(hold("aged"));
+    // Nothing else reaches the writer: it must write the hold by itself.
+    // (Polled: the writer gives no signal outside a flush, which would
+    // write the hold before its time.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut written = Vec::new();
+    while written.is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        written = db.release_stale_holds().await?;
+    }
+    let ids: Vec<_> = written.iter().map(|h| h.request_id.as_str()).collect();
+    assert_eq!(ids, ["aged"]);
+    assert!(aged.settle(), "a written hold is cleared with its row");
     Ok(())
 }
 
@@ -661,6 +702,7 @@ on_both_databases!(
     created_key_is_found_by_its_secret_hash_only,
     revoke_and_rotate_change_the_version,
     batches_commit_rows_holds_and_balances_together,
+    holds_are_written_once_aged_without_other_traffic,
     rollups_sum_exactly_what_the_rows_hold,
     budgets_accounts_and_spend_round_trip,
     spend_sums_are_the_rows_whichever_table_answers,

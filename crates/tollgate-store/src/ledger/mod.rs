@@ -12,11 +12,14 @@
 //! settle sooner never write a hold, and a crash still leaves a record of
 //! every long-running request it cut off.
 
+mod holds;
 mod journal;
 mod sqlite;
 
 use crate::database::Backend;
 use crate::{Database, Error};
+pub use holds::HoldTicket;
+use holds::OpenHolds;
 use journal::Journal;
 use serde::{Deserialize, Serialize};
 use sqlite::SqliteWriter;
@@ -26,7 +29,7 @@ use sqlx::{Acquire, Any, Arguments, Encode, Row, Type};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use thread_local::ThreadLocal;
 use tokio::sync::{mpsc, oneshot};
 use tollgate_core::money::Micros;
@@ -68,7 +71,7 @@ pub struct UsageRow {
     pub latency_ms: u64,
     /// Whether the answer was streamed.
     pub streamed: bool,
-    /// Whether a hold was placed for it (and must be cleared).
+    /// Whether its request's hold was written (and must be cleared).
     #[serde(skip)]
     pub held: bool,
 }
@@ -90,7 +93,9 @@ pub struct HoldRow {
 // cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 enum Entry {
-    Hold(HoldRow, Instant),
+    /// Holds are open: look at them in time to write the ones that age.
+    Wake,
+    /// Clear a written hold whose request left no row.
     Release(String),
     Usage(UsageRow, Option<oneshot::Sender<()>>),
     Flush(oneshot::Sender<()>),
@@ -121,6 +126,8 @@ pub struct Ledger {
     journal: Option<Arc<Journal>>,
     /// Rows waiting for their thread's next journal write.
     groups: Arc<ThreadLocal<Arc<Mutex<Group>>>>,
+    /// Holds of requests in flight, by the thread that placed them.
+    holds: Arc<OpenHolds>,
 }
 
 /// Rows one thread recorded since its last journal write, each with
@@ -191,10 +198,12 @@ impl Ledger {
             )?)),
             None => None,
         };
+        let holds = Arc::new(OpenHolds::new(tx.downgrade()));
         let writer = Writer {
             db,
             journal: journal.clone(),
             retire: tx.downgrade(),
+            holds: holds.clone(),
             persist_holds_after,
         };
         std::thread::Builder::new()
@@ -205,17 +214,16 @@ impl Ledger {
             tx,
             journal,
             groups: Arc::default(),
+            holds,
         })
     }
 
-    /// Records a hold (not waited for: a hold only matters after a crash).
-    pub fn hold(&self, hold: HoldRow) {
-        let _ = self.tx.send(Entry::Hold(hold, Instant::now()));
-    }
-
-    /// Clears the hold of a request that was refused after all (no row).
-    pub fn release(&self, request_id: &str) {
-        let _ = self.tx.send(Entry::Release(request_id.to_owned()));
+    /// Opens a hold for a request in flight, written only if the request
+    /// is still in flight after [`HOLD_PERSIST_AFTER`] (a hold only matters
+    /// after a crash). Settle the ticket with the request's usage row, or
+    /// drop it to release the hold.
+    pub fn hold(&self, hold: HoldRow) -> HoldTicket {
+        self.holds.open(hold)
     }
 
     /// Records a served request; the returned [`Durable`] resolves when
@@ -326,18 +334,10 @@ fn append(journal: &Journal, tx: &mpsc::UnboundedSender<Entry>, rows: Group) {
 
 fn entry_id(e: &Entry) -> &str {
     match e {
-        Entry::Hold(h, _) => &h.request_id,
         Entry::Release(id) => id,
         Entry::Usage(u, _) => &u.request_id,
-        Entry::Flush(_) | Entry::Retire(_) => "",
+        Entry::Wake | Entry::Flush(_) | Entry::Retire(_) => "",
     }
-}
-
-/// A hold the writer knows of, and whether it is on disk.
-struct OpenHold {
-    hold: HoldRow,
-    since: Instant,
-    written: bool,
 }
 
 /// One transaction's worth of changes.
@@ -348,6 +348,12 @@ struct Batch {
     cleared_holds: Vec<String>,
 }
 
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.new_holds.is_empty() && self.cleared_holds.is_empty()
+    }
+}
+
 /// The writer thread's state.
 struct Writer {
     db: Database,
@@ -355,6 +361,7 @@ struct Writer {
     /// Queues a [`Entry::Retire`] behind the rows of a rotated segment
     /// (weak: the writer must not keep its own channel open).
     retire: mpsc::WeakUnboundedSender<Entry>,
+    holds: Arc<OpenHolds>,
     persist_holds_after: Duration,
 }
 
@@ -365,13 +372,14 @@ impl Writer {
             recover(journal, w);
         }
         let mut entries = Vec::with_capacity(MAX_BATCH);
-        let mut open: HashMap<String, OpenHold, foldhash::fast::RandomState> = HashMap::default();
+        // Whether a thread had a hold open when the writer last looked.
+        let mut holds_open = false;
         // Set when a batch could not be committed: its rows are still in the
         // journal, which must then stay for the next start to commit.
         let mut lost = false;
         loop {
             // With holds open, wake up in time to write the ones that age.
-            let received = if open.values().any(|h| !h.written) {
+            let received = if holds_open {
                 tokio::time::timeout(
                     self.persist_holds_after,
                     rx.recv_many(&mut entries, MAX_BATCH),
@@ -414,23 +422,10 @@ impl Writer {
             let mut retired = Vec::new();
             for entry in entries.drain(..) {
                 match entry {
-                    Entry::Hold(hold, since) => {
-                        open.insert(
-                            hold.request_id.clone(),
-                            OpenHold {
-                                hold,
-                                since,
-                                written: false,
-                            },
-                        );
-                    }
-                    Entry::Release(id) => {
-                        if open.remove(&id).is_some_and(|h| h.written) {
-                            batch.cleared_holds.push(id);
-                        }
-                    }
+                    Entry::Wake => {}
+                    Entry::Release(id) => batch.cleared_holds.push(id),
                     Entry::Usage(row, done) => {
-                        if open.remove(&row.request_id).is_some_and(|h| h.written) {
+                        if row.held {
                             batch.cleared_holds.push(row.request_id.clone());
                         }
                         waiters.extend(done);
@@ -440,13 +435,12 @@ impl Writer {
                     Entry::Retire(segment) => retired.push(segment),
                 }
             }
-            for h in open.values_mut() {
-                if !h.written && h.since.elapsed() >= self.persist_holds_after {
-                    h.written = true;
-                    batch.new_holds.push(h.hold.clone());
-                }
+            // After the entries: a row that clears a hold written here was
+            // settled after this look, so it comes in a later batch.
+            (batch.new_holds, holds_open) = self.holds.age(self.persist_holds_after);
+            if !batch.is_empty() {
+                lost |= !self.commit(&mut sink, &batch).await;
             }
-            lost |= !self.commit(&mut sink, &batch).await;
             if !lost {
                 retired.iter().for_each(|s| retire(&s.path));
             }
