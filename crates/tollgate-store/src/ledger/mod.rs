@@ -98,6 +98,10 @@ enum Entry {
     /// Clear a written hold whose request left no row.
     Release(String),
     Usage(UsageRow, Option<oneshot::Sender<()>>),
+    /// The rows of one thread's journal write: one message for all of
+    /// them, where a message each cost its thread a contended send (0.07
+    /// µs a request at full speed).
+    Rows(Vec<UsageRow>),
     Flush(oneshot::Sender<()>),
     /// A journal segment whose rows all came before this entry: deleted once
     /// they are committed.
@@ -130,9 +134,13 @@ pub struct Ledger {
     holds: Arc<OpenHolds>,
 }
 
-/// Rows one thread recorded since its last journal write, each with
-/// whoever waits for it to be durable.
-type Group = Vec<(UsageRow, Option<oneshot::Sender<()>>)>;
+/// Rows one thread recorded since its last journal write, and whoever
+/// waits for them to be durable.
+#[derive(Debug, Default)]
+struct Group {
+    rows: Vec<UsageRow>,
+    waiters: Vec<oneshot::Sender<()>>,
+}
 
 /// Writes a thread's group to the journal: run as a task queued behind
 /// the tasks that were ready when the group's first row came, so that the
@@ -259,14 +267,19 @@ impl Ledger {
     /// `done`; outside a tokio runtime, appends it at once.
     fn journaled(&self, journal: &Arc<Journal>, row: UsageRow, done: Option<oneshot::Sender<()>>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            append(journal, &self.tx, vec![(row, done)]);
+            let group = Group {
+                rows: vec![row],
+                waiters: done.into_iter().collect(),
+            };
+            append(journal, &self.tx, group);
             return;
         };
         let group = self.groups.get_or_default();
         let first = {
-            let mut rows = group.lock().unwrap_or_else(|e| e.into_inner());
-            rows.push((row, done));
-            rows.len() == 1
+            let mut group = group.lock().unwrap_or_else(|e| e.into_inner());
+            group.rows.push(row);
+            group.waiters.extend(done);
+            group.rows.len() == 1
         };
         if first {
             let write = GroupWrite {
@@ -302,31 +315,38 @@ fn take(group: &Mutex<Group>) -> Group {
     std::mem::take(&mut *group.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// Appends `rows` to the journal in one write and queues them for commit,
-/// then tells their waiters they are durable; when the append fails, they
-/// wait for the commit instead.
-fn append(journal: &Journal, tx: &mpsc::UnboundedSender<Entry>, rows: Group) {
+/// Appends a group's rows to the journal in one write and queues them for
+/// commit, then tells their waiters they are durable; when the append
+/// fails, they wait for the commit instead.
+fn append(journal: &Journal, tx: &mpsc::UnboundedSender<Entry>, group: Group) {
+    let Group { rows, waiters } = group;
     if rows.is_empty() {
         return;
     }
-    match journal.append(rows.iter().map(|(row, _)| row)) {
+    let count = rows.len();
+    match journal.append(rows.iter()) {
         Ok(appended) => {
-            for (row, done) in rows {
-                if let Err(e) = tx.send(Entry::Usage(row, None)) {
-                    tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; the row stays in the journal until the next start");
-                }
-                if let Some(done) = done {
-                    let _ = done.send(());
-                }
+            if let Err(e) = tx.send(Entry::Rows(rows)) {
+                tracing::error!(request_id = %entry_id(&e.0), rows = count, "the ledger writer has stopped; the rows stay in the journal until the next start");
             }
             drop(appended);
+            for done in waiters {
+                let _ = done.send(());
+            }
         }
         Err(e) => {
-            tracing::warn!(error = %e, journal = %journal.base().display(), rows = rows.len(), "cannot append to the ledger journal; waiting for the commit instead");
-            for (row, done) in rows {
-                if let Err(e) = tx.send(Entry::Usage(row, done)) {
-                    tracing::error!(request_id = %entry_id(&e.0), "the ledger writer has stopped; usage row lost");
-                }
+            tracing::warn!(error = %e, journal = %journal.base().display(), rows = count, "cannot append to the ledger journal; waiting for the commit instead");
+            // Each waiter's flush follows the rows: it resolves once they
+            // are committed.
+            let queued = tx.send(Entry::Rows(rows)).is_ok()
+                && waiters
+                    .into_iter()
+                    .all(|done| tx.send(Entry::Flush(done)).is_ok());
+            if !queued {
+                tracing::error!(
+                    rows = count,
+                    "the ledger writer has stopped; usage rows lost"
+                );
             }
         }
     }
@@ -336,6 +356,7 @@ fn entry_id(e: &Entry) -> &str {
     match e {
         Entry::Release(id) => id,
         Entry::Usage(u, _) => &u.request_id,
+        Entry::Rows(rows) => rows.first().map_or("", |r| &r.request_id),
         Entry::Wake | Entry::Flush(_) | Entry::Retire(_) => "",
     }
 }
@@ -349,6 +370,14 @@ struct Batch {
 }
 
 impl Batch {
+    /// Adds a usage row, and the clearing of its hold if that was written.
+    fn push(&mut self, row: UsageRow) {
+        if row.held {
+            self.cleared_holds.push(row.request_id.clone());
+        }
+        self.rows.push(row);
+    }
+
     fn is_empty(&self) -> bool {
         self.rows.is_empty() && self.new_holds.is_empty() && self.cleared_holds.is_empty()
     }
@@ -425,12 +454,10 @@ impl Writer {
                     Entry::Wake => {}
                     Entry::Release(id) => batch.cleared_holds.push(id),
                     Entry::Usage(row, done) => {
-                        if row.held {
-                            batch.cleared_holds.push(row.request_id.clone());
-                        }
                         waiters.extend(done);
-                        batch.rows.push(row);
+                        batch.push(row);
                     }
+                    Entry::Rows(rows) => rows.into_iter().for_each(|row| batch.push(row)),
                     Entry::Flush(done) => waiters.push(done),
                     Entry::Retire(segment) => retired.push(segment),
                 }
