@@ -8,12 +8,14 @@
 
 use crate::Gateway;
 use crate::limits::Plan;
+use hashbrown::Equivalent;
 use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::hash::Hash;
-use std::sync::{Arc, LazyLock, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
+use thread_local::ThreadLocal;
 use tollgate_core::limits::Grant;
 
 /// What the gateway decided about a request, as the `decision` label says it.
@@ -183,38 +185,64 @@ pub async fn upkeep(handle: &'static PrometheusHandle) {
 }
 
 /// The label for a model: its name when the gateway serves it, else `other`.
-pub fn model_label(gw: &Gateway, model: Option<&Arc<str>>) -> Arc<str> {
-    static OTHER: OnceLock<Arc<str>> = OnceLock::new();
+pub fn model_label<'a>(gw: &Gateway, model: Option<&'a Arc<str>>) -> &'a Arc<str> {
+    static OTHER: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("other"));
     match model {
-        Some(m) if gw.routes.contains_key(&**m) => m.clone(),
-        _ => OTHER.get_or_init(|| Arc::from("other")).clone(),
+        Some(m) if gw.routes.contains_key(&**m) => m,
+        _ => &OTHER,
     }
 }
 
-/// Handles of the series a label set records into on every request,
-/// registered on its first request: looking a series up by name and labels
-/// costs more than the rest of recording (a key built, hashed and compared,
-/// several times a request).
-struct SeriesCache<K, V>(LazyLock<Mutex<HashMap<K, Arc<V>, foldhash::fast::RandomState>>>);
+/// The label for a request without a key.
+pub fn no_key() -> &'static Arc<str> {
+    static NONE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("-"));
+    &NONE
+}
 
-impl<K: Eq + Hash, V> SeriesCache<K, V> {
+/// Handles of the series a label set records into on every request,
+/// registered on each thread's first request with them: looking a series
+/// up by name and labels costs more than the rest of recording (a key
+/// built, hashed and compared, several times a request). Each thread
+/// keeps handles of its own: one map shared by the serving threads took
+/// a contended lock and a shared reference count five times a request
+/// (0.3 µs at full speed on two cores, with threads put to sleep on the
+/// lock). The series themselves are the registry's, one for all threads.
+struct SeriesCache<K: Send, V: Send + Sync>(LazyLock<ThreadLocal<RefCell<SeriesMap<K, V>>>>);
+
+type SeriesMap<K, V> = hashbrown::HashMap<K, Arc<V>, foldhash::fast::RandomState>;
+
+impl<K: Eq + Hash + Send, V: Send + Sync> SeriesCache<K, V> {
     const fn new() -> Self {
-        Self(LazyLock::new(Mutex::default))
+        Self(LazyLock::new(ThreadLocal::new))
     }
 
-    fn get(&self, labels: K, register: impl FnOnce(&K) -> V) -> Arc<V> {
-        // The lock is held for a lookup only; a panic elsewhere leaves the
-        // map whole, so a poisoned lock is taken as it is.
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(series) = map.get(&labels) {
+    /// The series of `labels`, registered with the labels `K` makes of
+    /// them on this thread's first use.
+    fn get<Q>(&self, labels: &Q, register: impl FnOnce(&Q) -> (K, V)) -> Arc<V>
+    where
+        Q: Hash + Equivalent<K> + ?Sized,
+    {
+        let mut map = self.0.get_or_default().borrow_mut();
+        if let Some(series) = map.get(labels) {
             return series.clone();
         }
         // Registered against the gateway's recorder, never the no-op one
         // that stands in before it is installed.
         handle();
-        let series = Arc::new(register(&labels));
-        map.insert(labels, series.clone());
+        let (key, series) = register(labels);
+        let series = Arc::new(series);
+        map.insert(key, series.clone());
         series
+    }
+}
+
+/// A key and a model, looked up without cloning either.
+#[derive(Hash)]
+struct KeyModel<'a>(&'a Arc<str>, &'a Arc<str>);
+
+impl Equivalent<(Arc<str>, Arc<str>)> for KeyModel<'_> {
+    fn equivalent(&self, (key, model): &(Arc<str>, Arc<str>)) -> bool {
+        **self.0 == **key && **self.1 == **model
     }
 }
 
@@ -230,13 +258,16 @@ struct KeyModelSeries {
 
 static KEY_MODEL: SeriesCache<(Arc<str>, Arc<str>), KeyModelSeries> = SeriesCache::new();
 
-fn key_model(key: Arc<str>, model: Arc<str>) -> Arc<KeyModelSeries> {
-    KEY_MODEL.get((key, model), |(key, model)| KeyModelSeries {
-        key: key.clone(),
-        model: model.clone(),
-        served: OnceLock::new(),
-        tokens: OnceLock::new(),
-        cost: OnceLock::new(),
+fn key_model(key: &Arc<str>, model: &Arc<str>) -> Arc<KeyModelSeries> {
+    KEY_MODEL.get(&KeyModel(key, model), |KeyModel(key, model)| {
+        let series = KeyModelSeries {
+            key: Arc::clone(key),
+            model: Arc::clone(model),
+            served: OnceLock::new(),
+            tokens: OnceLock::new(),
+            cost: OnceLock::new(),
+        };
+        ((Arc::clone(key), Arc::clone(model)), series)
     })
 }
 
@@ -250,17 +281,20 @@ struct DeploymentSeries {
 
 static DEPLOYMENT: SeriesCache<Arc<str>, DeploymentSeries> = SeriesCache::new();
 
-fn deployment(name: Arc<str>) -> Arc<DeploymentSeries> {
-    DEPLOYMENT.get(name, |name| DeploymentSeries {
-        name: name.clone(),
-        first_byte: OnceLock::new(),
-        upstream: OnceLock::new(),
-        ok: OnceLock::new(),
+fn deployment(name: &Arc<str>) -> Arc<DeploymentSeries> {
+    DEPLOYMENT.get(&**name, |_| {
+        let series = DeploymentSeries {
+            name: name.clone(),
+            first_byte: OnceLock::new(),
+            upstream: OnceLock::new(),
+            ok: OnceLock::new(),
+        };
+        (name.clone(), series)
     })
 }
 
 /// One API request answered.
-pub fn request(key: Arc<str>, model: Arc<str>, status: u16, decision: Decision) {
+pub fn request(key: &Arc<str>, model: &Arc<str>, status: u16, decision: Decision) {
     if status == 200 && decision == Decision::Admitted {
         let series = key_model(key, model);
         series
@@ -270,7 +304,7 @@ pub fn request(key: Arc<str>, model: Arc<str>, status: u16, decision: Decision) 
             })
             .increment(1);
     } else {
-        request_counter(key, model, status, decision).increment(1);
+        request_counter(key.clone(), model.clone(), status, decision).increment(1);
     }
 }
 
@@ -304,7 +338,7 @@ fn status_label(status: u16) -> metrics::SharedString {
 }
 
 /// Tokens and spend of one settled request.
-pub fn settled(key: Arc<str>, model: Arc<str>, input: u64, output: u64, cost: i64) {
+pub fn settled(key: &Arc<str>, model: &Arc<str>, input: u64, output: u64, cost: i64) {
     let series = key_model(key, model);
     let (key, model) = (&series.key, &series.model);
     let [input_tokens, output_tokens] = series.tokens.get_or_init(|| {
@@ -323,7 +357,7 @@ pub fn settled(key: Arc<str>, model: Arc<str>, input: u64, output: u64, cost: i6
 }
 
 /// The time an upstream took, by deployment.
-pub fn upstream(deployment_name: Arc<str>, waited: Duration) {
+pub fn upstream(deployment_name: &Arc<str>, waited: Duration) {
     let series = deployment(deployment_name);
     series
         .upstream
@@ -344,8 +378,9 @@ pub fn admitted(plan: &Plan, grant: &Grant, waited: Duration) {
             let used = r.limit.saturating_sub(r.remaining) as f64 / r.limit as f64;
             let labels = (plan.kind(r.subject), dimension);
             UTILIZATION
-                .get(labels, |&(subject, dimension)| {
-                    histogram!("tollgate_limit_utilization_ratio", "subject" => subject, "dimension" => dimension)
+                .get(&labels, |&(subject, dimension)| {
+                    let series = histogram!("tollgate_limit_utilization_ratio", "subject" => subject, "dimension" => dimension);
+                    ((subject, dimension), series)
                 })
                 .record(used);
         }
@@ -380,7 +415,7 @@ pub fn limit_store_available(up: bool) {
 }
 
 /// One upstream call and how it ended.
-pub fn attempt(deployment_name: Arc<str>, outcome: &'static str) {
+pub fn attempt(deployment_name: &Arc<str>, outcome: &'static str) {
     if outcome == "ok" {
         let series = deployment(deployment_name);
         series
@@ -388,7 +423,7 @@ pub fn attempt(deployment_name: Arc<str>, outcome: &'static str) {
             .get_or_init(|| attempt_counter(series.name.clone(), "ok"))
             .increment(1);
     } else {
-        attempt_counter(deployment_name, outcome).increment(1);
+        attempt_counter(deployment_name.clone(), outcome).increment(1);
     }
 }
 
@@ -397,7 +432,7 @@ fn attempt_counter(deployment_name: Arc<str>, outcome: &'static str) -> Counter 
 }
 
 /// The time to an upstream's response headers.
-pub fn first_byte(deployment_name: Arc<str>, waited: Duration) {
+pub fn first_byte(deployment_name: &Arc<str>, waited: Duration) {
     let series = deployment(deployment_name);
     series
         .first_byte

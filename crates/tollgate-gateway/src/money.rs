@@ -684,8 +684,11 @@ impl Bill {
         };
         if let Some(row) = &self.row {
             let u = usage.unwrap_or_default();
-            let key = row.key_name.clone().unwrap_or_else(|| Arc::from("-"));
-            crate::metrics::settled(key, row.model.clone(), u.input, u.output, cost);
+            let key = row
+                .key_name
+                .as_ref()
+                .unwrap_or_else(|| crate::metrics::no_key());
+            crate::metrics::settled(key, &row.model, u.input, u.output, cost);
         }
         let durable = match (self.row.take(), &self.money.ledger) {
             (Some(mut row), Some(ledger)) => {

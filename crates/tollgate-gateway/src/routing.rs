@@ -351,7 +351,7 @@ impl Pool {
             *attempts += 1;
             let attempts = *attempts;
             let result = d.send(call, reservation, now).await;
-            crate::metrics::attempt(d.name.clone(), outcome_label(&result));
+            crate::metrics::attempt(&d.name, outcome_label(&result));
             match result {
                 Ok(Outcome::Throttled {
                     body,

@@ -138,15 +138,14 @@ async fn request_id_and_access_log(
     let latency = started.elapsed();
     let status = resp.status().as_u16();
     if api {
-        let key = log.key.clone().unwrap_or_else(|| Arc::from("-"));
         metrics::request(
-            key,
+            log.key.as_ref().unwrap_or_else(|| metrics::no_key()),
             metrics::model_label(&gw, log.model.as_ref()),
             status,
             log.decision,
         );
         if let (Some(d), Some(waited)) = (&log.deployment, log.upstream) {
-            metrics::upstream(d.clone(), waited);
+            metrics::upstream(d, waited);
         }
     }
     tracing::info!(

@@ -262,7 +262,7 @@ impl Deployment {
             Err(SendError::Timeout) => return Err(self.timed_out()),
             Err(SendError::Unreachable(detail)) => return Err(self.unreachable(detail)),
         };
-        crate::metrics::first_byte(self.name.clone(), sent.elapsed());
+        crate::metrics::first_byte(&self.name, sent.elapsed());
         self.headroom.observe(resp.headers(), now(), reservation);
         let status = resp.status();
         if status.is_success() {
