@@ -89,8 +89,8 @@ pub struct HoldRow {
     pub at: i64,
 }
 
-// Nearly every entry is a usage row: boxing it to shrink the rare ones would
-// cost an allocation per request.
+// On PostgreSQL nearly every entry is a usage row: boxing it to shrink the
+// rare ones would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 enum Entry {
     /// Holds are open: look at them in time to write the ones that age.
