@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{Mutex, Notify};
-use tollgate_gateway::transport::{Transport, UpstreamBody};
+use tollgate_gateway::transport::Transport;
+
+mod common;
 
 /// How the provider answers.
 #[derive(Clone, Copy, PartialEq)]
@@ -35,19 +37,13 @@ struct Seen {
 }
 
 async fn provider(answer: Answer) -> (String, Arc<Seen>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!(
-        "http://{}/v1/chat/completions",
-        listener.local_addr().expect("addr")
-    );
     let seen = Arc::new(Seen::default());
     let counted = Arc::clone(&seen);
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            counted.connections.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(serve(socket, answer, Arc::clone(&counted)));
-        }
-    });
+    let url = common::own_provider("http", move |socket| {
+        counted.connections.fetch_add(1, Ordering::SeqCst);
+        serve(socket, answer, Arc::clone(&counted))
+    })
+    .await;
     (url, seen)
 }
 
@@ -114,23 +110,9 @@ fn transport(url: &str) -> Transport {
     Transport::new(&uri, Duration::from_secs(5), 1).expect("transport")
 }
 
-/// One call, up to its answer's head.
-async fn send(transport: &Transport, url: &str) -> http::Response<UpstreamBody> {
-    let request = http::Request::post(url)
-        .body(Bytes::from_static(b"{}"))
-        .expect("request");
-    let far = tokio::time::Instant::now() + Duration::from_secs(10);
-    let response = transport
-        .send(0, request, far, far)
-        .await
-        .expect("an answer");
-    assert_eq!(response.status(), 200);
-    response
-}
-
 /// One call, its body read whole.
 async fn call(transport: &Transport, url: &str) -> Bytes {
-    let body = send(transport, url).await.into_body();
+    let body = common::call_upstream(transport, url).await.into_body();
     body.bytes().await.expect("the body")
 }
 
@@ -189,14 +171,14 @@ async fn calls_at_once_open_their_own_connections_then_reuse_them() {
 async fn a_body_left_unread_does_not_lend_its_connection_again() {
     let (url, seen) = provider(Answer::Partial).await;
     let transport = transport(&url);
-    let mut body = send(&transport, &url).await.into_body();
+    let mut body = common::call_upstream(&transport, &url).await.into_body();
     assert_eq!(
         body.chunk().await.and_then(Result::ok).as_deref(),
         Some(&b"first"[..])
     );
     // The rest never comes: the client gives up on the body.
     drop(body);
-    let second = tokio::spawn(async move { drop(send(&transport, &url).await) });
+    let second = tokio::spawn(async move { drop(common::call_upstream(&transport, &url).await) });
     // The second call reaches the provider, on a connection of its own.
     loop {
         if seen.heads.lock().await.len() == 2 {

@@ -22,8 +22,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tollgate_gateway::transport::Transport;
+
+mod common;
 
 /// Set in the child process that runs a test with the test CA trusted.
 const CHILD: &str = "TOLLGATE_TEST_CA_CHILD";
@@ -77,55 +78,39 @@ async fn provider(alpn: &[&[u8]]) -> (String, Arc<Seen>) {
         .expect("server config");
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!(
-        "https://{}/v1/chat/completions",
-        listener.local_addr().expect("addr")
-    );
     let seen = Arc::new(Seen::default());
     let counted = Arc::clone(&seen);
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            counted.connections.fetch_add(1, Ordering::SeqCst);
-            let (acceptor, seen) = (acceptor.clone(), Arc::clone(&counted));
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(socket).await else {
-                    return;
-                };
-                let answer = service_fn(move |req: http::Request<Incoming>| {
-                    let host = req
-                        .headers()
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .map(str::to_owned);
-                    seen.requests.lock().expect("requests").push((
-                        req.version(),
-                        req.uri().to_string(),
-                        host,
-                    ));
-                    async {
-                        Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from("ok"))))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), answer)
-                    .await;
+    let url = common::own_provider("https", move |socket| {
+        counted.connections.fetch_add(1, Ordering::SeqCst);
+        let (acceptor, seen) = (acceptor.clone(), Arc::clone(&counted));
+        async move {
+            let Ok(tls) = acceptor.accept(socket).await else {
+                return;
+            };
+            let answer = service_fn(move |req: http::Request<Incoming>| {
+                let host = req
+                    .headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_owned);
+                seen.requests.lock().expect("requests").push((
+                    req.version(),
+                    req.uri().to_string(),
+                    host,
+                ));
+                async { Ok::<_, hyper::Error>(http::Response::new(Full::new(Bytes::from("ok")))) }
             });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), answer)
+                .await;
         }
-    });
+    })
+    .await;
     (url, seen)
 }
 
 async fn call(transport: &Transport, url: &str) {
-    let request = http::Request::post(url)
-        .body(Bytes::from_static(b"{}"))
-        .expect("request");
-    let far = tokio::time::Instant::now() + Duration::from_secs(10);
-    let response = transport
-        .send(0, request, far, far)
-        .await
-        .expect("an answer");
-    assert_eq!(response.status(), 200);
+    let response = common::call_upstream(transport, url).await;
     let body = response.into_body().bytes().await.expect("the body");
     assert_eq!(body, "ok");
 }

@@ -19,6 +19,47 @@ pub fn localhost() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// One call to `url` through `transport` (a deployment's), up to its
+/// answer's head, which must say 200.
+pub async fn call_upstream(
+    transport: &tollgate_gateway::transport::Transport,
+    url: &str,
+) -> http::Response<tollgate_gateway::transport::UpstreamBody> {
+    let request = http::Request::post(url)
+        .body(bytes::Bytes::from_static(b"{}"))
+        .expect("request");
+    let far = tokio::time::Instant::now() + Duration::from_secs(10);
+    let response = transport
+        .send(0, request, far, far)
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), 200);
+    response
+}
+
+/// A provider of a test's own on an ephemeral port of 127.0.0.1: each
+/// connection it accepts goes to `serve`, run on a task of its own.
+/// Returns its chat completions URL, with `scheme`.
+pub async fn own_provider<F, Fut>(scheme: &str, serve: F) -> String
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(localhost())
+        .await
+        .expect("bind");
+    let url = format!(
+        "{scheme}://{}/v1/chat/completions",
+        listener.local_addr().expect("addr")
+    );
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(serve(socket));
+        }
+    });
+    url
+}
+
 pub struct Harness {
     pub mock: MockServer,
     pub gateway: RunningGateway,
