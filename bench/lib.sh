@@ -12,6 +12,10 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # A process's CPU so far (user and system, all threads), in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# The time the VM's host took from it so far (steal: it ran other guests),
+# and all CPU time, in clock ticks, summed over the cores: on a shared host
+# a run that lost time this way is slower for reasons no process here has.
+host_ticks() { awk '/^cpu /{print $9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
 # Waits until the gateway started in DIR has printed its banner (TRIES
 # tenths of a second at most); else prints its log and ends the script.
 await_gateway() { # dir tries

@@ -122,6 +122,15 @@ impl Journal {
         self.writes.load(Ordering::Relaxed)
     }
 
+    /// Reopens the open segment read-only, so that every append fails as
+    /// a write to a full or broken disk does (an error from `write(2)`).
+    #[cfg(test)]
+    pub(super) fn refuse_appends(&self) -> std::io::Result<()> {
+        let mut segment = self.current.write().unwrap_or_else(|e| e.into_inner());
+        segment.file = File::open(segment_path(&self.base, segment.number))?;
+        Ok(())
+    }
+
     /// Whether the open segment is due to be retired.
     pub(super) fn is_full(&self) -> bool {
         self.bytes.load(Ordering::Relaxed) >= self.segment_bytes

@@ -1170,6 +1170,38 @@ mod tests {
         Ok(())
     }
 
+    /// When the journal cannot be appended to, a row is durable once it is
+    /// committed instead: its caller waits for the commit, and nothing is
+    /// lost.
+    #[tokio::test]
+    async fn a_failed_journal_append_waits_for_the_commit() -> Result<(), Error> {
+        let (_dir, db) = scratch().await?;
+        let ledger = Ledger::start(&db)?;
+        let journal = ledger.journal.clone().expect("SQLite journals");
+        ledger.record(row(1)).wait().await;
+        journal
+            .refuse_appends()
+            .map_err(|e| Error::Writer(e.to_string()))?;
+        let tasks: Vec<_> = (2..6)
+            .map(|i| {
+                let (ledger, db) = (ledger.clone(), db.clone());
+                tokio::spawn(async move {
+                    ledger.record(row(i)).wait().await;
+                    let committed = db.usage_rows().await?;
+                    Ok::<_, Error>(committed.iter().any(|r| r.request_id == format!("r{i}")))
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert!(task.await.expect("no panic")?, "durable means committed");
+        }
+        assert_eq!(journal.writes(), 1, "only the first row was journaled");
+        assert_eq!(ids(&db.journaled_rows()?), ["r1"]);
+        ledger.flush().await;
+        assert_eq!(ids(&db.usage_rows().await?), ["r1", "r2", "r3", "r4", "r5"]);
+        Ok(())
+    }
+
     /// A row recorded without waiting is written even when its runtime
     /// ends before the group's write task ran, and a flush commits rows
     /// still waiting in a group.
