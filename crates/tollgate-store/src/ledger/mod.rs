@@ -14,6 +14,7 @@
 
 mod holds;
 mod journal;
+mod priority;
 mod sqlite;
 
 use crate::database::Backend;
@@ -21,6 +22,7 @@ use crate::{Database, Error};
 pub use holds::HoldTicket;
 use holds::OpenHolds;
 use journal::Journal;
+use priority::WriterPriority;
 use serde::{Deserialize, Serialize};
 use sqlite::SqliteWriter;
 use sqlx::AnyConnection;
@@ -352,6 +354,13 @@ fn append(journal: &Journal, tx: &mpsc::UnboundedSender<Entry>, group: Group) {
     }
 }
 
+impl Entry {
+    /// Whether someone waits for this entry's commit.
+    fn is_awaited(&self) -> bool {
+        matches!(self, Entry::Flush(_) | Entry::Usage(_, Some(_)))
+    }
+}
+
 fn entry_id(e: &Entry) -> &str {
     match e {
         Entry::Release(id) => id,
@@ -400,6 +409,7 @@ impl Writer {
         if let (Some(journal), Sink::Sqlite(w)) = (&self.journal, &mut sink) {
             recover(journal, w);
         }
+        let mut priority = WriterPriority::new(self.journal.is_some());
         let mut entries = Vec::with_capacity(MAX_BATCH);
         // Whether a thread had a hold open when the writer last looked.
         let mut holds_open = false;
@@ -418,9 +428,7 @@ impl Writer {
             } else {
                 Some(rx.recv_many(&mut entries, MAX_BATCH).await)
             };
-            let awaited = entries
-                .iter()
-                .any(|e| matches!(e, Entry::Flush(_) | Entry::Usage(_, Some(_))));
+            let awaited = entries.iter().any(Entry::is_awaited);
             if received != Some(0)
                 && self.journal.is_some()
                 && entries.len() < MAX_BATCH
@@ -437,6 +445,11 @@ impl Writer {
                     entries.push(entry);
                 }
             }
+            // Nothing waits for journaled rows' commit: it takes only CPU no
+            // request thread wants, unless the writer falls behind (its
+            // batch cut off at the largest size) or a flush waits.
+            let awaited = awaited || entries.iter().any(Entry::is_awaited);
+            priority.yield_cpu(!awaited && entries.len() < MAX_BATCH);
             if received == Some(0) {
                 // Every handle is gone and everything queued is committed.
                 if let Some(journal) = &self.journal
