@@ -31,8 +31,14 @@ impl WriterPriority {
     /// A writer that never yields, or (`may_yield`) one that yields where
     /// this process can take it back to the normal policy.
     pub(super) fn new(may_yield: bool) -> Self {
+        let can_yield = may_yield && can_return_from_idle();
+        if may_yield && !can_yield {
+            tracing::info!(
+                "the ledger writer keeps the normal CPU policy: yielding to requests (SCHED_IDLE) needs CAP_SYS_NICE or an RLIMIT_NICE of 20 to come back"
+            );
+        }
         Self {
-            can_yield: may_yield && can_return_from_idle(),
+            can_yield,
             yielding: false,
         }
     }
