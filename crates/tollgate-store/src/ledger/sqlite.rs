@@ -229,62 +229,63 @@ fn bind_usage(insert: &mut rusqlite::Statement<'_>, rows: &[UsageRow]) -> rusqli
             &*r.model,
             r.served_model.as_deref(),
             r.deployment.as_deref(),
-            r.input_tokens as i64,
-            r.cached_tokens as i64,
-            r.output_tokens as i64,
-            r.cost,
-            r.status,
-            r.latency_ms as i64,
-            r.streamed,
         );
+        at = bind_counts(insert, at, r)?;
     }
     Ok(())
 }
 
-/// Whether `a` and `b` came by one route: every text column but the request
-/// id and the end user the same.
+/// The texts a row shares with the other rows of its route (all but the
+/// request id and the end user), in the order [`route_insert`] numbers them.
+fn route_texts(r: &UsageRow) -> [Option<&str>; ROUTE_COLUMNS] {
+    [
+        r.key_id.as_deref(),
+        r.key_name.as_deref(),
+        r.team.as_deref(),
+        r.account.as_deref(),
+        Some(&*r.model),
+        r.served_model.as_deref(),
+        r.deployment.as_deref(),
+    ]
+}
+
+/// Whether `a` and `b` came by one route.
 fn same_route(a: &UsageRow, b: &UsageRow) -> bool {
-    a.key_id == b.key_id
-        && a.key_name == b.key_name
-        && a.team == b.team
-        && a.account == b.account
-        && a.model == b.model
-        && a.served_model == b.served_model
-        && a.deployment == b.deployment
+    route_texts(a) == route_texts(b)
 }
 
 /// Binds `rows`, all of one route, to an INSERT made by [`route_insert`].
 fn bind_route(insert: &mut rusqlite::Statement<'_>, rows: &[UsageRow]) -> rusqlite::Result<()> {
     let mut at = 0;
-    let route = &rows[0];
+    for text in route_texts(&rows[0]) {
+        bind!(insert, at, text);
+    }
+    for r in rows {
+        bind!(insert, at, &r.request_id, r.at, r.user.as_deref());
+        at = bind_counts(insert, at, r)?;
+    }
+    Ok(())
+}
+
+/// Binds a row's counts, the last seven values of its row in either
+/// INSERT, numbering them on from `at`; returns the last number bound.
+fn bind_counts(
+    insert: &mut rusqlite::Statement<'_>,
+    mut at: usize,
+    r: &UsageRow,
+) -> rusqlite::Result<usize> {
     bind!(
         insert,
         at,
-        route.key_id.as_deref(),
-        route.key_name.as_deref(),
-        route.team.as_deref(),
-        route.account.as_deref(),
-        &*route.model,
-        route.served_model.as_deref(),
-        route.deployment.as_deref(),
+        r.input_tokens as i64,
+        r.cached_tokens as i64,
+        r.output_tokens as i64,
+        r.cost,
+        r.status,
+        r.latency_ms as i64,
+        r.streamed,
     );
-    for r in rows {
-        bind!(
-            insert,
-            at,
-            &r.request_id,
-            r.at,
-            r.user.as_deref(),
-            r.input_tokens as i64,
-            r.cached_tokens as i64,
-            r.output_tokens as i64,
-            r.cost,
-            r.status,
-            r.latency_ms as i64,
-            r.streamed,
-        );
-    }
-    Ok(())
+    Ok(at)
 }
 
 /// Values a usage row binds.
