@@ -181,6 +181,13 @@ impl State {
         s
     }
 
+    /// Takes `amount` back from the reservations of `budgets`.
+    fn release(&mut self, budgets: &[BudgetCharge], amount: Micros, now_ns: u64) {
+        for b in budgets {
+            self.spend_mut(&b.scope, b.budget.window, now_ns).reserved -= amount;
+        }
+    }
+
     /// `account`'s funds, made on first use.
     fn funds_mut(&mut self, account: &str) -> &mut Funds {
         self.accounts.entry_ref(account).or_default()
@@ -214,42 +221,43 @@ impl MoneyBook {
     ) -> Result<Remaining, MoneyRefusal> {
         let mut st = self.state();
         let mut remaining = Remaining::default();
-        for b in budgets {
+        // One lookup per budget on the way in: each is reserved as it is
+        // checked, and a refusal takes back what was reserved before it.
+        for (i, b) in budgets.iter().enumerate() {
             let s = st.spend_mut(&b.scope, b.budget.window, now_ns);
             let committed = s.spent + s.reserved;
             if committed + amount > b.budget.cap {
+                st.release(&budgets[..i], amount, now_ns);
+                let resets_at = b.budget.window.end(now_ns);
                 return Err(MoneyRefusal::Budget {
                     scope: b.scope.clone(),
                     window: b.budget.window,
                     cap: b.budget.cap,
                     spent: committed,
                     requested: amount,
-                    resets_at: b.budget.window.end(now_ns),
-                    resets_in: b
-                        .budget
-                        .window
-                        .end(now_ns)
+                    resets_at,
+                    resets_in: resets_at
                         .map(|end| Duration::from_nanos(end.saturating_sub(now_ns))),
                 });
             }
+            s.reserved += amount;
             let left = b.budget.cap - committed - amount;
             remaining.budget = Some(remaining.budget.map_or(left, |r: Micros| r.min(left)));
         }
         if let Some(a) = account {
             let f = st.funds_mut(a);
             if f.balance - f.held < amount {
-                return Err(MoneyRefusal::Credits {
+                let refusal = MoneyRefusal::Credits {
                     account: a.clone(),
                     balance: f.balance,
                     held: f.held,
                     requested: amount,
-                });
+                };
+                st.release(budgets, amount, now_ns);
+                return Err(refusal);
             }
             f.held += amount;
             remaining.credits = Some(f.balance - f.held);
-        }
-        for b in budgets {
-            st.spend_mut(&b.scope, b.budget.window, now_ns).reserved += amount;
         }
         Ok(remaining)
     }

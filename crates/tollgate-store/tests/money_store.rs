@@ -140,6 +140,42 @@ async fn a_refusal_by_the_account_reserves_nothing_anywhere(store: &MoneyStore) 
     assert_eq!(store.funds("acme").await.expect("read"), Some((100, 0)));
 }
 
+async fn a_refusal_by_a_later_budget_reserves_nothing_on_the_earlier_ones(store: &MoneyStore) {
+    let acct: Arc<str> = Arc::from("acme");
+    store
+        .seed_account("acme", 10_000, None, 0)
+        .await
+        .expect("seeded");
+    let b = [
+        day_budget("key:a", 1_000),
+        day_budget("user:u", 1_000),
+        day_budget("team:t", 300),
+    ];
+    reserve(store, &b, Some(&acct), 200, NOON)
+        .await
+        .expect("fits");
+    assert!(matches!(
+        reserve(store, &b, Some(&acct), 101, NOON).await,
+        Err(MoneyRefusal::Budget { spent: 200, cap: 300, ref scope, .. }) if &**scope == "team:t"
+    ));
+    for scope in ["key:a", "user:u", "team:t"] {
+        assert_eq!(
+            store.spend(scope, Window::Day, NOON).await.expect("read"),
+            Some((0, 200)),
+            "{scope}"
+        );
+    }
+    assert_eq!(
+        store.funds("acme").await.expect("read"),
+        Some((10_000, 200))
+    );
+    // What does fit still fits on all three.
+    let left = reserve(store, &b, Some(&acct), 100, NOON)
+        .await
+        .expect("fits");
+    assert_eq!(left.budget, Some(0));
+}
+
 async fn thresholds_alert_once_per_crossing(store: &MoneyStore) {
     let acct: Arc<str> = Arc::from("acme");
     store
@@ -191,5 +227,6 @@ macro_rules! on_both_stores {
 on_both_stores!(
     a_budget_admits_exactly_what_fits_and_a_new_day_starts_at_zero,
     a_refusal_by_the_account_reserves_nothing_anywhere,
+    a_refusal_by_a_later_budget_reserves_nothing_on_the_earlier_ones,
     thresholds_alert_once_per_crossing,
 );
