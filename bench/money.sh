@@ -8,18 +8,23 @@
 #           settlement and row on every request; never refusing)
 # Each round runs the three modes in a rotated order, so that no mode
 # always follows the same one (a run that wrote the ledger may leave the
-# kernel dirty pages to flush during the next). Prints one JSON line per
-# run and a Markdown table with each mode's throughput against `off` (and
-# a 95 % bootstrap interval over the rounds), and the CPU the gateway and
-# the mock each spent a request: the host's speed drifts by 10-20 %
-# between runs, which moves throughput but scales both processes' CPU
-# alike, so the gateway's CPU against the mock's shows what a mode costs
-# with less of the drift; and what a request costs the three processes
+# kernel dirty pages to flush during the next). The three gateways stay up
+# and warm for the whole run (an idle one costs about 0.1 % of a core), so
+# a round is three loads seconds apart, and many short rounds fit where a
+# few long ones did: the rounds of a run scatter by 30-40 points, so
+# their number, not their length, narrows the interval. Prints one JSON
+# line per run and a Markdown table with each mode's throughput against
+# `off` (and a 95 % bootstrap interval over the rounds), and the CPU the
+# gateway and the mock each spent a request: the host's speed drifts by
+# 10-20 % between runs, which moves throughput but scales both processes'
+# CPU alike, so the gateway's CPU against the mock's shows what a mode
+# costs with less of the drift; and what a request costs the three processes
 # together, with the cores they kept busy. Then the ledger's own rate:
 # rows per second SQLite sustains through the group-committing writer,
 # without HTTP.
 #
 #   bench/money.sh [DURATION_SECONDS]     (default 10; ROUNDS=2, CONNS=32)
+#   ROUNDS=60 bench/money.sh 2            the #4 target's figure (7 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
@@ -50,27 +55,32 @@ setup off false
 setup ledger true
 setup money true
 
+# Each mode's gateway starts and warms up once; the rounds only move the load.
+declare -A pid url key
+for mode in off ledger money; do
+  dir="$work/$mode"
+  port=$(free_port)
+  sed -i "s/^listen = .*/listen = \"127.0.0.1:$port\"/" "$dir/tollgate.toml"
+  key[$mode]=$(grep -o 'tg-[0-9a-f]\{64\}' "$dir/key.json")
+  (cd "$dir" && exec env BENCH_UPSTREAM_KEY=sk-bench RUST_LOG=warn "$BIN/tollgate" serve >"$dir/serve.out" 2>"$dir/serve.log") &
+  pid[$mode]=$!
+  await_gateway "$dir" 100
+  url[$mode]="http://127.0.0.1:$port/v1/chat/completions"
+  "$BIN/tollgate-loadgen" --url "${url[$mode]}" --key "${key[$mode]}" --rate 0 --duration 2 --warmup 0 \
+    --connections "$CONNS" >/dev/null
+done
+
 results="$work/results.jsonl"
 modes=(off ledger money)
 for round in $(seq 1 "$ROUNDS"); do
   for i in 0 1 2; do
     mode=${modes[$(((i + round - 1) % 3))]}
-    dir="$work/$mode"
-    port=$(free_port)
-    sed -i "s/^listen = .*/listen = \"127.0.0.1:$port\"/" "$dir/tollgate.toml"
-    key=$(grep -o 'tg-[0-9a-f]\{64\}' "$dir/key.json")
-    (cd "$dir" && exec env BENCH_UPSTREAM_KEY=sk-bench RUST_LOG=warn "$BIN/tollgate" serve >"$dir/serve.out" 2>"$dir/serve.log") &
-    pid=$!
-    await_gateway "$dir" 100
-    url="http://127.0.0.1:$port/v1/chat/completions"
-    "$BIN/tollgate-loadgen" --url "$url" --key "$key" --rate 0 --duration 2 --warmup 0 \
-      --connections "$CONNS" >/dev/null
-    gateway_cpu=$(cpu_ticks "$pid") mock_cpu=$(cpu_ticks "$mock_pid")
+    gateway_cpu=$(cpu_ticks "${pid[$mode]}") mock_cpu=$(cpu_ticks "$mock_pid")
     read -r stolen all < <(host_ticks)
-    "$BIN/tollgate-loadgen" --label "$mode" --url "$url" --key "$key" \
+    "$BIN/tollgate-loadgen" --label "$mode" --url "${url[$mode]}" --key "${key[$mode]}" \
       --rate 0 --duration "$DURATION" --warmup 0 --connections "$CONNS" >"$work/run.json"
     read -r stolen_after all_after < <(host_ticks)
-    python3 - "$work/run.json" "$(getconf CLK_TCK)" "$(($(cpu_ticks "$pid") - gateway_cpu))" \
+    python3 - "$work/run.json" "$(getconf CLK_TCK)" "$(($(cpu_ticks "${pid[$mode]}") - gateway_cpu))" \
       "$(($(cpu_ticks "$mock_pid") - mock_cpu))" "$((stolen_after - stolen))" "$((all_after - all))" \
       "$round" <<'PY' | tee -a "$results"
 import json, sys
@@ -83,9 +93,9 @@ run["loadgen_cpu_us"] = round(run.pop("loadgen_cpu_ticks") * tick_us / run["requ
 run["steal_pct"] = round(100 * int(sys.argv[5]) / max(int(sys.argv[6]), 1), 1)
 print(json.dumps(run))
 PY
-    kill -TERM "$pid"; wait "$pid" || true
   done
 done
+for mode in off ledger money; do kill -TERM "${pid[$mode]}"; wait "${pid[$mode]}" || true; done
 rows=$(cd "$work/money" && "$BIN/tollgate" usage --by key --json | python3 -c 'import json,sys; print(sum(r["requests"] for r in json.load(sys.stdin)))')
 echo "ledger rows written in the money runs (warm-up included): $rows"
 
