@@ -11,7 +11,7 @@
 # kernel dirty pages to flush during the next). The three gateways stay up
 # and warm for the whole run (an idle one costs about 0.1 % of a core), so
 # a round is three loads seconds apart, and many short rounds fit where a
-# few long ones did: the rounds of a run scatter by 30-40 points, so
+# few long ones did: the rounds of a run scatter by 30 points or more, so
 # their number, not their length, narrows the interval. Prints one JSON
 # line per run and a Markdown table with each mode's throughput against
 # `off` (and a 95 % bootstrap interval over the rounds), and the CPU the
