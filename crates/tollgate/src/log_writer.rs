@@ -4,8 +4,10 @@
 //! under load every access line woke that thread (a futex wake, a context
 //! switch and a spinning receiver: a sixth of the gateway's CPU per request
 //! on two cores). Here a line costs a copy under a lock held for that copy
-//! alone; the writer thread wakes every [`FLUSH_EVERY`], or sooner when
-//! [`FLUSH_AT`] bytes wait, like nginx's `access_log … buffer= flush=`.
+//! alone; the writer thread writes [`FLUSH_EVERY`] after a line came, or
+//! sooner when [`FLUSH_AT`] bytes wait, like nginx's `access_log …
+//! buffer= flush=`. With nothing waiting it sleeps until a line comes: an
+//! idle gateway's writer would otherwise wake twenty times a second.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -30,7 +32,8 @@ struct Pending {
 #[derive(Default)]
 struct Shared {
     pending: Mutex<Pending>,
-    /// Wakes the writer thread (bytes past [`FLUSH_AT`], or closing).
+    /// Wakes the writer thread (a first line, bytes past [`FLUSH_AT`], or
+    /// closing).
     wake: Condvar,
     /// Wakes loggers held at [`HOLD_AT`] once the writer took the bytes.
     drained: Condvar,
@@ -63,6 +66,12 @@ pub fn start(mut out: impl Write + Send + 'static) -> std::io::Result<(LogBuffer
             loop {
                 let closed = {
                     let mut pending = writer.lock();
+                    while pending.bytes.is_empty() && !pending.closed {
+                        pending = writer
+                            .wake
+                            .wait(pending)
+                            .unwrap_or_else(PoisonError::into_inner);
+                    }
                     if pending.bytes.len() < FLUSH_AT && !pending.closed {
                         pending = writer
                             .wake
@@ -107,9 +116,12 @@ impl Write for &LogBuffer {
         }
         let was = pending.bytes.len();
         pending.bytes.extend_from_slice(buf);
+        // The writer sleeps while nothing waits, and need not hear of each
+        // line after the first: a wake is a system call.
+        let first = was == 0 && !buf.is_empty();
         let crossed = was < FLUSH_AT && pending.bytes.len() >= FLUSH_AT;
         drop(pending);
-        if crossed {
+        if first || crossed {
             self.0.wake.notify_one();
         }
         Ok(buf.len())
@@ -178,12 +190,20 @@ mod tests {
         let out = Arc::new(Mutex::new(Vec::new()));
         let (flushed, rx) = mpsc::channel();
         let (log, _guard) = start(Sink(out.clone(), flushed)).expect("started");
-        (&log).write_all(b"alone\n").expect("write");
-        // The writer's timer, not a later line or the guard, writes it.
-        while out.lock().expect("sink").is_empty() {
-            rx.recv_timeout(Duration::from_secs(10))
-                .expect("flushed within its interval");
+        // The writer's timer, not a later line or the guard, writes each.
+        // The second comes after the first was written, by when the writer
+        // has nearly always gone back to sleep on an empty buffer: only
+        // the line's own wake brings it out.
+        for (line, written) in [
+            (&b"alone\n"[..], &b"alone\n"[..]),
+            (b"again\n", b"alone\nagain\n"),
+        ] {
+            (&log).write_all(line).expect("write");
+            while out.lock().expect("sink").len() < written.len() {
+                rx.recv_timeout(Duration::from_secs(10))
+                    .expect("flushed within its interval");
+            }
+            assert_eq!(*out.lock().expect("sink"), written);
         }
-        assert_eq!(*out.lock().expect("sink"), b"alone\n");
     }
 }
